@@ -1,0 +1,316 @@
+"""DINOv2 Vision Transformer (S/14, B/14, L/14, g/14; plain or with registers) in Flax linen.
+
+Parameter paths mirror the torch hub state_dict (`blocks.3.attn.qkv.weight` -> `blocks_3/attn/qkv/
+kernel`), so conversion is a rename + transpose table (`salad_jax.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from salad_jax.models import posembed
+
+PATCH = 14
+PRETRAIN_SIZE = 518  # the 37 x 37 pos-embed grid of the hub checkpoints
+
+# One table of the hub factories (dinov2/hub/backbones.py); head dim 64 everywhere.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "S/14": dict(width=384, depth=12, heads=6, ffn="mlp"),
+    "B/14": dict(width=768, depth=12, heads=12, ffn="mlp"),
+    "L/14": dict(width=1024, depth=24, heads=16, ffn="mlp"),
+    "g/14": dict(width=1536, depth=40, heads=24, ffn="swiglu"),
+}
+NUM_REGISTERS = 4  # the `*_reg` hub models
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown ViT variant {variant!r}; choose one of {sorted(VARIANTS)}")
+  return dict(VARIANTS[variant])
+
+
+def ffn_hidden(width: int, ffn: str) -> int:
+  if ffn == "swiglu":  # SwiGLUFFNFused: 2/3 of 4D, rounded up to a multiple of 8
+    return (int(4 * width * 2 / 3) + 7) // 8 * 8
+  return 4 * width
+
+
+def check_image_shape(shape: tuple[int, ...], min_patches: int = 0) -> tuple[int, int]:
+  """Validates an NHWC image batch shape; returns the patch grid (H/14, W/14)."""
+  if len(shape) != 4:
+    raise ValueError(f"images must be a batch [B, H, W, 3] (NHWC), got shape {tuple(shape)}; "
+                     "add a batch axis with x[None] for a single image")
+  _, h, w, c = shape
+  if c != 3:
+    raise ValueError(f"images must have 3 channels last (NHWC RGB), got {c} channels in shape "
+                     f"{tuple(shape)}; convert NCHW with x.transpose(0, 2, 3, 1)")
+  if h % PATCH or w % PATCH or h == 0 or w == 0:
+    def near(v):
+      return max(PATCH, round(v / PATCH) * PATCH)
+    raise ValueError(f"image {h}x{w}: height and width must be multiples of {PATCH} "
+                     f"(try {near(h)}x{near(w)})")
+  grid = (h // PATCH, w // PATCH)
+  if grid[0] * grid[1] <= min_patches:
+    side = PATCH * (int(min_patches ** 0.5) + 1)
+    raise ValueError(f"image {h}x{w} gives {grid[0] * grid[1]} patches, but SALAD needs more "
+                     f"patches than its {min_patches} clusters (the dustbin marginal is "
+                     f"log(n - m)); use a larger image, e.g. {side}x{side}")
+  return grid
+
+
+def _uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Dense(nn.Module):
+  """Linear layer: fp32 params, compute in `dtype`.
+
+  Init: DINOv2's (truncated normal std 0.02, zero bias) by default; with `torch_init`, torch's
+  nn.Linear / nn.Conv2d default (weight and bias uniform in +-1/sqrt(fan_in)), used by the head.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  torch_init: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    if self.torch_init:
+      k_init = b_init = _uniform(fan_in ** -0.5)
+    else:
+      k_init, b_init = nn.initializers.truncated_normal(0.02), nn.initializers.zeros
+    kernel = self.param("kernel", k_init, (fan_in, self.features))
+    bias = self.param("bias", b_init, (self.features,))
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with torch's two-pass variance, statistics in float32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class LayerScale(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.ones, (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+def _softmax_attention(q, k, v):
+  """Exact softmax attention for q, k, v [c, T, hd] (q pre-scaled); normalises after P.V."""
+  s = jnp.einsum("cqd,ckd->cqk", q, k, preferred_element_type=jnp.float32)
+  e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  o = jnp.einsum("cqk,ckd->cqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (o / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def chunked_attention(q, k, v, chunk: int):
+  """Softmax attention over (batch x head) chunks of `chunk` heads, [B, T, N, hd] layout.
+
+  Same math as `jax.nn.dot_product_attention`; on CPU the [chunk, T, T] logits of one step stay
+  in cache instead of streaming [B, N, T, T] through memory (see benchmarks/README).
+  """
+  b, t, n, hd = q.shape
+  bn = b * n
+  chunk = max(c for c in range(1, min(chunk, bn) + 1) if bn % c == 0)
+
+  def heads_first(x):
+    return x.transpose(0, 2, 1, 3).reshape(bn // chunk, chunk, t, hd)
+
+  q = q * jnp.asarray(hd ** -0.5, q.dtype)
+  out = jax.lax.map(lambda a: _softmax_attention(*a), (heads_first(q), heads_first(k), heads_first(v)))
+  return out.reshape(b, n, t, hd).transpose(0, 2, 1, 3)
+
+
+def micro_batch_size(setting: int | str, batch: int) -> int:
+  """Images per block call. 'auto': 1 on CPU, where per-image blocks keep activations in cache
+  (measured ~20% faster per block, benchmarks/README), the whole batch on accelerators."""
+  if setting == "auto":
+    setting = 1 if jax.default_backend() == "cpu" else 0
+  if not isinstance(setting, int) or setting < 0:
+    raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
+  if setting == 0 or setting >= batch or batch % setting:
+    return batch
+  return setting
+
+
+def attention_impl(name: str) -> str:
+  """'auto' -> 'chunked' on CPU, 'dot_product_attention' on accelerators."""
+  if name == "auto":
+    return "chunked" if jax.default_backend() == "cpu" else "dot_product_attention"
+  if name not in ("chunked", "dot_product_attention"):
+    raise ValueError(f"attention must be 'auto', 'chunked' or 'dot_product_attention', got {name!r}")
+  return name
+
+
+class Attention(nn.Module):
+  heads: int
+  dtype: Any = jnp.float32
+  attention: str = "auto"
+  chunk: int = 2  # heads per attention step on CPU (measured best of 1, 2, 3, 4, 6, 12)
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    # torch qkv output channels are laid out [3][heads][head_dim].
+    qkv = Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, t, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if attention_impl(self.attention) == "chunked":
+      out = chunked_attention(q, k, v, self.chunk)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v)
+    return Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() is the exact erf form
+    return Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class SwiGLU(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    h = jax.nn.silu(h[..., :self.hidden]) * h[..., self.hidden:]
+    return Dense(x.shape[-1], dtype=self.dtype, name="w3")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x))."""
+  width: int
+  heads: int
+  ffn: str
+  dtype: Any = jnp.float32
+  attention: str = "auto"
+
+  def setup(self):
+    self.norm1 = LayerNorm(dtype=self.dtype)
+    self.attn = Attention(self.heads, self.dtype, self.attention)
+    self.ls1 = LayerScale()
+    self.norm2 = LayerNorm(dtype=self.dtype)
+    ffn_cls = SwiGLU if self.ffn == "swiglu" else Mlp
+    self.mlp = ffn_cls(ffn_hidden(self.width, self.ffn), self.dtype)
+    self.ls2 = LayerScale()
+
+  def forward(self, x):
+    x = x + self.ls1(self.attn(self.norm1(x)))
+    return x + self.ls2(self.mlp(self.norm2(x)))
+
+  def __call__(self, x):
+    return self.forward(x)
+
+
+class ScanBlock(Block):
+  """`Block` over micro-batches: scanned with `nn.scan`, params broadcast (same paths)."""
+
+  def __call__(self, carry, x):
+    return carry, self.forward(x)
+
+
+class PatchProj(nn.Module):
+  """Conv2d(3, D, 14, stride 14) as a patchify + matmul; kernel stored as a Flax conv [14,14,3,D]."""
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    b, h, w, c = images.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (PATCH, PATCH, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    gh, gw = h // PATCH, w // PATCH
+    patches = images.reshape(b, gh, PATCH, gw, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, gh * gw, PATCH * PATCH * c).astype(self.dtype)
+    y = jnp.dot(patches, kernel.reshape(-1, self.width).astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+  """Tokens [B, H'W', D] in row-major (h, w) order; keeps the `patch_embed/proj` path."""
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    return PatchProj(self.width, self.dtype, name="proj")(images)
+
+
+class DinoViT(nn.Module):
+  """DINOv2 ViT. `__call__` returns the final-normed tokens [B, 1 + R + H'W', D] (cls first).
+
+  `num_trainable_blocks` puts a `stop_gradient` after the first depth - k blocks: no gradient
+  flows into them, the patch embedding or the tokens (the SALAD backbone wrapper).
+  """
+  variant: str = "B/14"
+  registers: bool = False
+  num_trainable_blocks: int | None = None  # None: everything differentiable
+  dtype: Any = jnp.float32
+  attention: str = "auto"
+  micro_batch: int | str = "auto"  # blocks run on micro-batches of this many images
+
+  @nn.compact
+  def __call__(self, images):
+    spec = decode_variant(self.variant)
+    width, depth = spec["width"], spec["depth"]
+    grid = check_image_shape(images.shape)
+    b = images.shape[0]
+    m = PRETRAIN_SIZE // PATCH
+
+    x = PatchEmbed(width, self.dtype, name="patch_embed")(images)
+    cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width))
+    pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + m * m, width))
+    self.param("mask_token", nn.initializers.zeros, (1, width))  # unused by SALAD; kept for the checkpoint
+    x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, width)), x], axis=1)
+    pos = posembed.interpolate_pos_embed(pos_embed, grid, antialias=self.registers,
+                                         offset=0.0 if self.registers else 0.1)
+    x = x + pos.astype(x.dtype)
+    if self.registers:
+      reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, NUM_REGISTERS, width))
+      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, NUM_REGISTERS, width)),
+                           x[:, 1:]], axis=1)
+    frozen = depth if self.num_trainable_blocks is None else depth - self.num_trainable_blocks
+    if not 0 <= frozen <= depth:
+      raise ValueError(f"num_trainable_blocks={self.num_trainable_blocks} must be in [0, {depth}]")
+    if self.num_trainable_blocks is not None and frozen == 0:
+      x = jax.lax.stop_gradient(x)  # as the reference: token preparation never trains
+    mb = micro_batch_size(self.micro_batch, b)
+    block_args = (width, spec["heads"], spec["ffn"], self.dtype, self.attention)
+    if mb < b:
+      scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=0, out_axes=0)
+      x = x.reshape(b // mb, mb, *x.shape[1:])
+    for i in range(depth):
+      if mb < b:
+        _, x = scan(*block_args, name=f"blocks_{i}")(None, x)
+      else:
+        x = Block(*block_args, name=f"blocks_{i}")(x)
+      if self.num_trainable_blocks is not None and i == frozen - 1:
+        x = jax.lax.stop_gradient(x)
+    x = x.reshape(b, *x.shape[2:]) if mb < b else x
+    return LayerNorm(dtype=self.dtype, name="norm")(x)

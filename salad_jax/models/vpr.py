@@ -1,0 +1,96 @@
+"""DINOv2 backbone + SALAD head: the whole place-recognition model, and its config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from salad_jax.models import vit
+from salad_jax.models.salad import SALAD
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that fixes the parameter shapes and the forward pass (saved next to weights)."""
+  variant: str = "B/14"  # S/14, B/14, L/14, g/14
+  registers: bool = False  # the `*_reg` DINOv2 models (4 register tokens)
+  num_trainable_blocks: int = 4  # last blocks that receive gradients (SALAD: 4)
+  num_clusters: int = 64  # m
+  cluster_dim: int = 128  # l
+  token_dim: int = 256  # g
+  hidden_dim: int = 512  # width of the head MLPs
+  dropout: float = 0.3
+  dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+  attention: str = "auto"  # auto (chunked on CPU, jax.nn.dot_product_attention elsewhere)
+  micro_batch: int | str = "auto"  # images per ViT block call; auto: 1 on CPU, all elsewhere
+
+  def __post_init__(self):
+    vit.decode_variant(self.variant)
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    depth = vit.VARIANTS[self.variant]["depth"]
+    if not 0 <= self.num_trainable_blocks <= depth:
+      raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
+    vit.attention_impl(self.attention)
+    vit.micro_batch_size(self.micro_batch, 1)
+
+  @property
+  def width(self) -> int:
+    return vit.VARIANTS[self.variant]["width"]
+
+  @property
+  def descriptor_dim(self) -> int:
+    return self.num_clusters * self.cluster_dim + self.token_dim
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**dict(d))
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+class VPRModel(nn.Module):
+  """`__call__(images [B,H,W,3], train)` -> descriptors [B, m*l+g]; `features` -> (map, token)."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    self.backbone = vit.DinoViT(c.variant, c.registers, c.num_trainable_blocks, dtype, c.attention,
+                                 c.micro_batch)
+    self.aggregator = SALAD(c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout,
+                            dtype=dtype)
+
+  def features(self, images):
+    """Backbone outputs after the final norm: patch map [B, H/14, W/14, C] and cls token [B, C]."""
+    gh, gw = vit.check_image_shape(images.shape)
+    tokens = self.backbone(images)
+    skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
+    return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
+
+  def __call__(self, images, train: bool = False):
+    vit.check_image_shape(images.shape, min_patches=self.config.num_clusters)
+    feats, token = self.features(images)
+    return self.aggregator(feats, token, train=train)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, image_size: int = 224) -> dict:
+  """Fresh parameters (DINOv2-style backbone init, torch-default head init), as a plain dict."""
+  model = VPRModel(config)
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, x))(rng)
+  return jax.tree.map(lambda a: a, dict(variables["params"]))
