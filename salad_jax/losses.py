@@ -26,13 +26,19 @@ def cosine_similarity(embeddings: jax.Array) -> jax.Array:
   return jnp.dot(e, e.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def multi_similarity_miner(sim: jax.Array, labels: jax.Array, epsilon: float = 0.1):
-  """Mined (pos_mask, neg_mask), [N, N] bool, from a similarity matrix (no gradient)."""
+def multi_similarity_miner(sim: jax.Array, labels: jax.Array, epsilon: float = 0.1,
+                           valid: jax.Array | None = None):
+  """Mined (pos_mask, neg_mask), [N, N] bool, from a similarity matrix (no gradient).
+
+  `valid` [N] bool drops padding entries from every pair (a padded batch then mines exactly what
+  the unpadded, smaller batch would).
+  """
   sim = jax.lax.stop_gradient(sim)
   n = sim.shape[0]
   same = labels[:, None] == labels[None, :]
-  cand_pos = same & ~jnp.eye(n, dtype=bool)
-  cand_neg = ~same
+  both = jnp.ones((n, n), bool) if valid is None else valid[:, None] & valid[None, :]
+  cand_pos = same & ~jnp.eye(n, dtype=bool) & both
+  cand_neg = ~same & both
   big = jnp.finfo(sim.dtype).max
   hardest_neg = jnp.max(jnp.where(cand_neg, sim, -big), axis=1, keepdims=True)
   hardest_pos = jnp.min(jnp.where(cand_pos, sim, big), axis=1, keepdims=True)
@@ -51,20 +57,25 @@ def _masked_log1p_sum_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def multi_similarity_loss(descriptors: jax.Array, labels: jax.Array, *, alpha: float = 1.0,
-                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1):
+                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1,
+                          valid: jax.Array | None = None):
   """Returns (loss, aux) for descriptors [N, D] and integer labels [N].
+
+  `valid` [N] bool (optional): padding entries take no part, and the mean runs over valid anchors.
 
   aux: "pos_mask", "neg_mask" ([N, N] bool, the mined pairs), "b_acc" (fraction of anchors with
   no mined positive pair), "num_pos_pairs", "num_neg_pairs".
   """
   sim = cosine_similarity(descriptors)
-  pos_mask, neg_mask = multi_similarity_miner(sim, labels, epsilon)
+  pos_mask, neg_mask = multi_similarity_miner(sim, labels, epsilon, valid)
   pos_loss = _masked_log1p_sum_exp(-alpha * (sim - base), pos_mask) / alpha
   neg_loss = _masked_log1p_sum_exp(beta * (sim - base), neg_mask) / beta
   num_pos, num_neg = pos_mask.sum(), neg_mask.sum()
   trivial = (num_pos <= 1) & (num_neg <= 1)
-  loss = jnp.where(trivial, 0.0, jnp.mean(pos_loss + neg_loss))
-  b_acc = 1.0 - jnp.mean(pos_mask.any(axis=1).astype(jnp.float32))
+  w = jnp.ones(sim.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
+  count = jnp.maximum(w.sum(), 1.0)
+  loss = jnp.where(trivial, 0.0, jnp.sum((pos_loss + neg_loss) * w) / count)
+  b_acc = 1.0 - jnp.sum(pos_mask.any(axis=1) * w) / count
   aux = {"pos_mask": pos_mask, "neg_mask": neg_mask, "b_acc": b_acc,
          "num_pos_pairs": num_pos, "num_neg_pairs": num_neg}
   return loss, aux

@@ -115,3 +115,24 @@ def test_parameters_are_configurable():
   e = torch.tensor(desc)
   want = float(loss_fn(e, torch.tensor(labels), miner(e, torch.tensor(labels))))
   assert abs(float(b) - want) <= 1e-6 and abs(float(a) - float(b)) > 1e-3
+
+
+def test_padding_mask_gives_the_loss_of_the_smaller_batch():
+  """The last batch of an epoch is padded to the static shape; padding must not change anything."""
+  desc, labels = batch("clustered", 3)
+  real = 200  # 50 places
+  padded = desc.copy()
+  padded[real:] = desc[:40]  # padding content must not matter, even duplicates of real images
+  pad_labels = labels.copy()
+  pad_labels[real:] = -1
+  valid = np.arange(240) < real
+  loss_small, aux_small = L.multi_similarity_loss(desc[:real], labels[:real])
+  loss_pad, aux_pad = L.multi_similarity_loss(padded, pad_labels, valid=valid)
+  assert abs(float(loss_small) - float(loss_pad)) <= 1e-7
+  assert abs(float(aux_small["b_acc"]) - float(aux_pad["b_acc"])) <= 1e-7
+  np.testing.assert_array_equal(np.asarray(aux_pad["pos_mask"])[:real, :real], np.asarray(aux_small["pos_mask"]))
+  assert not np.asarray(aux_pad["pos_mask"])[real:].any() and not np.asarray(aux_pad["neg_mask"])[:, real:].any()
+  g_small = jax.grad(lambda d: L.multi_similarity_loss(d, labels[:real])[0])(jnp.asarray(desc[:real]))
+  g_pad = jax.grad(lambda d: L.multi_similarity_loss(d, pad_labels, valid=valid)[0])(jnp.asarray(padded))
+  np.testing.assert_allclose(np.asarray(g_pad)[:real], np.asarray(g_small), atol=1e-8)
+  assert not np.asarray(g_pad)[real:].any()

@@ -1,0 +1,114 @@
+"""Orbax checkpoints of a training run: params, optimizer state, step, rng and the grain iterator.
+
+Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`. `params` alone is
+what inference needs (`salad_jax.load(workdir)`), so it is its own item. Keeps the last N
+checkpoints and the best M by a validation metric; saves are atomic (Orbax writes to a tmp dir
+and renames), so an interrupted save never damages an earlier checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+from salad_jax.models.vpr import ModelConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainCheckpointer:
+  """One CheckpointManager for the train state and the data iterator state together."""
+
+  def __init__(self, workdir: str, keep_last: int = 3, keep_best: int = 1,
+               best_metric: str = "R@1", read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    self.best_metric = best_metric
+    policy = AnyPreservationPolicy([
+        LatestN(keep_last),
+        BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
+              keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                           read_only=read_only, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "train_state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state: dict, meta: dict, data_iter=None,
+           metrics: dict | None = None) -> None:
+    items = {"params": ocp.args.StandardSave(state["params"]),
+             "train_state": ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
+             "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: dict, data_iter=None) -> tuple[dict, dict]:
+    """Restores onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct)."""
+    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
+             "train_state": ocp.args.StandardRestore(
+                 {k: v for k, v in abstract_state.items() if k != "params"}),
+             "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = dict(out["train_state"])
+    state["params"] = out["params"]
+    return state, out["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """jax.ShapeDtypeStruct tree with the same shardings (restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _resolve(path: str) -> tuple[str, int]:
+  """A workdir, its checkpoints/ dir, or one step dir -> (manager dir, step)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    path = os.path.join(path, CHECKPOINTS)
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(f"{path} holds no salad_jax checkpoint: expected a converted directory "
+                            "(with salad_config.json), a train.py workdir or a checkpoint step dir")
+  return path, steps[-1]
+
+
+def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfig, dict]:
+  """Params + model config of a training checkpoint (`which`: best by the val metric, or latest)."""
+  from salad_jax.inference import restore_params
+  directory, step = _resolve(path)
+  if which == "best" and os.path.basename(os.path.normpath(path)) != str(step):
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"meta": ocp.JsonCheckpointHandler()})
+    best = mngr.best_step() if mngr._options.best_fn else None  # noqa: SLF001
+    step = best if best is not None else step
+    mngr.close()
+  meta = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"meta": ocp.JsonCheckpointHandler()}).restore(
+                                   step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  params = restore_params(os.path.join(directory, str(step), "params"))
+  source = {"checkpoint": os.path.join(directory, str(step)), "step": step}
+  return params, ModelConfig.from_dict(meta["model"]), source

@@ -1,0 +1,198 @@
+"""grain input pipelines: GSV-Cities place batches for training, padded image batches for eval.
+
+Everything image-related (decode, resize, RandAugment) runs in numpy/PIL inside grain workers; the
+pipelines emit uint8 images and the jitted steps normalise them (`normalize_images`), so 4x fewer
+bytes cross process and host->device boundaries. Each JAX process reads only its share of every
+global batch; `jax.make_array_from_process_local_data` assembles the global arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image, ImageFile
+
+from salad_jax.data import augment
+from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the reference: truncated JPEGs decode with grey fill
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images_u8):
+  """uint8 NHWC -> float32: ToTensor (/255) then Normalize(ImageNet mean, std)."""
+  x = images_u8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def load_resized(path: str, size_hw: tuple[int, int]) -> Image.Image:
+  """PIL decode -> RGB -> bilinear (antialiased) resize to (h, w), like torchvision Resize."""
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+  if im.size != (size_hw[1], size_hw[0]):
+    im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+  return im
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """Static shape and schedule of the training stream (global and per process)."""
+  num_places: int
+  places_per_batch: int  # P (global)
+  img_per_place: int  # K
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.places_per_batch % self.process_count:
+      raise ValueError(f"{self.places_per_batch} places per batch cannot be split over "
+                       f"{self.process_count} processes; use a multiple of {self.process_count}")
+
+  @property
+  def steps_per_epoch(self) -> int:  # the reference keeps the last, smaller batch (drop_last=False)
+    return math.ceil(self.num_places / self.places_per_batch)
+
+  @property
+  def local_places(self) -> int:
+    return self.places_per_batch // self.process_count
+
+  def global_position(self, local_index: int) -> tuple[int, int]:
+    """(epoch, position in the epoch's place order) of a local record index."""
+    per_epoch = self.steps_per_epoch * self.local_places
+    epoch, rem = divmod(local_index, per_epoch)
+    step, j = divmod(rem, self.local_places)
+    return epoch, step * self.places_per_batch + self.process_index * self.local_places + j
+
+
+class PlaceRecords:
+  """Record i -> K augmented images of one place (uint8), its labels, and a validity mask.
+
+  Positions past the end of an epoch pad the last batch to a static shape (valid=False).
+  """
+
+  def __init__(self, ds: GSVCities, spec: TrainSpec, image_size: tuple[int, int], seed: int,
+               randaugment: bool = True, num_ops: int = 3, magnitude: int = 9):
+    self.ds, self.spec, self.image_size, self.seed = ds, spec, tuple(image_size), seed
+    self.randaugment, self.num_ops, self.magnitude = randaugment, num_ops, magnitude
+    self._order: tuple[int, np.ndarray] | None = None
+
+  def order(self, epoch: int) -> np.ndarray:
+    if self._order is None or self._order[0] != epoch:
+      self._order = (epoch, epoch_place_order(self.ds, self.seed, epoch))
+    return self._order[1]
+
+  def load(self, path: str, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    try:
+      im = load_resized(path, self.image_size)
+      bad = False
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      logging.warning("unreadable training image %s (%s): using a black image", path, e)
+      im, bad = Image.new("RGB", (self.image_size[1], self.image_size[0])), True
+    if self.randaugment:
+      im = augment.rand_augment(im, rng, self.num_ops, self.magnitude)
+    return np.asarray(im, np.uint8), bad
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    epoch, pos = self.spec.global_position(int(index))
+    k, (h, w) = self.spec.img_per_place, self.image_size
+    if pos >= self.spec.num_places:
+      return {"images": np.zeros((k, h, w, 3), np.uint8), "labels": np.full((k,), -1, np.int32),
+              "valid": np.zeros((k,), bool), "corrupt": np.int32(0)}
+    place = int(self.order(epoch)[pos])
+    rng = np.random.default_rng([self.seed, epoch, pos, 1])
+    images, corrupt = [], 0
+    for i in sample_place_images(self.ds, place, k, rng):
+      img, bad = self.load(f"{self.ds.root}/{self.ds.paths[i]}", rng)
+      images.append(img)
+      corrupt += bad
+    label = int(self.ds.place_ids[place])
+    return {"images": np.stack(images), "labels": np.full((k,), label, np.int32),
+            "valid": np.ones((k,), bool), "corrupt": np.int32(corrupt)}
+
+
+def _flatten_places(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """[P, K, ...] -> [P*K, ...] place-major (p0i0, p0i1, ..., p1i0, ...); corrupt summed."""
+  out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != "corrupt"}
+  out["corrupt"] = np.int32(batch["corrupt"].sum())
+  return out
+
+
+def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
+                  image_size: Sequence[int], num_epochs: int, seed: int, process_index: int = 0,
+                  process_count: int = 1, num_workers: int = 0, num_threads: int = 8,
+                  randaugment: bool = True) -> tuple[grain.IterDataset, TrainSpec]:
+  """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}."""
+  spec = TrainSpec(ds.num_places, places_per_batch, img_per_place, process_index, process_count)
+  records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment)
+  total = num_epochs * spec.steps_per_epoch * spec.local_places
+  dataset = (grain.MapDataset.range(total).map(records)
+             .batch(spec.local_places, batch_fn=lambda xs: _flatten_places(
+                 {k: np.stack([x[k] for x in xs]) for k in xs[0]})))
+  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * spec.local_places))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  return it, spec
+
+
+# ------------------------------------------------------------------------------ evaluation
+class EvalRecords:
+  """Index -> resized uint8 image of `paths[index]` (the reference eval transform, before /255)."""
+
+  def __init__(self, paths: Sequence[str], image_size: tuple[int, int] | None):
+    self.paths = list(paths)
+    self.image_size = image_size
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    path = self.paths[index]
+    try:
+      with Image.open(path) as im:
+        im = im.convert("RGB")
+    except FileNotFoundError:
+      raise FileNotFoundError(f"eval image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+      raise ValueError(f"cannot read eval image {path}: {e}") from e
+    if self.image_size is not None and im.size != (self.image_size[1], self.image_size[0]):
+      im = im.resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
+    return {"images": np.asarray(im, np.uint8), "index": np.int64(index)}
+
+
+def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_size: int,
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                 num_threads: int = 8) -> grain.IterDataset:
+  """Fixed-shape local batches {images uint8 [b,H,W,3], index [b] (-1 = padding), valid [b]}.
+
+  Global batch g holds images g*batch_size ...; this process loads its contiguous share of it.
+  The last batch is padded, so every batch has the same shape and nothing recompiles.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
+  h, w = image_size
+  local = batch_size // process_count
+  n = len(paths)
+  num_batches = math.ceil(n / batch_size)
+  records = EvalRecords(paths, (h, w))
+
+  def load(i):
+    g, j = divmod(int(i), local)
+    gi = g * batch_size + process_index * local + j
+    if gi >= n:
+      return {"images": np.zeros((h, w, 3), np.uint8), "index": np.int64(-1)}
+    return records(gi)
+
+  def stack(xs):
+    index = np.array([x["index"] for x in xs], np.int64)
+    return {"images": np.stack([x["images"] for x in xs]), "index": index, "valid": index >= 0}
+
+  ds = grain.MapDataset.range(num_batches * local).map(load).batch(local, batch_fn=stack)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it

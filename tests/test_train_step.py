@@ -1,0 +1,180 @@
+"""Full train steps against a PyTorch reference step: same weights, same batch, dropout off."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import distances, losses, miners
+
+import torch_reference as tr
+from helpers import state_dict_np
+import salad_jax
+from salad_jax import convert, optim, sharding, trainer
+
+SKIP = ("aggregator/dust_bin", "aggregator/score_3/bias")  # dead params (reference.md §10)
+PLACES, K, HW = 8, 4, (126, 126)
+
+
+def optim_cfg():
+  return ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
+                                        lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
+                                        lightning_epoch_step=False, freeze="auto"))
+
+
+def batches(n, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    base = rng.integers(0, 256, (PLACES, 1) + HW + (3,))
+    noise = rng.integers(-40, 40, (PLACES, K) + HW + (3,))
+    images = np.clip(base + noise, 0, 255).astype(np.uint8).reshape((PLACES * K,) + HW + (3,))
+    labels = np.repeat(np.arange(PLACES) + 100 * i, K).astype(np.int32)
+    out.append({"images": images, "labels": labels, "valid": np.ones(PLACES * K, bool)})
+  return out
+
+
+def torch_steps(tm, data, steps):
+  opt = torch.optim.AdamW(tm.parameters(), lr=6e-5, weight_decay=9.5e-9)
+  sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.2, total_iters=4000)
+  miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  out, grads = [], None
+  tm.train()
+  for b in data[:steps]:
+    x = (torch.from_numpy(b["images"]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    lab = torch.from_numpy(b["labels"]).long()
+    opt.zero_grad()
+    desc = tm(x)
+    loss = loss_fn(desc, lab, miner(desc, lab))
+    loss.backward()
+    if grads is None:
+      grads = {k: (p.grad.detach().numpy().copy() if p.grad is not None else None)
+               for k, p in tm.named_parameters()}
+    opt.step()
+    sched.step()
+    out.append(float(loss.detach()))
+  return out, grads
+
+
+def jax_steps(params, mc, data, steps, mesh):
+  tx, schedule = optim.make_optimizer(optim_cfg(), steps_per_epoch=1000)
+  freeze = optim.default_freeze_regex(mc)
+  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
+  step_fn = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
+                                    schedule, mesh)
+  out = []
+  for b in data[:steps]:
+    state, m = step_fn(state, sharding.global_batch(b, mesh))
+    assert bool(m["finite"])
+    out.append(float(m["loss"]))
+  return out, jax.tree.map(np.asarray, state)
+
+
+def first_grads(params, mc, batch):
+  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(mc))
+  loss_fn = trainer.make_loss_fn(mc, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+  g = jax.jit(jax.grad(lambda t: loss_fn(t, frozen, batch["images"], batch["labels"], batch["valid"],
+                                         jax.random.PRNGKey(0))[0]))(train)
+  return g, frozen
+
+
+@pytest.fixture(scope="module")
+def setup():
+  torch.manual_seed(0)
+  tm = tr.randomize_(tr.VPRModel("S/14", dropout=0.0), seed=21)
+  sd = state_dict_np(tm)
+  config, _ = convert.infer_config(sd, dropout=0.0)
+  params = convert.torch_to_params(sd, config)
+  return tm, sd, config, params, batches(3)
+
+
+def rel_err(a, b):
+  """Relative error in the Frobenius norm.
+
+  Elementwise, a weight whose gradient is ~1e-3 of its tensor's scale (common in the score MLP,
+  whose gradient is mostly float noise along the directions Sinkhorn cancels, reference.md §10)
+  can move by up to ~0.1 lr differently after 3 steps: Adam normalises its noisy gradient. The
+  element bound below (a quarter of an lr step) still catches any real update mistake.
+  """
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_train_steps_match_torch(setup, steps):
+  tm0, sd, config, params, data = setup
+  tm = tr.VPRModel("S/14", dropout=0.0)
+  tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()})
+  loss_t, grads_t = torch_steps(tm, data, steps)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  loss_j, state = jax_steps(params, config, data, steps, mesh)
+  np.testing.assert_allclose(loss_j, loss_t, rtol=1e-5)
+
+  new_t = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+  new_j = convert.params_to_torch(state["params"], config)
+  freeze = optim.default_freeze_regex(config)
+  trainable = set(optim.split_trainable(params, freeze)[0])
+  rows = {t: "/".join(f) for t, f, _ in convert.layout(config)}
+  checked = 0
+  for tkey, path in rows.items():
+    if path in SKIP:
+      continue
+    if path in trainable:
+      assert rel_err(new_j[tkey], new_t[tkey]) <= 1e-5, tkey
+      assert np.abs(new_j[tkey] - new_t[tkey]).max() <= 0.25 * 6e-5, tkey
+      assert not np.array_equal(new_t[tkey], sd[tkey]), f"{tkey} did not train"
+      checked += 1
+    else:  # frozen: untouched in both frameworks
+      np.testing.assert_array_equal(new_j[tkey], sd[tkey])
+      np.testing.assert_array_equal(new_t[tkey], sd[tkey])
+  assert checked == len(trainable) - len(SKIP)
+  assert int(state["step"]) == steps
+  if steps == 1:  # gradients of the first step, trainable params only
+    g_j, _ = first_grads(params, config, data[0])
+    for tkey, path in rows.items():
+      if path in trainable and path not in SKIP:
+        gt = grads_t[tkey]
+        gj = convert._to_torch(np.asarray(g_j[path]), dict((r[0], r[2]) for r in convert.layout(config))[tkey])
+        assert np.abs(gj - gt).max() <= 1e-5 * max(np.abs(gt).max(), 1e-8) + 1e-9, tkey
+      elif path not in trainable:
+        assert grads_t[tkey] is None  # torch computes no gradient for frozen params either
+
+
+def test_frozen_params_have_no_optimizer_state(setup):
+  _, _, config, params, _ = setup
+  tx, _ = optim.make_optimizer(optim_cfg(), 100)
+  freeze = optim.default_freeze_regex(config)
+  state = trainer.create_state(params, tx, freeze, sharding.make_mesh(jax.devices()[:1]), jax.random.PRNGKey(0))
+  mu = state["opt"][0].mu
+  assert all(k.startswith(("backbone/blocks_8", "backbone/blocks_9", "backbone/blocks_10",
+                           "backbone/blocks_11", "backbone/norm/", "aggregator/")) for k in mu)
+  n = sum(v.size for v in mu.values())
+  # ViT-S/14: blocks 8-11 (1,775,232 each) + final norm + the SALAD head on 384 channels
+  assert n == 4 * 1_775_232 + 768 + 821_185
+
+
+def test_trainable_split_of_vit_b_matches_the_reference_counts():
+  """reference.md §3: 29,770,177 trainable (blocks 8-11, norm, head) and 58,221,312 frozen."""
+  config = salad_jax.ModelConfig()
+  shapes = {"/".join(k): np.empty(v, np.uint8) for k, v in convert._param_shapes(config).items()}
+  train, frozen = optim.split_trainable(optim.unflatten(shapes), optim.default_freeze_regex(config))
+  assert sum(v.size for v in train.values()) == 29_770_177
+  assert sum(v.size for v in frozen.values()) == 58_221_312
+
+
+def test_lr_schedule_matches_torch_linear_lr_with_lightning_epoch_steps():
+  sched = optim.linear_lr(6e-5, 1.0, 0.2, 4000, steps_per_epoch=1000)
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=6e-5)
+  ref = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.2, total_iters=4000)
+  want = []
+  for step in range(4200):
+    want.append(opt.param_groups[0]["lr"])
+    ref.step()  # SALAD's per-optimizer-step scheduler.step()
+    if (step + 1) % 1000 == 0:
+      ref.step()  # Lightning's automatic epoch-end step
+  got = np.asarray(jax.vmap(sched)(np.arange(4200)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # the three epoch-end steps bring the 1.2e-5 floor forward from step 4000 to step 3997
+  assert abs(want[3997] - 1.2e-5) < 1e-12 and want[3996] > 1.2e-5 + 1e-9
