@@ -8,12 +8,14 @@ and renames), so an interrupted save never damages an earlier checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from salad_jax.models.vpr import ModelConfig
@@ -96,19 +98,50 @@ def _resolve(path: str) -> tuple[str, int]:
   return path, steps[-1]
 
 
+@contextlib.contextmanager
+def _quiet():
+  """Orbax warns about read-only managers; nothing to act on when only reading."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
 def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfig, dict]:
-  """Params + model config of a training checkpoint (`which`: best by the val metric, or latest)."""
-  from salad_jax.inference import restore_params
+  """Params + model config of a training checkpoint, as numpy arrays on the host.
+
+  `path`: a workdir, its checkpoints/ dir, or one step dir. For a workdir, `which="best"` takes
+  the checkpoint with the highest validation R@1 (recorded in its meta), else the latest.
+  """
   directory, step = _resolve(path)
-  if which == "best" and os.path.basename(os.path.normpath(path)) != str(step):
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers={"meta": ocp.JsonCheckpointHandler()})
-    best = mngr.best_step() if mngr._options.best_fn else None  # noqa: SLF001
-    step = best if best is not None else step
+  step_given = os.path.basename(os.path.normpath(path)).isdigit()
+  with _quiet():
+    return _load(directory, step, step_given, which)
+
+
+def _load(directory: str, step: int, step_given: bool, which: str):
+  import numpy as np
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    def meta_of(s):
+      return mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = meta_of(step)
+    if which == "best" and not step_given:
+      scored = [(m["eval"]["R@1"], s) for s in mngr.all_steps()
+                for m in [meta_of(s)] if m.get("eval", {}).get("R@1") is not None]
+      if scored:
+        step = max(scored)[1]
+        meta = meta_of(step)
+    tree = mngr.item_metadata(step)["params"]
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
+    params = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+  finally:
     mngr.close()
-  meta = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"meta": ocp.JsonCheckpointHandler()}).restore(
-                                   step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  params = restore_params(os.path.join(directory, str(step), "params"))
-  source = {"checkpoint": os.path.join(directory, str(step)), "step": step}
+  source = {"checkpoint": os.path.join(directory, str(step)), "step": step,
+            "eval": meta.get("eval", {})}
   return params, ModelConfig.from_dict(meta["model"]), source

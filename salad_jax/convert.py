@@ -20,7 +20,7 @@ from salad_jax.models.vpr import ModelConfig
 
 BACKBONE = "backbone.model."
 AGGREGATOR = "aggregator."
-_WIDTH_TO_VARIANT = {spec["width"]: name for name, spec in vit.VARIANTS.items()}
+_WIDTH_TO_VARIANT = {spec["width"]: name for name, spec in vit.VARIANTS.items()}  # widths are unique
 
 # kinds of tensors and how a torch tensor becomes a Flax leaf
 _LINEAR, _CONV1X1, _PATCH, _RAW = "linear", "conv1x1", "patch", "raw"

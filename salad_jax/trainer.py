@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step == 0 and config.eval.at_start and evaluator.enabled:
     results["evals"][0] = evaluator(state["params"], mc, step=0, writer=writer, label="untrained")
   last_good = start
-  bar = _progress(total_steps, step)
+  bar = _Progress(total_steps, step, config.log_every_steps)
   corrupt_total = 0
   try:
     while step < total_steps:
@@ -207,9 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       m.update(step_time=dt, images_per_s=global_images / dt, corrupt_images=corrupt_total)
       if step % config.log_every_steps == 0 or step == total_steps:
         writer.write(step, m)
-      bar.update(1)
-      bar.set_postfix(loss=f"{m['loss']:.4f}", b_acc=f"{m['b_acc']:.3f}", lr=f"{m['lr']:.2e}",
-                      img_s=f"{m['images_per_s']:.1f}")
+      bar.update(m)
       end_of_epoch = step % steps_per_epoch == 0
       eval_metrics = None
       if end_of_epoch and evaluator.enabled:
@@ -228,10 +226,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     writer.close()
   results.update(step=step, state=state, corrupt_images=corrupt_total)
+  evals = results["evals"]
+  if 0 in evals and len(evals) > 1 and jax.process_index() == 0:
+    first, last = evals[0][evaluator.select_metric], evals[max(evals)][evaluator.select_metric]
+    ratio = f" ({last / first:.1f}x)" if first > 0 else ""
+    print(f"\nR@1 on {evaluator.sets[0].name}: untrained {first:.2f} -> trained {last:.2f}{ratio}")
+  if corrupt_total:
+    print(f"{corrupt_total} unreadable training images were replaced by black images (see log)")
   return results
 
 
-def _progress(total: int, initial: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-              disable=jax.process_index() != 0)
+class _Progress:
+  """tqdm bar on a terminal; a plain line every `every` steps otherwise (logs, CI)."""
+
+  def __init__(self, total: int, initial: int, every: int):
+    import sys
+    from tqdm import tqdm
+    self.main = jax.process_index() == 0
+    self.tty = sys.stderr.isatty()
+    self.total, self.step, self.every, self.t0, self.s0 = total, initial, every, time.time(), initial
+    self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not (self.main and self.tty))
+
+  def update(self, m: Mapping[str, float]) -> None:
+    self.step += 1
+    if self.tty:
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f"{m['loss']:.4f}", b_acc=f"{m['b_acc']:.3f}", lr=f"{m['lr']:.2e}",
+                           img_s=f"{m['images_per_s']:.1f}")
+    elif self.main and (self.step % self.every == 0 or self.step == self.total):
+      rate = (self.step - self.s0) / max(time.time() - self.t0, 1e-9)
+      eta = (self.total - self.step) / max(rate, 1e-9)
+      print(f"step {self.step}/{self.total}  loss {m['loss']:.4f}  b_acc {m['b_acc']:.3f}  "
+            f"lr {m['lr']:.2e}  {m['step_time']:.2f} s/step  {m['images_per_s']:.1f} img/s  "
+            f"ETA {eta / 60:.1f} min", flush=True)
+
+  def close(self) -> None:
+    self.bar.close()

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import numpy as np
+from PIL import Image
 
 # The 23 training cities of the SALAD / GSV-Cities recipe, in the reference's order.
 TRAIN_CITIES = ("Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona",
@@ -50,6 +51,14 @@ class GSVCities:
 
   def place_images(self, p: int) -> np.ndarray:
     return self.order[self.place_start[p]:self.place_start[p + 1]]
+
+  def image_path(self, i: int) -> str:
+    return os.path.join(self.root, str(self.paths[i]))
+
+  def open_image(self, i: int) -> Image.Image:
+    """Decoded RGB image number i (raises OSError/ValueError for unreadable files)."""
+    with Image.open(self.image_path(i)) as im:
+      return im.convert("RGB")
 
 
 def _read_city(path: str, city_index: int):

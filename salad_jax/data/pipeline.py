@@ -33,15 +33,6 @@ def normalize_images(images_u8):
   return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
-def load_resized(path: str, size_hw: tuple[int, int]) -> Image.Image:
-  """PIL decode -> RGB -> bilinear (antialiased) resize to (h, w), like torchvision Resize."""
-  with Image.open(path) as im:
-    im = im.convert("RGB")
-  if im.size != (size_hw[1], size_hw[0]):
-    im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
-  return im
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
   """Static shape and schedule of the training stream (global and per process)."""
@@ -89,13 +80,18 @@ class PlaceRecords:
       self._order = (epoch, epoch_place_order(self.ds, self.seed, epoch))
     return self._order[1]
 
-  def load(self, path: str, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+  def load(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """Image i resized (and augmented); an unreadable file becomes a black image, as in the
+    reference (which replaces undecodable images by black 224x224 ones), and is counted."""
+    h, w = self.image_size
     try:
-      im = load_resized(path, self.image_size)
+      im = self.ds.open_image(i)
+      if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
       bad = False
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-      logging.warning("unreadable training image %s (%s): using a black image", path, e)
-      im, bad = Image.new("RGB", (self.image_size[1], self.image_size[0])), True
+      logging.warning("unreadable training image %s (%s): using a black image", self.ds.image_path(i), e)
+      im, bad = Image.new("RGB", (w, h)), True
     if self.randaugment:
       im = augment.rand_augment(im, rng, self.num_ops, self.magnitude)
     return np.asarray(im, np.uint8), bad
@@ -110,7 +106,7 @@ class PlaceRecords:
     rng = np.random.default_rng([self.seed, epoch, pos, 1])
     images, corrupt = [], 0
     for i in sample_place_images(self.ds, place, k, rng):
-      img, bad = self.load(f"{self.ds.root}/{self.ds.paths[i]}", rng)
+      img, bad = self.load(int(i), rng)
       images.append(img)
       corrupt += bad
     label = int(self.ds.place_ids[place])

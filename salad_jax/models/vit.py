@@ -23,6 +23,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "B/14": dict(width=768, depth=12, heads=12, ffn="mlp"),
     "L/14": dict(width=1024, depth=24, heads=16, ffn="mlp"),
     "g/14": dict(width=1536, depth=40, heads=24, ffn="swiglu"),
+    # not a DINOv2 release: a small ViT for the embedded demo and quick experiments
+    "Nano/14": dict(width=128, depth=4, heads=2, ffn="mlp"),
 }
 NUM_REGISTERS = 4  # the `*_reg` hub models
 

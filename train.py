@@ -1,0 +1,29 @@
+r"""Trains SALAD.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/gsv.py --workdir runs/gsv --config.data.root=/data/GSVCities
+
+Resumes automatically from the latest checkpoint in --workdir.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (get_config), e.g. configs/gsv.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the resolved config go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from salad_jax import cli, trainer
+  cli.quiet_logs()
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print(f"done: step {result['step']}; checkpoints in {FLAGS.workdir}/checkpoints")
+
+
+if __name__ == "__main__":
+  app.run(main)
