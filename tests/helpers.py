@@ -30,3 +30,40 @@ def torch_describe(tm, x_nhwc):
 
 def images(n=2, hw=(224, 224), seed=0):
   return np.random.default_rng(seed).standard_normal((n,) + tuple(hw) + (3,)).astype(np.float32)
+
+
+def make_gsv(root, cities, size=(40, 30), seed=0):
+  """Writes a small GSV-Cities tree: cities = {name: [images per place, ...]} (place ids 0..n-1).
+
+  Place p of city c is filled with a colour unique to (c, p), so tests can tell images apart.
+  Returns {(city, place_id): [file names]}.
+  """
+  import csv
+  import os
+
+  from PIL import Image
+
+  from salad_jax.data.gsv_cities import image_name
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(root, "Dataframes"), exist_ok=True)
+  out = {}
+  for ci, (city, counts) in enumerate(cities.items()):
+    os.makedirs(os.path.join(root, "Images", city), exist_ok=True)
+    rows = []
+    for pid, n in enumerate(counts):
+      lat, lon = float(rng.uniform(-60, 60)), float(rng.uniform(-170, 170))
+      names = []
+      for k in range(n):
+        row = [pid, 2010 + k, 1 + k % 12, (37 * k) % 360, city, lat, lon, f"pano{ci}x{pid}x{k}"]
+        name = image_name(city, pid, row[1], row[2], row[3], lat, lon, row[7])
+        color = (40 * ci + 10, (pid * 7) % 256, (k * 50) % 256)
+        Image.new("RGB", size, color).save(os.path.join(root, "Images", city, name), quality=95)
+        names.append(name)
+        rows.append(row)
+      out[(city, pid)] = names
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # CSV rows in no particular order
+    with open(os.path.join(root, "Dataframes", f"{city}.csv"), "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid"])
+      w.writerows(rows)
+  return out

@@ -71,10 +71,10 @@ def read_image_paths(folder: str) -> list[str]:
 
 
 def utm_of(paths: Sequence[str]) -> np.ndarray:
-  """[N, 2] (east, north) from names `.../@east@north@...`."""
+  """[N, 2] (east, north) from file names `@east@north@...` (the folder path may hold '@' too)."""
   out = np.empty((len(paths), 2), np.float64)
   for i, p in enumerate(paths):
-    parts = p.split("@")
+    parts = os.path.basename(p).split("@")
     try:
       out[i] = float(parts[1]), float(parts[2])
     except (IndexError, ValueError):

@@ -119,13 +119,17 @@ def epoch_place_order(ds: GSVCities, seed: int, epoch: int) -> np.ndarray:
   """Place positions for one epoch, as the reference orders them.
 
   Per city (cities in list order) the image rows are shuffled and places are taken in order of
-  their first appearance (pandas `sample(frac=1)` + `unique`); the cities are concatenated.
+  their first appearance (pandas `sample(frac=1)` + `unique`), so places with more images tend
+  to come earlier; the cities are concatenated. Rows are enumerated grouped by place before the
+  shuffle, which gives the same distribution as the CSV order and makes the order independent of
+  how the files list their rows (folder and TFDS readers agree).
   """
   out = []
   for c in range(len(ds.cities)):
-    images = np.flatnonzero((ds.image_place >= 0) & (ds.place_city[np.maximum(ds.image_place, 0)] == c))
+    rows = ds.image_place[ds.order]
+    rows = rows[ds.place_city[rows] == c]
     rng = np.random.default_rng([seed, epoch, c])
-    shuffled = ds.image_place[images[rng.permutation(len(images))]]
+    shuffled = rows[rng.permutation(len(rows))]
     _, first = np.unique(shuffled, return_index=True)
     out.append(shuffled[np.sort(first)])
   return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import grain
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image, ImageFile
 
 from salad_jax.data import augment
@@ -121,6 +121,17 @@ def _flatten_places(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 2) -> grain.IterDataset:
+  """Worker processes via mp_prefetch. grain reads absl flags in the workers, so outside
+  `app.run` (notebooks, tests) the flags are marked parsed first."""
+  if num_workers <= 0:
+    return it
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=buffer))
+
+
 def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
                   image_size: Sequence[int], num_epochs: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_workers: int = 0, num_threads: int = 8,
@@ -132,10 +143,9 @@ def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
   dataset = (grain.MapDataset.range(total).map(records)
              .batch(spec.local_places, batch_fn=lambda xs: _flatten_places(
                  {k: np.stack([x[k] for x in xs]) for k in xs[0]})))
-  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * spec.local_places))
-  if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-  return it, spec
+  it = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(2 * spec.local_places, num_threads)))
+  return _with_workers(it, num_workers), spec
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -188,7 +198,6 @@ def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_siz
     return {"images": np.stack([x["images"] for x in xs]), "index": index, "valid": index >= 0}
 
   ds = grain.MapDataset.range(num_batches * local).map(load).batch(local, batch_fn=stack)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local))
-  if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return it
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=max(2 * local, num_threads)))
+  return _with_workers(it, num_workers)

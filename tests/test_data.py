@@ -1,0 +1,198 @@
+"""GSV-Cities reader, the reference's place sampler, the grain pipeline and the TFDS build."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import make_gsv
+from salad_jax.data import gsv_cities, pipeline
+
+CITIES = {"Alpha": [4, 5, 3, 6, 4, 8, 4, 2, 5, 4], "Beta": [4, 4, 7, 4, 1, 4], "Gamma": [6, 4, 4, 4, 5]}
+
+
+@pytest.fixture(scope="module")
+def gsv(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("gsv"))
+  files = make_gsv(root, CITIES)
+  return root, files, gsv_cities.read_gsv_cities(root, tuple(CITIES))
+
+
+def test_image_name_rule():
+  name = gsv_cities.image_name("PRS", 100_042, 2016, 7, 5, 48.8566, 2.35, "abcXYZ")
+  assert name == "PRS_0000042_2016_07_005_48.8566_2.35_abcXYZ.jpg"
+
+
+def test_reader_prefixes_ids_drops_small_places_and_finds_every_file(gsv):
+  root, files, ds = gsv
+  kept = [(ci, p) for ci, (c, counts) in enumerate(CITIES.items()) for p, n in enumerate(counts) if n >= 4]
+  assert ds.num_places == len(kept)
+  assert sorted(ds.place_ids.tolist()) == sorted(ci * 100_000 + p for ci, p in kept)
+  for pos in range(ds.num_places):
+    ci, pid = divmod(int(ds.place_ids[pos]), 100_000)
+    city = list(CITIES)[ci]
+    names = sorted(os.path.basename(str(ds.paths[i])) for i in ds.place_images(pos))
+    assert names == sorted(files[(city, pid)])
+    assert all(os.path.isfile(ds.image_path(i)) for i in ds.place_images(pos))
+
+
+def test_reader_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="Dataframes.*kaggle"):
+    gsv_cities.read_gsv_cities(str(tmp_path), ("London",))
+  make_gsv(str(tmp_path), {"Tiny": [2, 3, 1]})
+  with pytest.raises(ValueError, match="no place .* has >= 4 images"):
+    gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny",))
+  with pytest.raises(FileNotFoundError, match="Missing.csv"):
+    gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny", "Missing"))
+  (tmp_path / "Dataframes" / "Empty.csv").write_text("place_id,year,month,northdeg,city_id,lat,lon,panoid\n")
+  with pytest.raises(ValueError, match="no place"):
+    gsv_cities.read_gsv_cities(str(tmp_path), ("Empty",))
+
+
+def test_epoch_order_is_city_major_shuffled_within_cities_and_reshuffled_each_epoch(gsv):
+  _, _, ds = gsv
+  o0, o1 = gsv_cities.epoch_place_order(ds, 0, 0), gsv_cities.epoch_place_order(ds, 0, 1)
+  assert sorted(o0.tolist()) == list(range(ds.num_places)) == sorted(o1.tolist())
+  cities0 = ds.place_city[o0]
+  assert (np.diff(cities0) >= 0).all()  # cities in list order, never interleaved
+  assert not np.array_equal(o0, o1)  # a new shuffle every epoch
+  np.testing.assert_array_equal(o0, gsv_cities.epoch_place_order(ds, 0, 0))  # deterministic
+  assert not np.array_equal(o0, gsv_cities.epoch_place_order(ds, 1, 0))  # depends on the seed
+
+
+def test_first_appearance_order_favours_places_with_more_images(gsv):
+  """pandas sample(frac=1) + unique: a place with many rows tends to come first in its city."""
+  _, _, ds = gsv
+  big = int(np.argmax(np.diff(ds.place_start) * (ds.place_city == 0)))  # Alpha place with 8 images
+  ranks = [list(gsv_cities.epoch_place_order(ds, 0, e)).index(big) for e in range(300)]
+  assert np.mean(ranks) < (ds.place_city == 0).sum() / 2 - 0.5
+
+
+def _batches(ds, n_proc=1, proc=0, **kw):
+  args = dict(places_per_batch=4, img_per_place=4, image_size=(28, 28), num_epochs=2, seed=3,
+              randaugment=False)
+  args.update(kw)
+  it, spec = pipeline.train_dataset(ds, process_index=proc, process_count=n_proc, **args)
+  return list(it), spec
+
+
+def test_batches_are_place_major_with_k_distinct_images_and_a_padded_last_batch(gsv):
+  _, _, ds = gsv
+  batches, spec = _batches(ds)
+  assert spec.steps_per_epoch == -(-ds.num_places // 4) and len(batches) == 2 * spec.steps_per_epoch
+  seen = []
+  for b in batches[:spec.steps_per_epoch]:
+    assert b["images"].shape == (16, 28, 28, 3) and b["images"].dtype == np.uint8
+    labels, valid = b["labels"].reshape(4, 4), b["valid"].reshape(4, 4)
+    for p in range(4):
+      if not valid[p].any():
+        assert (labels[p] == -1).all()
+        continue
+      assert valid[p].all() and (labels[p] == labels[p, 0]).all()
+      imgs = b["images"].reshape(4, 4, 28, 28, 3)[p]
+      keys = {tuple(im[14, 14]) for im in imgs}  # each image of a place has its own colour
+      assert len(keys) == 4
+      seen.append(int(labels[p, 0]))
+  assert sorted(seen) == sorted(ds.place_ids.tolist())  # every place once per epoch
+  last = batches[spec.steps_per_epoch - 1]
+  assert last["valid"].sum() == 16 - (4 * spec.steps_per_epoch - ds.num_places) * 4
+
+
+def test_two_processes_split_every_batch_and_cover_each_place_once(gsv):
+  _, _, ds = gsv
+  full, spec = _batches(ds, num_epochs=1)
+  p0, _ = _batches(ds, n_proc=2, proc=0, num_epochs=1)
+  p1, _ = _batches(ds, n_proc=2, proc=1, num_epochs=1)
+  assert len(p0) == len(p1) == spec.steps_per_epoch
+  for f, a, b in zip(full, p0, p1):
+    np.testing.assert_array_equal(np.concatenate([a["labels"], b["labels"]]), f["labels"])
+    np.testing.assert_array_equal(np.concatenate([a["images"], b["images"]]), f["images"])
+  ids = np.concatenate([b["labels"][b["valid"]] for b in p0 + p1])
+  assert sorted(set(ids.tolist())) == sorted(ds.place_ids.tolist())
+
+
+def test_iterator_state_restores_the_identical_next_batch(gsv):
+  _, _, ds = gsv
+  it, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
+                                 num_epochs=2, seed=0)
+  it = iter(it)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(2)]
+  fresh, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
+                                    num_epochs=2, seed=0)
+  fresh = iter(fresh)
+  fresh.set_state(state)
+  for w in want:
+    got = next(fresh)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
+
+
+def test_worker_processes_give_the_same_batches(gsv):
+  _, _, ds = gsv
+  a, _ = _batches(ds, num_epochs=1, randaugment=True)
+  b, _ = _batches(ds, num_epochs=1, randaugment=True, num_workers=2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["images"], y["images"])
+    np.testing.assert_array_equal(x["labels"], y["labels"])
+
+
+def test_corrupt_and_missing_training_images_become_black_and_are_counted(tmp_path):
+  root = str(tmp_path)
+  files = make_gsv(root, {"Solo": [4, 4]})
+  bad = os.path.join(root, "Images", "Solo", files[("Solo", 0)][1])
+  with open(bad, "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+  os.remove(os.path.join(root, "Images", "Solo", files[("Solo", 1)][2]))
+  ds = gsv_cities.read_gsv_cities(root, ("Solo",))
+  (b,), _ = _batches(ds, places_per_batch=2, num_epochs=1)
+  assert int(b["corrupt"]) == 2
+  black = [i for i in range(8) if not b["images"][i].any()]
+  assert len(black) == 2
+
+
+def test_truncated_jpeg_still_loads_like_the_reference(tmp_path):
+  root = str(tmp_path)
+  files = make_gsv(root, {"Solo": [4]}, size=(200, 150))
+  path = os.path.join(root, "Images", "Solo", files[("Solo", 0)][0])
+  noise = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+  Image.fromarray(noise).save(path, quality=90)
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: int(len(data) * 0.7)])  # the scan data is cut; headers are intact
+  ds = gsv_cities.read_gsv_cities(root, ("Solo",))
+  (b,), _ = _batches(ds, places_per_batch=1, num_epochs=1)
+  assert int(b["corrupt"]) == 0  # ImageFile.LOAD_TRUNCATED_IMAGES, as the reference sets it
+
+
+def test_tfds_build_reads_the_same_batches_as_the_folder(gsv, tmp_path):
+  from salad_jax.data import tfds_gsv
+  root, _, ds = gsv
+  tfds_gsv.build(root, str(tmp_path), cities=tuple(CITIES))
+  t = tfds_gsv.open_gsv_cities(str(tmp_path))
+  np.testing.assert_array_equal(t.place_ids, ds.place_ids)
+  a, _ = _batches(ds, num_epochs=1, randaugment=True)
+  b, _ = _batches(t, num_epochs=1, randaugment=True)
+  for x, y in zip(a, b):
+    for k in ("images", "labels", "valid"):
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_eval_batches_have_a_static_shape_and_a_validity_mask(tmp_path):
+  paths = []
+  for i in range(7):
+    p = str(tmp_path / f"{i}.png")
+    Image.new("RGB", (50 + i, 40), (i * 30, 0, 0)).save(p)
+    paths.append(p)
+  batches = list(pipeline.eval_dataset(paths, image_size=(28, 42), batch_size=4))
+  assert [b["images"].shape for b in batches] == [(4, 28, 42, 3)] * 2
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), [0, 1, 2, 3, 4, 5, 6, -1])
+  assert batches[1]["valid"].tolist() == [True, True, True, False]
+  # two processes: each loads its half of every global batch
+  halves = [list(pipeline.eval_dataset(paths, image_size=(28, 42), batch_size=4, process_index=i,
+                                       process_count=2)) for i in range(2)]
+  got = np.concatenate([np.concatenate([h[g]["index"] for h in halves]) for g in range(2)])
+  np.testing.assert_array_equal(got, [0, 1, 2, 3, 4, 5, 6, -1])

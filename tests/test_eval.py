@@ -1,0 +1,232 @@
+"""Eval sets, kNN search, Recall@K, the challenge file, and evaluate.py end to end."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import salad_jax
+from salad_jax import evaluation, sharding
+from salad_jax.data import eval_sets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_recalls_match_brute_force():
+  rng = np.random.default_rng(0)
+  preds = np.stack([rng.permutation(50)[:25] for _ in range(40)])
+  positives = [rng.choice(50, rng.integers(0, 4), replace=False) for _ in range(40)]
+  got = evaluation.recalls(preds, positives, (1, 5, 10, 20))
+  for k in (1, 5, 10, 20):
+    want = 100 * np.mean([len(set(p[:k]) & set(pos)) > 0 for p, pos in zip(preds, positives)])
+    assert got[f"R@{k}"] == pytest.approx(want)
+
+
+def _write(path, color=(0, 0, 0), size=(40, 30)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.new("RGB", size, color).save(path)
+
+
+def test_folder_set_ground_truth_is_a_25m_radius(tmp_path):
+  rng = np.random.default_rng(1)
+  db_utm = rng.uniform(0, 200, (60, 2))
+  q_utm = rng.uniform(0, 200, (15, 2))
+  for i, (e, n) in enumerate(db_utm):
+    _write(str(tmp_path / "database" / f"@{e:.3f}@{n:.3f}@db{i}@.jpg"))
+  for i, (e, n) in enumerate(q_utm):
+    _write(str(tmp_path / "queries" / "sub" / f"@{e:.3f}@{n:.3f}@q{i}@.png"))
+  s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
+  assert s.database_paths == sorted(s.database_paths) and s.num_queries == 15
+  db = eval_sets.utm_of(s.database_paths)
+  for qi, q in enumerate(eval_sets.utm_of(s.query_paths)):
+    want = np.flatnonzero(np.linalg.norm(db - q, axis=1) <= 25)
+    np.testing.assert_array_equal(s.positives[qi], want)
+  s50 = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"), 50)
+  assert sum(map(len, s50.positives)) > sum(map(len, s.positives))
+
+
+def test_folder_errors_are_clear(tmp_path):
+  _write(str(tmp_path / "db" / "plain_name.jpg"))
+  _write(str(tmp_path / "q" / "@1@2@.jpg"))
+  with pytest.raises(ValueError, match="plain_name.jpg has no UTM coordinates"):
+    eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"))
+  assert eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), use_labels=False).positives is None
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="contains no images"):
+    eval_sets.folder_set(str(tmp_path / "empty"), str(tmp_path / "q"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    eval_sets.folder_set(str(tmp_path / "nope"), str(tmp_path / "q"))
+
+
+def test_missing_eval_image_is_named_before_any_compute(tmp_path):
+  s = eval_sets.EvalSet("x", [str(tmp_path / "a.jpg")], [str(tmp_path / "b.jpg")], None)
+  _write(str(tmp_path / "a.jpg"))
+  with pytest.raises(FileNotFoundError, match="image not found: .*b.jpg"):
+    evaluation.evaluate_set(s, None, None, None)  # fails in check_files, before touching the model
+
+
+def test_faiss_and_sharded_jax_search_return_the_same_neighbours():
+  rng = np.random.default_rng(2)  # seed chosen so no two of the top-26 distances are near-ties
+  db = rng.standard_normal((501, 64))
+  q = rng.standard_normal((37, 64))
+  db /= np.linalg.norm(db, axis=1, keepdims=True)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  exact = np.sort(((q[:, None] - db[None]) ** 2).sum(-1), axis=1)[:, :26]
+  assert np.diff(exact, axis=1).min() > 2e-5
+  db, q = db.astype(np.float32), q.astype(np.float32)
+  d_f, i_f = evaluation.search(db, q, 25, "faiss")
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == jax.device_count() == 8
+  d_j, i_j = evaluation.search(db, q, 25, "jax", mesh)
+  np.testing.assert_array_equal(i_f, i_j)
+  np.testing.assert_allclose(d_f, d_j, atol=1e-4)
+
+
+def _np_save(path, arr):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path, arr, allow_pickle=True)
+
+
+def test_index_npy_object_arrays_load_without_unpickling_code(tmp_path):
+  gt = np.empty(3, dtype=object)
+  gt[:] = [np.array([1, 2]), np.array([0]), np.array([4, 5, 6])]
+  _np_save(str(tmp_path / "gt.npy"), gt)
+  got = eval_sets.load_npy(str(tmp_path / "gt.npy"))
+  assert [list(x) for x in got] == [[1, 2], [0], [4, 5, 6]]
+
+  class Evil:
+    def __reduce__(self):
+      return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+  evil = np.empty(1, dtype=object)
+  evil[0] = Evil()
+  with open(tmp_path / "evil.npy", "wb") as f:
+    np.lib.format.write_array(f, evil, allow_pickle=True)
+  with pytest.raises(ValueError, match="refusing to unpickle builtins.exec"):
+    eval_sets.load_npy(str(tmp_path / "evil.npy"))
+  assert not (tmp_path / "ran").exists()
+
+
+def test_benchmark_index_formats(tmp_path):
+  root, idx = tmp_path / "data", tmp_path / "data" / "datasets"
+  # MSLS val: queries are qImages[qIdx]; ground truth per used query
+  _np_save(str(idx / "msls_val/msls_val_dbImages.npy"), np.array(["train_val/cph/database/images/d0.jpg",
+                                                                  "train_val/sf/database/images/d1.jpg"]))
+  _np_save(str(idx / "msls_val/msls_val_qImages.npy"), np.array([f"train_val/cph/query/images/q{i}.jpg" for i in range(4)]))
+  _np_save(str(idx / "msls_val/msls_val_qIdx.npy"), np.array([0, 2, 3]))
+  gt = np.empty(3, dtype=object)
+  gt[:] = [np.array([0]), np.array([1]), np.array([0, 1])]
+  _np_save(str(idx / "msls_val/msls_val_pIdx.npy"), gt)
+  s = eval_sets.benchmark_set("msls_val", str(root))
+  assert s.query_paths[1].endswith("mapillary/train_val/cph/query/images/q2.jpg")
+  assert [list(p) for p in s.positives] == [[0], [1], [0, 1]] and "740" not in s.protocol
+  # SPED: int64 [N, 1]
+  _np_save(str(idx / "SPED/SPED_dbImages.npy"), np.array(["ref/0000000.jpg", "ref/0000001.jpg"]))
+  _np_save(str(idx / "SPED/SPED_qImages.npy"), np.array(["query/0000000.jpg", "query/0000001.jpg"]))
+  _np_save(str(idx / "SPED/SPED_gt.npy"), np.array([[0], [1]]))
+  s = eval_sets.benchmark_set("sped", str(root))
+  assert s.database_paths[1].endswith("SPEDTEST/ref/0000001.jpg") and [list(p) for p in s.positives] == [[0], [1]]
+  # MSLS test: no labels, challenge set
+  _np_save(str(idx / "msls_test/msls_test_dbImages.npy"), np.array(["test/athens/database/images/a.jpg"], dtype=object))
+  _np_save(str(idx / "msls_test/msls_test_qImages.npy"), np.array(["test/athens/query/images/b.jpg"], dtype=object))
+  s = eval_sets.benchmark_set("msls_test", str(root))
+  assert s.challenge and s.positives is None
+  with pytest.raises(ValueError, match="unknown benchmark"):
+    eval_sets.benchmark_set("tokyo", str(root))
+  with pytest.raises(FileNotFoundError, match="Nordland_dbImages.npy"):
+    eval_sets.benchmark_set("nordland", str(root))
+
+
+def test_pittsburgh_ground_truth_from_the_netvlad_struct(tmp_path):
+  from scipy.io import savemat
+  root, idx = tmp_path / "data", tmp_path / "data" / "datasets"
+  db = ["000/000000_pitch1_yaw1.jpg", "000/000001_pitch1_yaw1.jpg", "000/000002_pitch1_yaw1.jpg"]
+  q = ["000/000100_pitch1_yaw1.jpg", "000/000101_pitch1_yaw1.jpg"]
+  utm_db = np.array([[0.0, 0.0], [20.0, 0.0], [100.0, 0.0]]).T
+  utm_q = np.array([[10.0, 0.0], [95.0, 3.0]]).T
+  struct = {"whichSet": "test", "dbImage": np.array(db, dtype=object)[:, None], "utmDb": utm_db,
+            "qImage": np.array(q, dtype=object)[:, None], "utmQ": utm_q, "numImages": 3,
+            "numQueries": 2, "posDistThr": 25.0, "posDistSqThr": 625.0, "nontrivPosDistSqThr": 100.0}
+  os.makedirs(idx / "Pittsburgh")
+  savemat(str(idx / "Pittsburgh" / "pitts30k_test.mat"), {"dbStruct": struct})
+  _np_save(str(idx / "Pittsburgh/pitts30k_test_dbImages.npy"), np.array(db))
+  _np_save(str(idx / "Pittsburgh/pitts30k_test_qImages.npy"), np.array(["queries_real/" + x for x in q]))
+  s = eval_sets.benchmark_set("pitts30k_test", str(root))
+  assert [list(p) for p in s.positives] == [[0, 1], [2]]
+  assert "UTM radius" in s.protocol
+
+
+def test_msls_challenge_file(tmp_path):
+  s = eval_sets.EvalSet("msls_test", [f"/x/test/c/database/images/d{i}.jpg" for i in range(30)],
+                        ["/x/test/c/query/images/qA.jpg", "/x/test/c/query/images/qB.jpg"], None, challenge=True)
+  preds = np.stack([np.arange(25), np.arange(25)[::-1] + 5])
+  eval_sets.write_msls_challenge(str(tmp_path / "p.txt"), s, preds)
+  lines = (tmp_path / "p.txt").read_text().splitlines()
+  assert lines[0].split() == ["qA"] + [f"d{i}" for i in range(25)]
+  assert lines[1].split()[:3] == ["qB", "d29", "d28"] and len(lines[1].split()) == 26
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny")
+  config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16,
+                                 hidden_dim=32)
+  params = salad_jax.init_params(config, jax.random.key(0), image_size=56)
+  salad_jax.save_converted(str(d / "model"), params, config)
+  return str(d / "model")
+
+
+def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
+  rng = np.random.default_rng(3)
+  places = rng.integers(0, 256, (6, 3))
+  for p, color in enumerate(places):
+    for k in range(2):
+      noisy = np.clip(color + rng.integers(-10, 10, (60, 80, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(noisy).save(tmp_path / f"db_{p}_{k}.jpg")
+    os.makedirs(tmp_path / "database", exist_ok=True)
+    os.makedirs(tmp_path / "queries", exist_ok=True)
+  for p in range(6):
+    for k in range(2):
+      os.rename(tmp_path / f"db_{p}_{k}.jpg", tmp_path / "database" / f"@{1000 * p + k:.1f}@0.0@p{p}k{k}@.jpg")
+    q = np.clip(places[p] + rng.integers(-10, 10, (60, 80, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(q).save(tmp_path / "queries" / f"@{1000 * p + 3:.1f}@0.0@q{p}@.jpg")
+  out = tmp_path / "out"
+  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", tiny_model_dir,
+         "--database_folder", str(tmp_path / "database"), "--queries_folder", str(tmp_path / "queries"),
+         "--image_size", "56", "--batch_size", "4", "--num_workers", "0", "--save_descriptors",
+         "--num_preds_to_save", "2", "--output_dir", str(out), "--search", "jax"]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  recalls = json.loads((out / "recalls.json").read_text())
+  assert len(recalls) == 1
+  name = next(iter(recalls))
+  assert list(recalls[name]) == ["R@1", "R@5", "R@10", "R@15", "R@20", "R@25"]
+  assert "R@1" in r.stdout
+  db_desc = np.load(out / "database_descriptors.npy")
+  q_desc = np.load(out / "queries_descriptors.npy")
+  assert db_desc.shape == (12, 8 * 16 + 16) and q_desc.shape == (6, 144)
+  model = salad_jax.load(tiny_model_dir)
+  s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
+  want = model.describe(salad_jax.preprocess(s.database_paths, size=(56, 56)))
+  np.testing.assert_allclose(db_desc, want, atol=1e-5)  # sorted path order, the public API's numbers
+  preds = sorted(os.listdir(out / "preds"))
+  assert preds[:2] == ["000.jpg", "000.txt"] and len(preds) == 12
+  assert (out / "preds" / "000.txt").read_text().startswith("Query path:")
+
+
+def test_evaluate_cli_reports_a_missing_image_before_computing(tiny_model_dir, tmp_path):
+  os.makedirs(tmp_path / "database")
+  os.makedirs(tmp_path / "queries")
+  _write(str(tmp_path / "database" / "@0@0@.jpg"))
+  listing = tmp_path / "queries_images_paths.txt"
+  listing.write_text("@1@1@.jpg\n")  # listed but absent
+  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", tiny_model_dir,
+         "--database_folder", str(tmp_path / "database"), "--queries_folder", str(tmp_path / "queries"),
+         "--output_dir", str(tmp_path / "out")]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert r.returncode != 0 and "image not found" in r.stderr and "@1@1@.jpg" in r.stderr
