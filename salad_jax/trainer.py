@@ -89,10 +89,11 @@ def make_train_step(mc: ModelConfig, tx, freeze: str, loss_cfg: Mapping[str, flo
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, (aux, desc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train, frozen, batch["images"], batch["labels"], batch["valid"], dropout_rng)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])) & jnp.all(jnp.isfinite(desc))
     updates, opt = tx.update(grads, state["opt"], train)
     train = optax.apply_updates(train, updates)
+    # a non-finite loss, gradient, descriptor or updated param stops training (host side)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(desc)) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, train))]))
     new = {"params": optim.unflatten({**frozen, **train}), "opt": opt,
            "step": state["step"] + 1, "rng": state["rng"]}
     metrics = {"loss": loss, "b_acc": aux["b_acc"], "lr": schedule(state["step"]),
