@@ -59,6 +59,7 @@ def main():
     for name, fn in (("jax", lambda: model.describe(x)),
                      ("torch (explicit attention)", lambda: run_torch(False)),
                      ("torch (SDPA)", lambda: run_torch(True))):
+      time.sleep(1.0)  # let torch's OpenMP threads stop spinning before the next timed run
       t = time.perf_counter()
       fn()
       results[name].append(time.perf_counter() - t)

@@ -15,47 +15,13 @@ import numpy as np
 from PIL import Image
 
 from salad_jax import convert
+from salad_jax.data.images import load_image, normalize, resize
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CONFIG_FILE = "salad_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
-
-
-# ------------------------------------------------------------------------------ preprocessing
-def _as_size(size) -> tuple[int, int]:
-  if isinstance(size, int):
-    return size, size
-  h, w = size
-  return int(h), int(w)
-
-
-def load_image(path: str) -> Image.Image:
-  """Opens an image file as RGB, with an error that names the file."""
-  try:
-    with Image.open(path) as im:
-      return im.convert("RGB")
-  except FileNotFoundError:
-    raise FileNotFoundError(f"image not found: {path}") from None
-  except (OSError, Image.UnidentifiedImageError, SyntaxError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def resize(image: Image.Image, size) -> Image.Image:
-  """torchvision Resize((h, w), BILINEAR) on a PIL image: PIL's antialiased bilinear."""
-  h, w = _as_size(size)
-  if image.size == (w, h):
-    return image
-  return image.resize((w, h), Image.BILINEAR)
-
-
-def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
-  """uint8 HWC RGB -> float32 HWC, ToTensor (/255) then ImageNet Normalize."""
-  x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:

@@ -20,12 +20,9 @@ from PIL import Image, ImageFile
 
 from salad_jax.data import augment
 from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
+from salad_jax.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, resize
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the reference: truncated JPEGs decode with grey fill
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def normalize_images(images_u8):
   """uint8 NHWC -> float32: ToTensor (/255) then Normalize(ImageNet mean, std)."""
@@ -85,9 +82,7 @@ class PlaceRecords:
     reference (which replaces undecodable images by black 224x224 ones), and is counted."""
     h, w = self.image_size
     try:
-      im = self.ds.open_image(i)
-      if im.size != (w, h):
-        im = im.resize((w, h), Image.BILINEAR)
+      im = resize(self.ds.open_image(i), (h, w))
       bad = False
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       logging.warning("unreadable training image %s (%s): using a black image", self.ds.image_path(i), e)
@@ -152,21 +147,12 @@ def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
 class EvalRecords:
   """Index -> resized uint8 image of `paths[index]` (the reference eval transform, before /255)."""
 
-  def __init__(self, paths: Sequence[str], image_size: tuple[int, int] | None):
+  def __init__(self, paths: Sequence[str], image_size: tuple[int, int]):
     self.paths = list(paths)
     self.image_size = image_size
 
   def __call__(self, index: int) -> dict[str, Any]:
-    path = self.paths[index]
-    try:
-      with Image.open(path) as im:
-        im = im.convert("RGB")
-    except FileNotFoundError:
-      raise FileNotFoundError(f"eval image not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f"cannot read eval image {path}: {e}") from e
-    if self.image_size is not None and im.size != (self.image_size[1], self.image_size[0]):
-      im = im.resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
+    im = resize(load_image(self.paths[index]), self.image_size)
     return {"images": np.asarray(im, np.uint8), "index": np.int64(index)}
 
 

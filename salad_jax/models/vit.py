@@ -128,7 +128,7 @@ def chunked_attention(q, k, v, chunk: int):
   """Softmax attention over (batch x head) chunks of `chunk` heads, [B, T, N, hd] layout.
 
   Same math as `jax.nn.dot_product_attention`; on CPU the [chunk, T, T] logits of one step stay
-  in cache instead of streaming [B, N, T, T] through memory (see benchmarks/README).
+  in cache instead of streaming [B, N, T, T] through memory (README, Performance).
   """
   b, t, n, hd = q.shape
   bn = b * n
@@ -144,7 +144,7 @@ def chunked_attention(q, k, v, chunk: int):
 
 def micro_batch_size(setting: int | str, batch: int) -> int:
   """Images per block call. 'auto': 1 on CPU, where per-image blocks keep activations in cache
-  (measured ~20% faster per block, benchmarks/README), the whole batch on accelerators."""
+  (measured ~20% faster per block, README, Performance), the whole batch on accelerators."""
   if setting == "auto":
     setting = 1 if jax.default_backend() == "cpu" else 0
   if not isinstance(setting, int) or setting < 0:
@@ -277,7 +277,7 @@ class DinoViT(nn.Module):
   micro_batch: int | str = "auto"  # blocks run on micro-batches of this many images
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, train: bool = False):
     spec = decode_variant(self.variant)
     width, depth = spec["width"], spec["depth"]
     grid = check_image_shape(images.shape)
@@ -296,23 +296,23 @@ class DinoViT(nn.Module):
       reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, NUM_REGISTERS, width))
       x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, NUM_REGISTERS, width)),
                            x[:, 1:]], axis=1)
-    frozen = depth if self.num_trainable_blocks is None else depth - self.num_trainable_blocks
+    frozen = 0 if self.num_trainable_blocks is None else depth - self.num_trainable_blocks
     if not 0 <= frozen <= depth:
       raise ValueError(f"num_trainable_blocks={self.num_trainable_blocks} must be in [0, {depth}]")
     if self.num_trainable_blocks is not None and frozen == 0:
       x = jax.lax.stop_gradient(x)  # as the reference: token preparation never trains
     mb = micro_batch_size(self.micro_batch, b)
     block_args = (width, spec["heads"], spec["ffn"], self.dtype, self.attention)
-    if mb < b:
-      scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
-                     in_axes=0, out_axes=0)
-      x = x.reshape(b // mb, mb, *x.shape[1:])
+    scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=0, out_axes=0)
     for i in range(depth):
-      if mb < b:
-        _, x = scan(*block_args, name=f"blocks_{i}")(None, x)
+      # Micro-batches help the forward pass on CPU; blocks that train run on the whole batch,
+      # where the weight gradients are one large matmul instead of a sum of per-image ones.
+      if mb < b and not (train and i >= frozen):
+        _, y = scan(*block_args, name=f"blocks_{i}")(None, x.reshape(b // mb, mb, *x.shape[1:]))
+        x = y.reshape(x.shape)
       else:
         x = Block(*block_args, name=f"blocks_{i}")(x)
       if self.num_trainable_blocks is not None and i == frozen - 1:
         x = jax.lax.stop_gradient(x)
-    x = x.reshape(b, *x.shape[2:]) if mb < b else x
     return LayerNorm(dtype=self.dtype, name="norm")(x)
