@@ -77,21 +77,21 @@ def jax_search(database: np.ndarray, queries: np.ndarray, k: int, mesh=None,
   pad = (-n) % n_dev
   db = np.concatenate([database, np.zeros((pad, database.shape[1]), database.dtype)]) if pad else database
   valid = np.arange(len(db)) < n
-  db = jax.device_put(jnp.asarray(db, jnp.float32), sharding.data_sharded(mesh))
-  db_sq = jnp.sum(db * db, axis=1)
-  penalty = jax.device_put(jnp.where(valid, 0.0, jnp.inf), sharding.data_sharded(mesh))
+  rows = sharding.data_sharded(mesh)
+  db = jax.device_put(jnp.asarray(db, jnp.float32), rows)
+  penalty = jax.device_put(jnp.where(valid, 0.0, jnp.inf).astype(jnp.float32), rows)
   k = min(k, n)
 
   @jax.jit
-  def topk(q):
+  def topk(q, db, penalty):  # db passed as an argument: never baked into the program
     d = (jnp.sum(q * q, axis=1, keepdims=True) - 2.0 * jnp.dot(q, db.T, precision="highest")
-         + db_sq[None, :] + penalty[None, :])
+         + jnp.sum(db * db, axis=1)[None, :] + penalty[None, :])
     neg, idx = jax.lax.top_k(-d, k)
     return -neg, idx
 
   dists, idxs = [], []
   for s in range(0, len(queries), query_chunk):
-    d, i = topk(jnp.asarray(queries[s:s + query_chunk], jnp.float32))
+    d, i = topk(jnp.asarray(queries[s:s + query_chunk], jnp.float32), db, penalty)
     dists.append(np.asarray(d))
     idxs.append(np.asarray(i))
   return np.concatenate(dists), np.concatenate(idxs).astype(np.int64)
