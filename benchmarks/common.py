@@ -8,15 +8,22 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
-def timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
-  for _ in range(warmup):
+def interleaved(runs: dict, rounds: int) -> dict:
+  """Times each run `rounds` times, alternating between them so background load hits all.
+
+  Each run is warmed up once first. A 1 s pause precedes every timed run: PyTorch's OpenMP
+  threads keep spinning after a parallel region and would otherwise steal the next run's cores.
+  """
+  for fn in runs.values():
     fn()
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, fn in runs.items():
+      time.sleep(1.0)
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return times
 
 
 def median(xs):

@@ -46,23 +46,14 @@ def main():
   model.describe(x)
   compile_s = time.perf_counter() - t0
 
-  results = {"jax": [], "torch (explicit attention)": [], "torch (SDPA)": []}
-
   def run_torch(sdpa):
     tr.Attention.use_sdpa = sdpa
     with torch.inference_mode():
       tm(xt)
 
-  for fn in (lambda: run_torch(False), lambda: run_torch(True), lambda: model.describe(x)):
-    fn()  # warm-up
-  for _ in range(args.rounds):
-    for name, fn in (("jax", lambda: model.describe(x)),
-                     ("torch (explicit attention)", lambda: run_torch(False)),
-                     ("torch (SDPA)", lambda: run_torch(True))):
-      time.sleep(1.0)  # let torch's OpenMP threads stop spinning before the next timed run
-      t = time.perf_counter()
-      fn()
-      results[name].append(time.perf_counter() - t)
+  results = common.interleaved({"jax": lambda: model.describe(x),
+                                "torch (explicit attention)": lambda: run_torch(False),
+                                "torch (SDPA)": lambda: run_torch(True)}, args.rounds)
 
   print(f"machine: {common.machine()}; jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"torch {torch.__version__}, threads {args.threads}")

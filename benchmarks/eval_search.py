@@ -26,7 +26,6 @@ def main():
 
   import jax
   import numpy as np
-  from PIL import Image
 
   import salad_jax
   from salad_jax import evaluation, sharding

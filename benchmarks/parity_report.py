@@ -18,9 +18,8 @@ def main():
 
   import jax
   import numpy as np
-  import torch
 
-  from helpers import twin
+  from helpers import parity_diffs, twin
   from salad_jax.models.vpr import VPRModel
 
   print(f"{'model':6s} {'size':9s} {'batch':>5s} {'descriptor':>11s} {'patch feat':>11s} "
@@ -33,19 +32,9 @@ def main():
     for hw in [(224, 224), (322, 322), (518, 518), (224, 322)]:
       x = np.random.default_rng(0).standard_normal((3,) + hw + (3,)).astype(np.float32)
       for batch in (x[:1], x):
-        xt = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        with torch.no_grad():
-          d_t = tm(xt).numpy()
-          p_t = tm.aggregator.last_assignment.numpy()
-          f_t, t_t = tm.backbone(xt)
-        with jax.default_matmul_precision("highest"):
-          d_j, inter = fwd(params, batch)
-          f_j, t_j = feats(params, batch)
-        p_j = np.asarray(inter["intermediates"]["aggregator"]["assignment"][0])
-        diffs = [np.abs(np.asarray(d_j) - d_t).max(),
-                 np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max(),
-                 np.abs(np.asarray(t_j) - t_t.numpy()).max(), np.abs(p_j - p_t).max()]
-        print(f"{variant:6s} {hw[0]}x{hw[1]:<5d} {len(batch):5d} " + " ".join(f"{v:11.2e}" for v in diffs))
+        d = parity_diffs(tm, params, fwd, feats, batch)
+        print(f"{variant:6s} {hw[0]}x{hw[1]:<5d} {len(batch):5d} " + " ".join(
+            f"{d[k]:11.2e}" for k in ("descriptor", "features", "token", "assignment")))
 
 
 if __name__ == "__main__":

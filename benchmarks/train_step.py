@@ -85,17 +85,9 @@ def main():
     loss.backward()
     opt.step()
 
-  runs = {"jax": jax_step, "torch eager (explicit attention)": lambda: torch_step(False),
-          "torch eager (SDPA)": lambda: torch_step(True)}
-  for fn in runs.values():
-    fn()
-  times = {name: [] for name in runs}
-  for _ in range(args.rounds):
-    for name, fn in runs.items():
-      time.sleep(1.0)  # let torch's OpenMP threads stop spinning before the next timed run
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
+  times = common.interleaved({"jax": jax_step,
+                              "torch eager (explicit attention)": lambda: torch_step(False),
+                              "torch eager (SDPA)": lambda: torch_step(True)}, args.rounds)
 
   print(f"machine: {common.machine()}; jax {jax.__version__}, torch {torch.__version__}, "
         f"threads {args.threads}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 CONFIG_FILE = "salad_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+SHAPE_FIELDS = {"variant", "registers", "num_clusters", "cluster_dim", "token_dim", "hidden_dim"}
 
 
 def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
@@ -163,6 +163,10 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
       from salad_jax import checkpoint  # trainer checkpoints
       params, config, source = checkpoint.load_for_inference(path)
     if config_overrides:
+      fixed = set(config_overrides) & SHAPE_FIELDS
+      if fixed:
+        raise ValueError(f"cannot override {sorted(fixed)} of a saved model: they fix the "
+                         f"parameter shapes; overridable: dtype, attention, micro_batch, dropout")
       config = config.replace(**config_overrides)
     return SaladModel(params, config, source)
   if not os.path.exists(path):

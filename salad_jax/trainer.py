@@ -7,10 +7,9 @@ state = {"params": full nested params, "opt": optax state of the trainable param
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,18 +41,23 @@ def freeze_regex(config: ml_collections.ConfigDict, mc: ModelConfig) -> str:
 
 # ------------------------------------------------------------------------------ init
 def initial_params(config: ml_collections.ConfigDict, mc: ModelConfig, rng: jax.Array) -> dict:
-  """config.init: '' (random), a converted/trained salad_jax dir, or a torch/safetensors file."""
-  fresh = init_params(mc, rng, image_size=224)
+  """config.init: '' (random), a converted/trained salad_jax dir, or a torch/safetensors file.
+
+  A file is converted with config.model's shapes (a mismatch lists the offending keys); a
+  DINOv2 hub file gives the backbone and the head starts from torch's default init.
+  """
   if not config.init:
-    return jax.tree.map(np.asarray, fresh)
+    return jax.tree.map(np.asarray, init_params(mc, rng, image_size=224))
   import salad_jax  # loads any supported format, converting torch files on the fly
-  loaded = salad_jax.load(config.init, rng=rng)
-  lc = loaded.config
-  shape_fields = ("variant", "registers", "num_clusters", "cluster_dim", "token_dim", "hidden_dim")
-  diff = [f"{f}: checkpoint {getattr(lc, f)!r}, config {getattr(mc, f)!r}" for f in shape_fields
-          if getattr(lc, f) != getattr(mc, f)]
-  if diff:
-    raise ValueError(f"config.init={config.init} does not fit config.model: " + "; ".join(diff))
+  shape = {f: getattr(mc, f) for f in sorted(salad_jax.inference.SHAPE_FIELDS)}
+  if os.path.isdir(config.init):
+    loaded = salad_jax.load(config.init)
+    diff = [f"{f}: checkpoint {getattr(loaded.config, f)!r}, config {v!r}"
+            for f, v in shape.items() if getattr(loaded.config, f) != v]
+    if diff:
+      raise ValueError(f"config.init={config.init} does not fit config.model: " + "; ".join(diff))
+  else:
+    loaded = salad_jax.load(config.init, rng=rng, **shape)
   return jax.tree.map(np.asarray, dict(loaded.params))
 
 

@@ -67,3 +67,24 @@ def make_gsv(root, cities, size=(40, 30), seed=0):
       w.writerow(["place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid"])
       w.writerows(rows)
   return out
+
+
+def parity_diffs(tm, params, fwd, feats, batch):
+  """Max abs JAX-vs-torch differences of descriptor, patch features, cls token, assignment.
+
+  fwd(params, x) -> (descriptors, {"intermediates": ...}); feats(params, x) -> (map, token).
+  """
+  import jax
+  xt = torch.from_numpy(batch).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    d_t = tm(xt).numpy()
+    p_t = tm.aggregator.last_assignment.numpy()
+    f_t, t_t = tm.backbone(xt)
+  with jax.default_matmul_precision("highest"):
+    d_j, inter = fwd(params, batch)
+    f_j, t_j = feats(params, batch)
+  p_j = np.asarray(inter["intermediates"]["aggregator"]["assignment"][0])
+  return {"descriptor": np.abs(np.asarray(d_j) - d_t).max(),
+          "features": np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max(),
+          "token": np.abs(np.asarray(t_j) - t_t.numpy()).max(),
+          "assignment": np.abs(p_j - p_t).max(), "shape": np.shape(d_j)}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torch_reference as tr
+from helpers import parity_diffs
 from salad_jax import convert
 from salad_jax.models.vpr import VPRModel
 
@@ -30,20 +31,11 @@ def test_descriptors_features_and_assignment_match_torch(pair, hw):
   tm, params, fwd, feats = pair
   x = np.random.default_rng(hash(hw) % 2**32).standard_normal((3,) + hw + (3,)).astype(np.float32)
   for batch in (x, x[:1]):
-    xt = torch.from_numpy(batch).permute(0, 3, 1, 2)
-    with torch.no_grad():
-      d_t = tm(xt).numpy()
-      p_t = tm.aggregator.last_assignment.numpy()
-      f_t, t_t = tm.backbone(xt)
-    with jax.default_matmul_precision("highest"):
-      d_j, inter = fwd(params, batch)
-      f_j, t_j = feats(params, batch)
-    p_j = np.asarray(inter["intermediates"]["aggregator"]["assignment"][0])
-    assert d_j.shape == (len(batch), 8448)
-    assert np.abs(np.asarray(d_j) - d_t).max() <= 1e-6
-    assert np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max() <= 3e-5
-    assert np.abs(np.asarray(t_j) - t_t.numpy()).max() <= 3e-5
-    assert np.abs(p_j - p_t).max() <= 1e-5
+    d = parity_diffs(tm, params, fwd, feats, batch)
+    assert d["shape"] == (len(batch), 8448)
+    assert d["descriptor"] <= 1e-6
+    assert d["features"] <= 3e-5 and d["token"] <= 3e-5
+    assert d["assignment"] <= 1e-5
 
 
 def test_registers_variant_matches_torch():

@@ -150,6 +150,35 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tm
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
 
 
+def test_init_from_files_and_dirs(tmp_path):
+  import torch
+
+  import torch_reference as tr
+  from salad_jax import convert
+  cfg = ml_collections.ConfigDict({"init": ""})
+  mc = salad_jax.ModelConfig(**TINY)
+  # a DINOv2 hub file: the backbone, and a fresh head of config.model's shape
+  tm = tr.randomize_(tr.VPRModel("Nano/14", m=64, l=128, g=256), seed=2)
+  torch.save(tm.backbone.model.state_dict(), tmp_path / "dinov2.pth")
+  cfg.init = str(tmp_path / "dinov2.pth")
+  params = trainer.initial_params(cfg, mc, jax.random.key(0))
+  np.testing.assert_array_equal(params["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"],
+                                tm.backbone.model.blocks[1].attn.qkv.weight.detach().numpy().T)
+  assert params["aggregator"]["score_3"]["kernel"].shape == (32, 8)
+  # a SALAD file whose head does not fit config.model: the strict check names the keys
+  torch.save(tm.state_dict(), tmp_path / "salad.ckpt")
+  cfg.init = str(tmp_path / "salad.ckpt")
+  with pytest.raises(convert.CheckpointMismatchError, match="aggregator.score.3.weight"):
+    trainer.initial_params(cfg, mc, jax.random.key(0))
+  # a converted dir of another head size
+  salad_jax.load(str(tmp_path / "salad.ckpt")).save(str(tmp_path / "conv"))
+  cfg.init = str(tmp_path / "conv")
+  with pytest.raises(ValueError, match="num_clusters: checkpoint 64, config 8"):
+    trainer.initial_params(cfg, mc, jax.random.key(0))
+  assert trainer.initial_params(cfg, mc.replace(num_clusters=64, cluster_dim=128, token_dim=256,
+                                                hidden_dim=512), jax.random.key(0))
+
+
 # ------------------------------------------------------------------------------ subprocesses
 def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
   cmd, env = run_train(tmp_path / "straight", gsv_root)

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VARIANTS = {"S/14": (384, 12, 6, "mlp"), "B/14": (768, 12, 12, "mlp"),
-            "L/14": (1024, 24, 16, "mlp"), "g/14": (1536, 40, 24, "swiglu")}
+            "L/14": (1024, 24, 16, "mlp"), "g/14": (1536, 40, 24, "swiglu"),
+            "Nano/14": (128, 4, 2, "mlp")}  # salad_jax's demo size, for cheap tests
 
 
 class LayerScale(nn.Module):

@@ -156,7 +156,7 @@ def ensure(gsv_root: str, seed: int = 0) -> str:
   os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".demo_tmp_", dir=os.path.dirname(base) or ".")
   try:
-    print(f"generating the demo dataset in {base} (once; ~20 s) ...", flush=True)
+    print(f"generating the demo dataset in {base} (once, a few seconds) ...", flush=True)
     _write_train(os.path.join(tmp, "gsv"), seed)
     _write_eval(os.path.join(tmp, "eval"), seed)
     with open(os.path.join(tmp, MARKER), "w") as f:
