@@ -277,7 +277,7 @@ class DinoViT(nn.Module):
   micro_batch: int | str = "auto"  # blocks run on micro-batches of this many images
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images):
     spec = decode_variant(self.variant)
     width, depth = spec["width"], spec["depth"]
     grid = check_image_shape(images.shape)
@@ -306,9 +306,10 @@ class DinoViT(nn.Module):
     scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=0, out_axes=0)
     for i in range(depth):
-      # Micro-batches help the forward pass on CPU; blocks that train run on the whole batch,
-      # where the weight gradients are one large matmul instead of a sum of per-image ones.
-      if mb < b and not (train and i >= frozen):
+      # On CPU, micro-batches keep a block's activations in cache; measured faster for the
+      # forward pass (~20 %) and for training too (10 % per step, A/B against whole-batch
+      # trainable blocks, README, Performance).
+      if mb < b:
         _, y = scan(*block_args, name=f"blocks_{i}")(None, x.reshape(b // mb, mb, *x.shape[1:]))
         x = y.reshape(x.shape)
       else:

@@ -75,16 +75,16 @@ class VPRModel(nn.Module):
     self.aggregator = SALAD(c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout,
                             dtype=dtype)
 
-  def features(self, images, train: bool = False):
+  def features(self, images):
     """Backbone outputs after the final norm: patch map [B, H/14, W/14, C] and cls token [B, C]."""
     gh, gw = vit.check_image_shape(images.shape)
-    tokens = self.backbone(images, train=train)
+    tokens = self.backbone(images)
     skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
     return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
 
   def __call__(self, images, train: bool = False):
     vit.check_image_shape(images.shape, min_patches=self.config.num_clusters)
-    feats, token = self.features(images, train=train)
+    feats, token = self.features(images)
     return self.aggregator(feats, token, train=train)
 
 
