@@ -142,24 +142,37 @@ def chunked_attention(q, k, v, chunk: int):
   return out.reshape(b, n, t, hd).transpose(0, 2, 1, 3)
 
 
+ATTENTION_IMPLS = ("auto", "chunked", "dot_product_attention")
+
+
+def check_micro_batch(setting: int | str) -> None:
+  if setting != "auto" and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0):
+    raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
+
+
+def check_attention(name: str) -> None:
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {name!r}")
+
+
 def micro_batch_size(setting: int | str, batch: int) -> int:
   """Images per block call. 'auto': 1 on CPU, where per-image blocks keep activations in cache
-  (measured ~20% faster per block, README, Performance), the whole batch on accelerators."""
+  (measured ~20% faster per block, README, Performance), the whole batch on accelerators.
+  Resolved at trace time (never at config time: that would start the backend before
+  `jax.distributed.initialize`)."""
+  check_micro_batch(setting)
   if setting == "auto":
     setting = 1 if jax.default_backend() == "cpu" else 0
-  if not isinstance(setting, int) or setting < 0:
-    raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
   if setting == 0 or setting >= batch or batch % setting:
     return batch
   return setting
 
 
 def attention_impl(name: str) -> str:
-  """'auto' -> 'chunked' on CPU, 'dot_product_attention' on accelerators."""
+  """'auto' -> 'chunked' on CPU, 'dot_product_attention' on accelerators (at trace time)."""
+  check_attention(name)
   if name == "auto":
     return "chunked" if jax.default_backend() == "cpu" else "dot_product_attention"
-  if name not in ("chunked", "dot_product_attention"):
-    raise ValueError(f"attention must be 'auto', 'chunked' or 'dot_product_attention', got {name!r}")
   return name
 
 

@@ -37,8 +37,8 @@ class ModelConfig:
     depth = vit.VARIANTS[self.variant]["depth"]
     if not 0 <= self.num_trainable_blocks <= depth:
       raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
-    vit.attention_impl(self.attention)
-    vit.micro_batch_size(self.micro_batch, 1)
+    vit.check_attention(self.attention)
+    vit.check_micro_batch(self.micro_batch)
 
   @property
   def width(self) -> int:
