@@ -166,7 +166,7 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
       fixed = set(config_overrides) & SHAPE_FIELDS
       if fixed:
         raise ValueError(f"cannot override {sorted(fixed)} of a saved model: they fix the "
-                         f"parameter shapes; overridable: dtype, attention, micro_batch, dropout")
+                         f"parameter shapes; overridable: dtype, attention, micro_batch, train_micro_batch, dropout")
       config = config.replace(**config_overrides)
     return SaladModel(params, config, source)
   if not os.path.exists(path):

@@ -29,8 +29,9 @@ class NonFiniteError(FloatingPointError):
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   cfg = dict(config.model)
-  if cfg.get("micro_batch", "auto") == "auto" and jax.device_count() > 1:
-    cfg["micro_batch"] = 0  # micro-batching is a single-device CPU optimisation
+  for key in ("micro_batch", "train_micro_batch"):
+    if cfg.get(key, "auto") == "auto" and jax.device_count() > 1:
+      cfg[key] = 0  # micro-batching is a single-device CPU optimisation
   return ModelConfig.from_dict(cfg)
 
 

@@ -29,6 +29,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   attention: str = "auto"  # auto (chunked on CPU, jax.nn.dot_product_attention elsewhere)
   micro_batch: int | str = "auto"  # images per ViT block call; auto: 1 on CPU, all elsewhere
+  train_micro_batch: int | str = "auto"  # the same for trainable blocks in training; auto: 8 on CPU
 
   def __post_init__(self):
     vit.decode_variant(self.variant)
@@ -39,6 +40,7 @@ class ModelConfig:
       raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
     vit.check_attention(self.attention)
     vit.check_micro_batch(self.micro_batch)
+    vit.check_micro_batch(self.train_micro_batch)
 
   @property
   def width(self) -> int:
@@ -71,20 +73,20 @@ class VPRModel(nn.Module):
     c = self.config
     dtype = DTYPES[c.dtype]
     self.backbone = vit.DinoViT(c.variant, c.registers, c.num_trainable_blocks, dtype, c.attention,
-                                 c.micro_batch)
+                                 c.micro_batch, c.train_micro_batch)
     self.aggregator = SALAD(c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout,
                             dtype=dtype)
 
-  def features(self, images):
+  def features(self, images, train: bool = False):
     """Backbone outputs after the final norm: patch map [B, H/14, W/14, C] and cls token [B, C]."""
     gh, gw = vit.check_image_shape(images.shape)
-    tokens = self.backbone(images)
+    tokens = self.backbone(images, train=train)
     skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
     return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
 
   def __call__(self, images, train: bool = False):
     vit.check_image_shape(images.shape, min_patches=self.config.num_clusters)
-    feats, token = self.features(images)
+    feats, token = self.features(images, train=train)
     return self.aggregator(feats, token, train=train)
 
 
