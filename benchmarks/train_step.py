@@ -5,7 +5,10 @@ backward, AdamW). PyTorch: the same step in eager mode (the torch oracle of test
 blocks under no_grad as the reference, pytorch-metric-learning loss + miner, torch AdamW).
 Same weights, same batch, same thread count, rounds alternating.
 
-  python benchmarks/train_step.py [--places 8] [--rounds 5] [--variant B/14]
+  python benchmarks/train_step.py [--places 8] [--rounds 5] [--variant B/14] [--dtype bfloat16]
+
+--dtype bfloat16 times JAX's bf16-compute step (fp32 params, optimizer state and loss) against
+the same fp32 PyTorch steps.
 """
 
 import argparse
@@ -22,6 +25,7 @@ def main():
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = ap.parse_args()
 
   import jax
@@ -39,6 +43,7 @@ def main():
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0)
   sd = {key: v.numpy().copy() for key, v in tm.state_dict().items()}
   mc, _ = convert.infer_config(sd)
+  mc = mc.replace(dtype=args.dtype)
   params = convert.torch_to_params(sd, mc)
 
   rng = np.random.default_rng(0)
@@ -92,7 +97,8 @@ def main():
   print(f"machine: {common.machine()}; jax {jax.__version__}, torch {torch.__version__}, "
         f"threads {args.threads}")
   print(f"train step, ViT-{args.variant} SALAD, {args.places} places x {k} images at "
-        f"{args.size}x{args.size}, last 4 blocks + head trainable, fp32, {args.rounds} rounds, median")
+        f"{args.size}x{args.size}, last 4 blocks + head trainable, jax {args.dtype} compute, torch fp32, "
+        f"{args.rounds} rounds, median")
   print(f"jax compile (first step incl. run): {compile_s:.2f} s")
   jt = common.median(times["jax"])
   for name, ts in times.items():

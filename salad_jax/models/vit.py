@@ -159,7 +159,7 @@ def micro_batch_size(setting: int | str, batch: int, cpu_auto: int = 1) -> int:
   """Images per block call. 'auto': `cpu_auto` on CPU, the whole batch on accelerators.
 
   On CPU, small micro-batches keep a block's activations in cache: one image is fastest for the
-  forward pass (~20 % per block), 8 for blocks that are trained (their weight gradients want
+  forward pass (~20 % per block), 4 for blocks that are trained (their weight gradients want
   larger matmuls; README, Performance). Resolved at trace time (never at config time: that
   would start the backend before `jax.distributed.initialize`)."""
   check_micro_batch(setting)
@@ -318,14 +318,14 @@ class DinoViT(nn.Module):
     if self.num_trainable_blocks is not None and frozen == 0:
       x = jax.lax.stop_gradient(x)  # as the reference: token preparation never trains
     mb = micro_batch_size(self.micro_batch, b)
-    mb_train = micro_batch_size(self.train_micro_batch, b, cpu_auto=8) if train else mb
+    mb_train = micro_batch_size(self.train_micro_batch, b, cpu_auto=4) if train else mb
     block_args = (width, spec["heads"], spec["ffn"], self.dtype, self.attention)
     scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=0, out_axes=0)
     for i in range(depth):
-      # On CPU, micro-batches keep a block's activations in cache (A/B-measured train step,
-      # ViT-B 32 images at 224: per-image everywhere 16.0 s; trainable blocks on 8 images 14.7 s,
-      # on 4: 15.1 s, on 16: 15.4 s, whole batch 17.7 s; README, Performance).
+      # On CPU, micro-batches keep a block's activations in cache (train step, ViT-B, 32 images
+      # at 224, interleaved A/B: trainable blocks per image 15.27 s, on 4 images 14.60 s, on 8
+      # 14.72 s; README, Performance).
       n = mb_train if (self.num_trainable_blocks is not None and i >= frozen) else mb
       if n < b:
         _, y = scan(*block_args, name=f"blocks_{i}")(None, x.reshape(b // n, n, *x.shape[1:]))

@@ -29,7 +29,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   attention: str = "auto"  # auto (chunked on CPU, jax.nn.dot_product_attention elsewhere)
   micro_batch: int | str = "auto"  # images per ViT block call; auto: 1 on CPU, all elsewhere
-  train_micro_batch: int | str = "auto"  # the same for trainable blocks in training; auto: 8 on CPU
+  train_micro_batch: int | str = "auto"  # the same for trainable blocks in training; auto: 4 on CPU
 
   def __post_init__(self):
     vit.decode_variant(self.variant)
