@@ -6,6 +6,7 @@ ground-truth positive among the top-K retrieved database images, in percent.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -57,6 +58,10 @@ def extract(params, mc: ModelConfig, paths: Sequence[str], *, image_size: tuple[
                        if jax.process_count() > 1 else batch["index"])
     keep = index >= 0
     out[index[keep]] = d[keep]
+  # grain's worker batches live in shared memory and sit in reference cycles: collect them now
+  # so their segments are unlinked (else "leaked shared_memory objects" at exit, grain#398)
+  del data
+  gc.collect()
   return out
 
 
