@@ -10,19 +10,8 @@ against the qkv, fc1 and fc2 weights; forward (x W), input gradient (dY W^T) and
 
 import argparse
 import os
-import time
 
 import common
-
-
-def best(fn, rounds):
-  fn()
-  ts = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return min(ts)
 
 
 def main():
@@ -55,8 +44,9 @@ def main():
     }
     gflop = 2 * rows * din * dout / 1e9
     for op, (jf, ja, tf) in ops.items():
-      tj = best(lambda: jax.block_until_ready(jf(*ja)), args.rounds)
-      tt = best(tf, args.rounds)
+      times = common.interleaved({"jax": lambda: jax.block_until_ready(jf(*ja)), "torch": tf},
+                                 args.rounds)
+      tj, tt = min(times["jax"]), min(times["torch"])
       print(f"  {f'{name}: {rows} x {din} -> {dout}':28s} {op:6s} {gflop / tj:6.0f} {gflop / tt:6.0f}  {tt / tj:5.2f}")
 
 
