@@ -44,4 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from salad_jax import cli
+  cli.run(main)

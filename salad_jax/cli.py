@@ -1,9 +1,95 @@
-"""Small helpers shared by the absl entry points."""
+"""Small helpers shared by the absl entry points: quiet logs and one-line user errors."""
 
-from absl import flags, logging
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags, logging
+
+from salad_jax import errors
 
 
 def quiet_logs() -> None:
   """Orbax and JAX log every step at INFO; keep the console readable unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def fail(message: str, hint: str = "") -> None:
+  """Prints `error: message` (+ `hint: ...`) on stderr and exits with status 2."""
+  print(f"error: {str(message).strip()}", file=sys.stderr)
+  if hint:
+    print(f"hint: {hint}", file=sys.stderr)
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """The informative line of an error text that may embed a traceback."""
+  lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+  if any(ln.startswith("Traceback") for ln in lines):
+    lines = lines[-1:]  # "ValueError: ..." at the end of the embedded traceback
+  return " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with flag and config-override errors as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_one_line(str(e)), "see --helpshort for the flags")
+  except AttributeError as e:  # a config override naming a key the config does not have
+    text = _one_line(str(e)).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    fail(f"config override: no such setting {text}",
+         "see the config file for the available keys")
+  except Exception as e:  # anything a config file raises is the user's input
+    if os.environ.get("SALAD_JAX_TRACEBACK") == "1":
+      raise
+    fail(_one_line(f"{type(e).__name__}: {e}"))
+
+
+def _load_config(name: str) -> None:
+  """Config files are loaded lazily: load now, so a bad one is reported before any work."""
+  try:
+    getattr(flags.FLAGS, name).to_dict()
+  except Exception as e:
+    if os.environ.get("SALAD_JAX_TRACEBACK") == "1":
+      raise
+    text = str(e)
+    if "Failed loading config file" in text:
+      path = next((ln.strip() for ln in text.splitlines() if ln.strip().endswith(".py")), "")
+      detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("[Errno")), "")
+      fail(f"--{name}: cannot load config file {path} {detail}".strip(),
+           "give a config .py file, e.g. --config configs/gsv.py")
+    fail(f"--{name}: {_one_line(text)}")
+
+
+def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ()) -> None:
+  """`app.run(main)` where a user's mistake is one line on stderr (exit 2), not a traceback.
+
+  User mistakes: bad flags and config overrides, errors in the config files named in
+  `config_flags`, `app.UsageError`, and `errors.USER_ERRORS` raised by the library.
+  `SALAD_JAX_TRACEBACK=1` re-raises them with their traceback.
+  """
+  def wrapped(argv):
+    debug = os.environ.get("SALAD_JAX_TRACEBACK") == "1"
+    for name in config_flags:
+      _load_config(name)
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      if debug:
+        raise
+      fail(str(e), "see --helpshort for the flags")
+    except errors.USER_ERRORS as e:
+      if debug:
+        raise
+      fail(e.message if isinstance(e, errors.UserError) else str(e),
+           e.hint if isinstance(e, errors.UserError) else "")
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,58 @@
+"""How salad_jax reports mistakes a user can fix.
+
+Library functions raise `UserError` (a `ValueError`, so `except ValueError` keeps working) or one
+of the standard file errors, with a message that names what was wrong and how to fix it. The
+command-line entry points (`salad_jax.cli.run`) print such errors as one line, `error: ...`,
+plus an optional `hint: ...` line, and exit with status 2; anything else is a bug and keeps its
+traceback. `SALAD_JAX_TRACEBACK=1` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class UserError(ValueError):
+  """A mistake the user can fix: `message` says what is wrong, `hint` how to fix it."""
+
+  def __init__(self, message: str, hint: str = ""):
+    super().__init__(message)
+    self.message, self.hint = message, hint
+
+  def __str__(self) -> str:
+    return self.message + (f" (hint: {self.hint})" if self.hint else "")
+
+
+# Errors the library raises for bad input, printed without a traceback by the entry points.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+def check_output_dir(path: str, what: str = "output directory") -> str:
+  """Makes sure `path` is (or can become) a writable directory, before any compute.
+
+  Creates it if missing; a file in its place, or a directory that cannot be written, is a
+  `UserError` naming the path. Returns the absolute path.
+  """
+  path = os.path.abspath(os.fspath(path))
+  probe = path
+  while not os.path.exists(probe):  # the nearest existing ancestor decides
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{what} {path} is a file, not a directory",
+                    "give a directory path (it is created if missing)")
+  if not os.path.isdir(probe):
+    raise UserError(f"{what} {path}: {probe} is a file, not a directory",
+                    "give a path whose parents are directories")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UserError(f"{what} {path} is not writable (no write permission on {probe})",
+                    "choose a directory you can write to")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {what} {path}: {e.strerror or e}",
+                    "choose a directory you can write to") from None
+  return path
