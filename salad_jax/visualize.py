@@ -197,6 +197,23 @@ def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = Fals
   return written
 
 
+def has_salad_head(path: str) -> bool:
+  """Whether a torch/safetensors checkpoint file holds a SALAD head, from its keys alone (a
+  DINOv2 backbone file would get a random head). Undecidable here: True, `load` will tell."""
+  try:
+    if path.endswith(".safetensors"):
+      from safetensors import safe_open
+      with safe_open(path, "np") as f:
+        keys = list(f.keys())
+    else:
+      import torch
+      obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      keys = list(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
+  except Exception:  # noqa: BLE001 (unreadable here: salad_jax.load gives the real message)
+    return True
+  return any(str(k).startswith("aggregator.") for k in keys) or not keys
+
+
 def _main(argv) -> None:
   from absl import app, flags
 
@@ -218,8 +235,9 @@ def _main(argv) -> None:
   out = errors.check_output_dir(F.output_dir, "--output_dir")
   if not os.path.exists(F.checkpoint):
     raise FileNotFoundError(f"--checkpoint {F.checkpoint} does not exist")
-  model = salad_jax.load(F.checkpoint)
-  if model.source.get("kind") == "dinov2":
+  no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
+  model = None if no_head else salad_jax.load(F.checkpoint)
+  if no_head or model.source.get("kind") == "dinov2":
     raise errors.UserError(f"{F.checkpoint} is a DINOv2 backbone without a SALAD head: it has no "
                            "assignment to show", "give a SALAD checkpoint (dino_salad.ckpt, a "
                            "converted dir or a train.py workdir)")

@@ -1,0 +1,20 @@
+"""One tiny converted SALAD for the eval, CLI and picture tests (session scope: built once).
+
+Import the fixture into a test module: `from tiny_model import tiny_model_dir  # noqa: F401`.
+"""
+
+import jax
+import pytest
+
+import salad_jax
+
+CONFIG = dict(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny")
+  config = salad_jax.ModelConfig(**CONFIG)
+  params = salad_jax.init_params(config, jax.random.key(0), image_size=56)
+  salad_jax.save_converted(str(d / "model"), params, config)
+  return str(d / "model")
