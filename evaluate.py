@@ -11,7 +11,6 @@ r"""Evaluates a SALAD checkpoint: Recall@K on UTM-named folders or the VPR bench
 Lists take spaces (VPR-methods-evaluation, SALAD's eval.py) or commas (--image_size=322,322).
 """
 
-import datetime
 import math
 import os
 import sys
@@ -48,38 +47,6 @@ flags.register_validator("positive_dist_threshold", lambda v: math.isfinite(v) a
                          "must be a positive number of metres, e.g. 25")
 
 
-def _ignored(flag, value_ok, instead):
-  """VPR-methods-evaluation flags we do not have: fine if they name what we do, else an error."""
-  def handle(value):
-    from salad_jax.errors import UserError
-    if value is not None and value.lower() in value_ok:
-      return f"--{flag} {value}: ignored, {instead}"
-    raise UserError(f"--{flag} {value or ''}: not an option of salad_jax's evaluate.py; {instead}",
-                    f"drop --{flag}")
-  return handle
-
-
-def _log_dir(value):
-  """VPR-methods-evaluation's --log_dir NAME: outputs under logs/NAME/<date_time>/."""
-  from salad_jax.errors import UserError
-  if not value:
-    raise UserError("--log_dir needs a name", "e.g. --log_dir toy_experiment")
-  if any(a == "--output_dir" or a.startswith("--output_dir=") for a in sys.argv):
-    raise UserError("--log_dir and --output_dir both name the output folder", "give one of them")
-  out = f"logs/{value}/{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
-  return f"--log_dir {value}: outputs go to --output_dir {out}", [f"--output_dir={out}"]
-
-
-THEIRS = {
-    "log_dir": _log_dir,
-    "method": _ignored("method", {"salad"}, "the model is the SALAD checkpoint in --checkpoint "
-                       "(e.g. the released dino_salad.ckpt)"),
-    "backbone": _ignored("backbone", {"dinov2"}, "the backbone comes from --checkpoint"),
-    "descriptors_dimension": _ignored("descriptors_dimension", {"8448"},
-                                      "the descriptor size comes from --checkpoint"),
-}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -94,15 +61,18 @@ def main(argv):
   output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint} does not exist")
-  if FLAGS.device:
+  if FLAGS.device:  # before the backend starts (and before jax.distributed, which starts it)
     import jax
     jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
+  sharding.maybe_initialize_distributed()
+  if FLAGS.device:
     try:
       jax.devices()
-    except RuntimeError as e:
-      raise errors.UserError(f"--device {FLAGS.device}: {str(e).splitlines()[0]}",
-                             "omit --device to use what JAX finds") from None
-  sharding.maybe_initialize_distributed()
+    except Exception as e:  # RuntimeError, or an AssertionError when no such plugin is installed
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise errors.UserError(f"--device {FLAGS.device}: JAX has no such device here ({detail})",
+                             "omit --device to use what JAX finds (for GPUs: pip install "
+                             "'jax[cuda12]')") from None
   sets = []
   if FLAGS.database_folder or FLAGS.queries_folder:
     if not (FLAGS.database_folder and FLAGS.queries_folder):
@@ -128,7 +98,8 @@ def main(argv):
 if __name__ == "__main__":
   from salad_jax import argv_compat, cli, errors
   try:
-    sys.argv, notes = argv_compat.rewrite(sys.argv, *argv_compat.flag_kinds(), unsupported=THEIRS)
+    sys.argv, notes = argv_compat.rewrite(sys.argv, *argv_compat.flag_kinds(),
+                                           unsupported=argv_compat.VPR_METHODS_EVALUATION)
   except errors.UserError as e:
     cli.fail(e.message, e.hint)
   for note in notes:

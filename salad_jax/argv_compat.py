@@ -10,6 +10,7 @@ instead (`unsupported`): the handler returns a note (the flag is dropped) or rai
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -47,7 +48,7 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
   (note, tokens to put in the flag's place); it raises `UserError` for what it refuses.
   """
   unsupported = unsupported or {}
-  out, notes = list(argv[:1]), []
+  out, notes, emitted = list(argv[:1]), [], {}
   i = 1
   while i < len(argv):
     token = argv[i]
@@ -71,6 +72,7 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
       note, tokens = (got, []) if isinstance(got, str) else got
       notes.append(note)
       out += tokens
+      emitted.update({t[2:].split("=")[0]: name for t in tokens})
       i = j
       continue
     if name in bools and eq == "" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
@@ -90,7 +92,40 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
       raise UserError(f"--{name} {' '.join(values)}: ambiguous mix of commas and spaces", both)
     out.append(f"--{name}=" + ",".join(values))
     i = j
+  given = {t[2:].split("=")[0] for t in argv[1:] if t.startswith("--")}
+  for ours, theirs in emitted.items():
+    if ours in given:
+      raise UserError(f"--{theirs} and --{ours} set the same thing", "give one of them")
   return out, notes
+
+
+def _ignored(flag: str, accepted: set[str], instead: str):
+  """A flag of theirs we do not have: fine if its value names what we do, else an error."""
+  def handle(value):
+    if value is not None and value.lower() in accepted:
+      return f"--{flag} {value}: ignored, {instead}"
+    raise UserError(f"--{flag} {value or ''}: not an option of salad_jax's evaluate.py; {instead}",
+                    f"drop --{flag}")
+  return handle
+
+
+def _log_dir(value):
+  """Their --log_dir NAME: outputs under logs/NAME/<date_time>/ (ours: --output_dir)."""
+  if not value:
+    raise UserError("--log_dir needs a name", "e.g. --log_dir toy_experiment")
+  out = f"logs/{value}/{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+  return f"--log_dir {value}: outputs go to --output_dir {out}", [f"--output_dir={out}"]
+
+
+# gmberton/VPR-methods-evaluation parser.py flags that evaluate.py has under another form
+VPR_METHODS_EVALUATION = {
+    "method": _ignored("method", {"salad"}, "the model is the SALAD checkpoint in --checkpoint "
+                       "(e.g. the released dino_salad.ckpt)"),
+    "backbone": _ignored("backbone", {"dinov2"}, "the backbone comes from --checkpoint"),
+    "descriptors_dimension": _ignored("descriptors_dimension", {"8448"},
+                                      "the descriptor size comes from --checkpoint"),
+    "log_dir": _log_dir,
+}
 
 
 def image_size(values: Sequence[str], flag: str = "--image_size") -> tuple[int, int]:

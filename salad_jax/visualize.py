@@ -12,7 +12,8 @@ Sinkhorn assignment (`SaladModel.assignment`; this module only draws):
 
 per image: the image, (a) the dustbin mass per patch, (b) the arg-max cluster per patch (one
 fixed colour per cluster, the same in every picture); with --pair, two images side by side with
-only the patches whose cluster appears in both coloured. `assignments.npz` holds the values: per image [m+1, H/14, W/14], row m = dustbin.
+only the patches whose cluster appears in both coloured. `assignments.npz` holds the values:
+per image [m+1, H/14, W/14], row m = dustbin.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def assignment_picture(image: Image.Image, assign: np.ndarray) -> Image.Image:
       ("image", image),
       (f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
        _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8)),
-      (f"(b) arg-max cluster per patch\n{used} of {m} clusters", _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6)),
+      (f"(b) arg-max cluster per patch\n{used} of {m} clusters",
+       _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6)),
   ], _scale(image))
 
 

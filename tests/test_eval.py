@@ -234,10 +234,10 @@ def test_recalls_take_k_in_any_order_with_repeats():
   preds = np.array([[7, 8, 3, 9, 1], [4, 0, 1, 2, 3], [5, 6, 7, 8, 9]])
   positives = [np.array([3]), np.array([4]), np.array([0])]
   got = evaluation.recalls(preds, positives, (5, 1, 5, 3))
-  assert list(got) == ["R@1", "R@3", "R@5"]  # ascending, each once
+  assert got["R@1"] == pytest.approx(100 / 3)  # the old code said 66.67 for --recall_values 5,1
   for k in (1, 3, 5):
     assert got[f"R@{k}"] == pytest.approx(_brute_recall(preds, positives, k))
-  assert got["R@1"] == pytest.approx(100 / 3)  # the old code said 66.67 for --recall_values 5,1
+  assert list(got) == ["R@1", "R@3", "R@5"]  # ascending, each once
 
 
 @pytest.mark.parametrize("bad", [(0,), (1, -5), (1.5,), ("x",), ()])
@@ -274,17 +274,20 @@ def test_faiss_minus_one_is_no_result_everywhere(tmp_path):
   assert "(no result)" in text and "d2.jpg" not in text.split("Positives")[0]
 
 
-def test_nan_descriptors_are_an_error_naming_an_image(tiny_model_dir, tmp_path):
+def test_nan_descriptors_are_an_error_naming_an_image(tmp_path):
+  from salad_jax import desc_cache
   for i in range(3):
     _write(str(tmp_path / "database" / f"@{i}@0@.jpg"))
   _write(str(tmp_path / "queries" / "@0@1@.jpg"))
   s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
-  model = salad_jax.load(tiny_model_dir)
-  params = jax.tree.map(np.copy, model.params)
-  params["aggregator"]["dust_bin"] = np.float32(np.nan)
-  with pytest.raises(errors.UserError, match=r"3 of 3 descriptors are NaN/Inf \(first: .*@0@0@.jpg\)"):
-    evaluation.evaluate_set(s, params, model.config, sharding.make_mesh(), image_size=(56, 56),
-                            batch_size=8)
+  config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16)
+  cache = desc_cache.DescriptorCache(str(tmp_path / "c"), "sum32:0", config, (56, 56), log=lambda _: None)
+  desc = np.ones((3, 144), np.float32)
+  desc[1:, 5] = np.nan  # what NaN weights or a bfloat16 overflow give
+  cache.get("database", s.database_paths, lambda: desc)
+  cache.get("queries", s.query_paths, lambda: np.ones((1, 144), np.float32))
+  with pytest.raises(errors.UserError, match=r"2 of 3 descriptors are NaN/Inf \(first: .*@1@0@.jpg\)"):
+    evaluation.evaluate_set(s, None, config, None, image_size=(56, 56), cache=cache)
 
 
 def test_epoch_evaluator_ranks_by_the_true_r1_whatever_the_k_order(tiny_model_dir, tmp_path):
@@ -311,3 +314,20 @@ def test_epoch_evaluator_ranks_by_the_true_r1_whatever_the_k_order(tiny_model_di
   assert any(1 <= f < 5 for f in first)  # a hit below rank 1: the old code counted it as R@1
   assert flat["R@1"] == pytest.approx(100 * np.mean(np.array(first) < 1))
   assert flat[f"{s.name}/R@5"] == pytest.approx(100 * np.mean(np.array(first) < 5))
+
+
+def test_bad_values_and_output_dirs_fail_before_any_compute(tmp_path):
+  s = eval_sets.EvalSet("x", [str(tmp_path / "a.jpg")], [str(tmp_path / "b.jpg")], None)
+  for kw, words in ((dict(batch_size=0), "batch_size 0"), (dict(num_preds_to_save=-1), "num_preds_to_save -1"),
+                    (dict(recall_values=(5, 0)), "K must be a positive integer")):
+    with pytest.raises(errors.UserError, match=words):
+      evaluation.evaluate_set(s, None, None, None, **kw)  # before the files, the model, the mesh
+  (tmp_path / "file").write_text("mine")
+  with pytest.raises(errors.UserError, match="is a file, not a directory"):
+    evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "file"))
+  assert (tmp_path / "file").read_text() == "mine"
+  if os.geteuid() != 0:  # root may write anywhere
+    os.makedirs(tmp_path / "ro")
+    os.chmod(tmp_path / "ro", 0o500)
+    with pytest.raises(errors.UserError, match="not writable"):
+      evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "ro" / "out"))

@@ -56,6 +56,20 @@ def test_readme_command_lines_become_absl_ones():
   assert out == ["x", "--recall_values=1,5,-3", "--image_size=322,322", "--datasets=msls_val"]
 
 
+def test_their_flags_we_do_not_have_say_what_we_do_instead():
+  theirs = argv_compat.VPR_METHODS_EVALUATION
+  with pytest.raises(errors.UserError, match="--method cosplace: not an option .* the model is the SALAD"):
+    argv_compat.rewrite(shlex.split(README_UNLABELLED)[1:], LISTS, BOOLS, theirs)
+  line = README_UNLABELLED.replace("cosplace --backbone=ResNet18 --descriptors_dimension=512",
+                                   "salad --backbone=Dinov2 --descriptors_dimension=8448")
+  out, notes = argv_compat.rewrite(shlex.split(line)[1:], LISTS, BOOLS, theirs)
+  assert [n.split(":")[0] for n in notes] == ["--method salad", "--backbone Dinov2",
+                                              "--descriptors_dimension 8448", "--log_dir toy_experiment"]
+  assert out[-1].startswith("--output_dir=logs/toy_experiment/20")  # their logs/<name>/<date_time>
+  with pytest.raises(errors.UserError, match="--log_dir and --output_dir set the same thing"):
+    argv_compat.rewrite(["x", "--output_dir", "o", "--log_dir=a"], LISTS, BOOLS, theirs)
+
+
 @pytest.mark.parametrize("argv, words", [
     ("--image_size=322 322", "ambiguous, '=' takes one value"),
     ("--recall_values 1,5 10", "ambiguous mix of commas and spaces"),

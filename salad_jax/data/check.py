@@ -13,6 +13,7 @@ complete, 1 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from typing import Mapping, Sequence
@@ -63,11 +64,20 @@ def _walk(root: str, max_depth: int):
     yield dirpath, dirnames, filenames
 
 
-def _find_file(root: str, name: str, skip: str, max_depth: int = 4) -> str | None:
+@functools.lru_cache(maxsize=8)
+def _index_files(root: str, max_depth: int = 4) -> dict[str, list[str]]:
+  """file name -> paths of the .npy/.mat files under root (one walk per root)."""
+  out: dict[str, list[str]] = {}
   for dirpath, _, files in _walk(root, max_depth):
-    if name in files and os.path.join(dirpath, name) != skip:
-      return os.path.join(dirpath, name)
-  return None
+    for f in files:
+      if f.endswith((".npy", ".mat")):
+        out.setdefault(f, []).append(os.path.join(dirpath, f))
+  return out
+
+
+def _find_file(root: str, name: str, skip: str) -> str | None:
+  found = _index_files(os.path.abspath(root)).get(name, [])
+  return next((p for p in found if p != os.path.abspath(skip)), None)
 
 
 def _find_folder(root: str, want: str, skip: str) -> str | None:
@@ -228,6 +238,7 @@ def check_all(data_root: str, index_root: str | None = None, gsv_root: str | Non
               names: Sequence[str] | None = None, expected: Mapping[str, tuple[int, int]] = EXPECTED,
               gsv_cities_list: Sequence[str] = gsv_cities.TRAIN_CITIES) -> list[Report]:
   index_root = index_root or os.path.join(data_root, "datasets")
+  _index_files.cache_clear()  # the tree may have changed since the last check
   names = list(names) if names is not None else list(EXPECTED) + ["gsv_cities"]
   out = []
   for n in names:
