@@ -5,7 +5,8 @@ VPR-methods-evaluation (`parser.py`) and SALAD's `eval.py` take lists space-sepa
 `--image_size=322,322`. `rewrite` turns the first into the second, anywhere on the command line,
 keeps the comma form as it is, and refuses what could mean two things (`--image_size=322 322`,
 `--recall_values 1,5 10`). Flags of theirs that we do not have get a message saying what we do
-instead (`unsupported`): the handler returns a note (the flag is dropped) or raises `UserError`.
+instead (`unsupported`, e.g. `VPR_METHODS_EVALUATION`): the handler returns a note (the flag is
+dropped, or replaced by ours) or raises `UserError`.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from salad_jax import sharding
-from salad_jax.errors import UserError
 from salad_jax.data import eval_sets, pipeline
+from salad_jax.errors import UserError
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel
 
