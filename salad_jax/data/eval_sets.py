@@ -192,6 +192,8 @@ def benchmark_set(name: str, data_root: str, index_root: str | None = None,
         f"--data_root {data_root} is {'a file, not a folder' if os.path.exists(data_root) else 'missing'}; "
         f"`python -m salad_jax.data.check --data_root <dir>` shows what goes where")
   index_root = index_root or os.path.join(data_root, "datasets")
+  if os.path.isfile(index_root):
+    raise NotADirectoryError(f"--index_root {index_root} is a file, not a folder of index files")
   if not os.path.isdir(index_root):
     raise FileNotFoundError(
         f"{key}: index folder {index_root} not found; copy the `datasets/` folder of "
