@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from salad_jax import sharding
 from salad_jax.data import eval_sets, pipeline
+from salad_jax.errors import UserError
+from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel
 
 RECALL_VALUES = (1, 5, 10, 15, 20, 25)
@@ -103,6 +105,8 @@ def jax_search(database: np.ndarray, queries: np.ndarray, k: int, mesh=None,
 
 
 def search(database, queries, k, method: str = "faiss", mesh=None):
+  """(distances, indices) [Q, k] of the k nearest database rows; index -1 means "no result"
+  (faiss returns it when it has fewer than k results or a distance is NaN)."""
   if method == "faiss":
     return faiss_search(database, queries, k)
   if method == "jax":
@@ -110,16 +114,46 @@ def search(database, queries, k, method: str = "faiss", mesh=None):
   raise ValueError(f"search must be 'faiss' or 'jax', got {method!r}")
 
 
+def check_recall_values(recall_values: Sequence) -> tuple[int, ...]:
+  """The distinct K values, ascending; each must be a positive integer (any order, repeats ok)."""
+  ks = set()
+  for k in recall_values:
+    try:
+      ki = int(k)
+      ok = float(k) == ki
+    except (TypeError, ValueError):
+      ok = False
+    if not ok or ki <= 0:
+      raise UserError(f"recall value {k!r}: K must be a positive integer",
+                      "e.g. --recall_values 1 5 10 20")
+    ks.add(ki)
+  if not ks:
+    raise UserError("no recall values given", "e.g. --recall_values 1 5 10 20")
+  return tuple(sorted(ks))
+
+
 def recalls(predictions: np.ndarray, positives: Sequence[np.ndarray],
-            recall_values: Sequence[int] = RECALL_VALUES) -> dict[str, float]:
-  """{"R@k": percent of queries with a positive in their top k}."""
-  hits = np.zeros(len(recall_values))
-  for preds, pos in zip(predictions, positives):
-    for i, k in enumerate(recall_values):
-      if np.isin(preds[:k], pos).any():
-        hits[i:] += 1
-        break
-  return {f"R@{k}": float(100.0 * h / len(predictions)) for k, h in zip(recall_values, hits)}
+            recall_values: Sequence[int] = RECALL_VALUES,
+            num_database: int | None = None) -> dict[str, float]:
+  """{"R@k": percent of queries with a positive among their top k}, k ascending.
+
+  `recall_values` in any order, repeats allowed. A prediction of -1 (no result) is never a hit.
+  With `num_database`, predictions too short for the largest K are an error, not a smaller K.
+  """
+  ks = check_recall_values(recall_values)
+  preds = np.asarray(predictions)
+  if preds.ndim != 2 or len(preds) != len(positives) or len(preds) == 0:
+    raise ValueError(f"predictions {preds.shape} and {len(positives)} positive lists: expected "
+                     "[num_queries > 0, k] and one list per query")
+  if num_database is not None and preds.shape[1] < min(ks[-1], num_database):
+    raise ValueError(f"R@{ks[-1]} needs the top {min(ks[-1], num_database)} predictions, got "
+                     f"{preds.shape[1]}")
+  first_hit = np.full(len(preds), np.inf)  # rank of the first correct prediction
+  for qi, (p, pos) in enumerate(zip(preds, positives)):
+    hit = np.flatnonzero((p >= 0) & np.isin(p, np.asarray(pos, np.int64)))
+    if hit.size:
+      first_hit[qi] = hit[0]
+  return {f"R@{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
@@ -132,22 +166,55 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 
 # ------------------------------------------------------------------------------ one eval set
+def set_descriptors(eval_set: eval_sets.EvalSet, params, mc: ModelConfig, mesh, *,
+                    image_size=(322, 322), batch_size: int = 32, num_workers: int = 0,
+                    describe=None, cache=None) -> tuple[np.ndarray, np.ndarray]:
+  """(database, query) descriptors of a set: one `extract` pass, or per role through `cache`
+  (a `desc_cache.DescriptorCache`). NaN/Inf descriptors are an error naming the first image."""
+  kw = dict(image_size=tuple(image_size), batch_size=batch_size, mesh=mesh,
+            num_workers=num_workers, describe=describe)
+  db_paths, q_paths = list(eval_set.database_paths), list(eval_set.query_paths)
+  if cache is None:
+    desc = extract(params, mc, db_paths + q_paths, desc=eval_set.name, **kw)
+    db, q = desc[:len(db_paths)], desc[len(db_paths):]
+  else:
+    db = cache.get("database", db_paths, label=eval_set.name, compute=lambda: extract(
+        params, mc, db_paths, desc=f"{eval_set.name} database", **kw))
+    q = cache.get("queries", q_paths, label=eval_set.name, compute=lambda: extract(
+        params, mc, q_paths, desc=f"{eval_set.name} queries", **kw))
+  for d, paths in ((db, db_paths), (q, q_paths)):
+    bad = np.flatnonzero(~np.isfinite(d).all(axis=1))
+    if bad.size:
+      raise UserError(f"{eval_set.name}: {bad.size} of {len(d)} descriptors are NaN/Inf "
+                      f"(first: {paths[bad[0]]})",
+                      "the checkpoint's weights are not finite, or the model overflows in "
+                      "this dtype (try --dtype float32)")
+  return db, q
+
+
 def evaluate_set(eval_set: eval_sets.EvalSet, params, mc: ModelConfig, mesh, *,
                  image_size=(322, 322), batch_size: int = 32, recall_values=RECALL_VALUES,
                  search_method: str = "faiss", num_workers: int = 0, output_dir: str | None = None,
                  save_descriptors: bool = False, num_preds_to_save: int = 0,
-                 save_only_wrong_preds: bool = False, describe=None) -> dict[str, Any]:
-  """Descriptors, search and recalls for one set; returns {"recalls", "predictions"}."""
+                 save_only_wrong_preds: bool = False, describe=None, cache=None) -> dict[str, Any]:
+  """Descriptors, search and recalls for one set; returns {"recalls", "predictions"}.
+
+  Predictions of -1 mean "no result" (never "the last database image") in the recalls, the
+  prediction pictures and the MSLS challenge file.
+  """
+  recall_values = check_recall_values(recall_values)
+  if batch_size < 1 or num_preds_to_save < 0:
+    raise UserError(f"batch_size {batch_size} / num_preds_to_save {num_preds_to_save}: "
+                    "need batch_size >= 1 and num_preds_to_save >= 0")
   eval_set.check_files()
-  paths = list(eval_set.database_paths) + list(eval_set.query_paths)
-  desc = extract(params, mc, paths, image_size=tuple(image_size), batch_size=batch_size, mesh=mesh,
-                 num_workers=num_workers, describe=describe, desc=eval_set.name)
-  db, q = desc[:eval_set.num_database], desc[eval_set.num_database:]
+  db, q = set_descriptors(eval_set, params, mc, mesh, image_size=image_size,
+                          batch_size=batch_size, num_workers=num_workers, describe=describe,
+                          cache=cache)
   k = max(max(recall_values), num_preds_to_save, 25 if eval_set.challenge else 0)
   _, predictions = search(db, q, min(k, len(db)), search_method, mesh)
   result: dict[str, Any] = {"predictions": predictions}
   if eval_set.positives is not None:
-    result["recalls"] = recalls(predictions, eval_set.positives, recall_values)
+    result["recalls"] = recalls(predictions, eval_set.positives, recall_values, len(db))
   is_main = jax.process_index() == 0
   if output_dir and is_main:
     os.makedirs(output_dir, exist_ok=True)
@@ -177,7 +244,8 @@ class EpochEvaluator:
       s.check_files()
     self.enabled = bool(self.sets)
     self.cfg, self.mesh = e, mesh
-    self.select_metric = "R@1"
+    self.select_metric = "R@1"  # ranks the checkpoints: always computed
+    self.recall_values = tuple(sorted(set(check_recall_values(e.recall_values)) | {1}))
     self._describe = None
 
   def __call__(self, params, mc: ModelConfig, step: int, writer=None, label: str = "") -> dict:
@@ -186,7 +254,7 @@ class EpochEvaluator:
     table, flat = {}, {}
     for i, s in enumerate(self.sets):
       r = evaluate_set(s, params, mc, self.mesh, image_size=tuple(self.cfg.image_size),
-                       batch_size=self.cfg.batch_size, recall_values=tuple(self.cfg.recall_values),
+                       batch_size=self.cfg.batch_size, recall_values=self.recall_values,
                        search_method=self.cfg.search, num_workers=self.cfg.num_workers,
                        describe=self._describe)
       if "recalls" not in r:
@@ -214,19 +282,33 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
                         recall_values=RECALL_VALUES, search_method: str = "faiss",
                         num_workers: int = 4, save_descriptors: bool = False,
                         num_preds_to_save: int = 0, save_only_wrong_preds: bool = False,
-                        dtype: str | None = None) -> dict[str, dict[str, float]]:
-  """evaluate.py's work: every set, a recall table, `recalls.json` and the requested outputs."""
+                        dtype: str | None = None,
+                        cache_dir: str | None = None) -> dict[str, dict[str, float]]:
+  """evaluate.py's work: every set, a recall table, `recalls.json` and the requested outputs.
+
+  `cache_dir`: reuse descriptors computed before with the same weights, model config, image size
+  and image files (`salad_jax.desc_cache`); anything else is recomputed.
+  """
   import salad_jax
+  from salad_jax import desc_cache, errors, integrity
+  recall_values = check_recall_values(recall_values)
+  errors.check_output_dir(output_dir, "output directory (--output_dir)")
+  if cache_dir:
+    errors.check_output_dir(cache_dir, "--cache_dir")
   for s in sets:  # missing images are reported before any compute
     s.check_files()
   model = salad_jax.load(checkpoint, **({"dtype": dtype} if dtype else {}))
   mc = model.config
+  vit.check_image_shape((1, image_size[0], image_size[1], 3), mc.num_clusters)
+  cache = None
+  if cache_dir:
+    cache = desc_cache.DescriptorCache(cache_dir, integrity.params_checksum(model.params), mc,
+                                       image_size)
   if jax.device_count() > 1 and mc.micro_batch == "auto":
     mc = mc.replace(micro_batch=0)
   mesh = sharding.make_mesh()
   params = sharding.put_replicated(model.params, mesh)
   describe = make_describe(mc, mesh)
-  os.makedirs(output_dir, exist_ok=True)
   table = {}
   for s in sets:
     sub = output_dir if len(sets) == 1 else os.path.join(output_dir, s.name)
@@ -234,7 +316,8 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
                      recall_values=recall_values, search_method=search_method,
                      num_workers=num_workers, output_dir=sub, save_descriptors=save_descriptors,
                      num_preds_to_save=num_preds_to_save,
-                     save_only_wrong_preds=save_only_wrong_preds, describe=describe)
+                     save_only_wrong_preds=save_only_wrong_preds, describe=describe,
+                     cache=cache)
     if jax.process_index() == 0:
       print(f"{s!r} [{s.protocol}]", flush=True)
       if "challenge_file" in r:

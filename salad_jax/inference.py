@@ -93,6 +93,14 @@ class SaladModel:
   def save(self, directory: str, overwrite: bool = False) -> None:
     save_converted(directory, self.params, self.config, self.source, overwrite=overwrite)
 
+  def assignment(self, images) -> np.ndarray:
+    """Sinkhorn assignment [B, m+1, H/14, W/14] of normalised images; row m is the dustbin."""
+    from salad_jax.models.vpr import assignment
+    x = self._check(images, self.config.num_clusters)
+    if not hasattr(self, "_assignment"):
+      self._assignment = jax.jit(lambda p, x: assignment(self.module, p, x))
+    return np.asarray(self._assignment(self.params, x))
+
 
 # ------------------------------------------------------------------------------ converted dirs
 def save_converted(directory: str, params: Mapping, config: ModelConfig,

@@ -1,7 +1,19 @@
-"""Images of queries with their top-k predictions (green border = correct, red = wrong).
+r"""Pictures: queries with their top-k predictions, and SALAD's assignment maps.
 
-Same outputs as VPR-methods-evaluation: `preds/<query index>.jpg` (query, then predictions) and
-`preds/<query index>.txt` with the query path, the predicted paths and the positives' paths.
+Predictions (evaluate.py --num_preds_to_save), as VPR-methods-evaluation: `preds/<query>.jpg`
+(the query, then its predictions: green border = correct, red = wrong, grey = no result) and
+`preds/<query>.txt` with the query path, the predicted paths and the positives' paths.
+
+Assignment maps: what SALAD's optimal transport does with each patch, drawn from the model's own
+Sinkhorn assignment (`SaladModel.assignment`; this module only draws):
+
+  python -m salad_jax.visualize --checkpoint weights/dino_salad --images a.jpg b.jpg \
+      --image_size 322 --output_dir runs/assignment [--pair]
+
+per image: the image, (a) the dustbin mass per patch, (b) the arg-max cluster per patch (one
+fixed colour per cluster, the same in every picture); with --pair, two images side by side with
+only the patches whose cluster appears in both coloured. `assignments.npz` holds the values:
+per image [m+1, H/14, W/14], row m = dustbin.
 """
 
 from __future__ import annotations
@@ -17,7 +29,11 @@ GAP = 16
 LABEL_H = 24
 
 
-def _tile(path: str, color) -> Image.Image:
+def _tile(path: str | None, color) -> Image.Image:
+  if path is None:  # no result
+    im = Image.new("RGB", (TILE, TILE), (200, 200, 200))
+    ImageDraw.Draw(im).text((TILE // 2 - 28, TILE // 2 - 6), "no result", fill=(0, 0, 0))
+    return im
   with Image.open(path) as im:
     im = ImageOps.pad(im.convert("RGB"), (TILE, TILE), color="white")
   if color is not None:
@@ -27,10 +43,13 @@ def _tile(path: str, color) -> Image.Image:
   return im
 
 
-def prediction_image(query: str, preds: list[str], correct: list[bool | None]) -> Image.Image:
+def prediction_image(query: str, preds: list[str | None], correct: list[bool | None]) -> Image.Image:
+  """`preds`: paths, None for "no result"; `correct`: per prediction, None without labels."""
   tiles = [_tile(query, None)] + [
-      _tile(p, None if c is None else ((0, 200, 0) if c else (220, 0, 0))) for p, c in zip(preds, correct)]
-  labels = ["Query"] + [f"Pred{i}" + ("" if c is None else f" - {c}") for i, c in enumerate(correct)]
+      _tile(p, (150, 150, 150) if p is None else None if c is None else
+            ((0, 200, 0) if c else (220, 0, 0))) for p, c in zip(preds, correct)]
+  labels = ["Query"] + [f"Pred{i}" + (" - no result" if p is None else "" if c is None else f" - {c}")
+                        for i, (p, c) in enumerate(zip(preds, correct))]
   w = len(tiles) * TILE + (len(tiles) - 1) * GAP
   canvas = Image.new("RGB", (w, TILE + LABEL_H), "white")
   d = ImageDraw.Draw(canvas)
@@ -43,22 +62,206 @@ def prediction_image(query: str, preds: list[str], correct: list[bool | None]) -
 
 def save_predictions(eval_set, predictions: np.ndarray, out_dir: str,
                      only_wrong: bool = False) -> int:
-  """Writes one image + one text file per query; returns how many were written."""
+  """Writes one image + one text file per query; returns how many were written.
+
+  A prediction of -1 (faiss: no result) is drawn and listed as "no result", never as an image.
+  """
   os.makedirs(out_dir, exist_ok=True)
   written = 0
   digits = max(3, len(str(len(predictions))))
   for qi, preds in enumerate(predictions):
     pos = None if eval_set.positives is None else set(int(x) for x in eval_set.positives[qi])
-    correct = [None if pos is None else int(p) in pos for p in preds]
+    correct = [None if pos is None else (int(p) >= 0 and int(p) in pos) for p in preds]
     if only_wrong and correct and correct[0]:
       continue
     query = eval_set.query_paths[qi]
-    paths = [eval_set.database_paths[int(p)] for p in preds]
+    paths = [eval_set.database_paths[int(p)] if int(p) >= 0 else None for p in preds]
     prediction_image(query, paths, correct).save(os.path.join(out_dir, f"{qi:0{digits}d}.jpg"))
-    lines = ["Query path:", query + "\n", "Predictions paths:", "\n".join(paths) + "\n"]
+    listed = [p if p is not None else "(no result)" for p in paths]
+    lines = ["Query path:", query + "\n", "Predictions paths:", "\n".join(listed) + "\n"]
     if pos is not None:
       lines += ["Positives paths:", "\n".join(eval_set.database_paths[j] for j in sorted(pos)) + "\n"]
     with open(os.path.join(out_dir, f"{qi:0{digits}d}.txt"), "w") as f:
       f.write("\n".join(lines))
     written += 1
   return written
+
+
+# ------------------------------------------------------------------------------ assignment maps
+HEAT = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], np.float32)  # dark -> light
+GREY = (128, 128, 128)
+
+
+def cluster_colors(num_clusters: int) -> np.ndarray:
+  """[m, 3] uint8: cluster k always gets the same colour (golden-ratio hues, two brightnesses)."""
+  hues = (np.arange(num_clusters) * 0.6180339887) % 1.0
+  out = []
+  for k, h in enumerate(hues):
+    im = Image.new("HSV", (1, 1), (int(h * 255), 220, 255 if k % 2 == 0 else 185))
+    out.append(im.convert("RGB").getpixel((0, 0)))
+  return np.asarray(out, np.uint8)
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+  """Values in [0, 1] -> uint8 RGB on a dark-to-light scale."""
+  x = np.clip(np.asarray(values, np.float32), 0.0, 1.0) * (len(HEAT) - 1)
+  lo = np.minimum(np.floor(x).astype(int), len(HEAT) - 2)
+  t = (x - lo)[..., None]
+  return np.round(HEAT[lo] * (1 - t) + HEAT[lo + 1] * t).astype(np.uint8)
+
+
+def argmax_clusters(assign: np.ndarray) -> np.ndarray:
+  """[m+1, gh, gw] -> [gh, gw] the cluster (0..m-1) that receives most of each patch's mass.
+
+  The dustbin row is left out: by SALAD's marginals it holds (n-m)/n of all mass on average,
+  so it outweighs every cluster on most patches; panel (a) shows it.
+  """
+  return assign[:-1].argmax(axis=0)
+
+
+def _grid_rgb(clusters: np.ndarray, colors: np.ndarray, keep=None) -> np.ndarray:
+  rgb = np.empty(clusters.shape + (3,), np.uint8)
+  rgb[...] = GREY
+  on = np.ones(clusters.shape, bool) if keep is None else np.isin(clusters, list(keep))
+  rgb[on] = colors[clusters[on]]
+  return rgb
+
+
+def _blend(image: Image.Image, grid: np.ndarray, alpha: float) -> Image.Image:
+  layer = Image.fromarray(grid).resize(image.size, Image.NEAREST)
+  return Image.blend(image, layer, alpha)
+
+
+def _panels(panels: list[tuple[str, Image.Image]], scale: int) -> Image.Image:
+  w, h = panels[0][1].size
+  w, h = w * scale, h * scale
+  canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * GAP, h + 2 * LABEL_H), "white")
+  d = ImageDraw.Draw(canvas)
+  for i, (label, im) in enumerate(panels):
+    x = i * (w + GAP)
+    for j, line in enumerate(label.split("\n")[:2]):
+      d.text((x + 2, 2 + 12 * j), line, fill=(0, 0, 0))
+    canvas.paste(im.resize((w, h), Image.NEAREST), (x, 2 * LABEL_H))
+  return canvas
+
+
+def _scale(image: Image.Image) -> int:
+  return max(1, -(-256 // max(image.size)))
+
+
+def assignment_picture(image: Image.Image, assign: np.ndarray) -> Image.Image:
+  """Image | dustbin mass per patch | arg-max cluster per patch (`image` as the model saw it)."""
+  m = assign.shape[0] - 1
+  dust = assign[m]
+  lo, hi = float(dust.min()), float(dust.max())
+  clusters = argmax_clusters(assign)
+  used = len(np.unique(clusters))
+  return _panels([
+      ("image", image),
+      (f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
+       _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8)),
+      (f"(b) arg-max cluster per patch\n{used} of {m} clusters",
+       _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6)),
+  ], _scale(image))
+
+
+def pair_picture(image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Image,
+                 assign_b: np.ndarray) -> Image.Image:
+  """Two images; only patches whose arg-max cluster is the arg-max of some patch in both, coloured."""
+  m = assign_a.shape[0] - 1
+  ca, cb = argmax_clusters(assign_a), argmax_clusters(assign_b)
+  shared = set(np.unique(ca).tolist()) & set(np.unique(cb).tolist())
+  colors = cluster_colors(m)
+  label = f"{len(shared)} of {m} clusters in both\nother patches grey"
+  return _panels([(label, _blend(image_a, _grid_rgb(ca, colors, shared), 0.6)),
+                  ("", _blend(image_b, _grid_rgb(cb, colors, shared), 0.6))], _scale(image_a))
+
+
+def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = False) -> list[str]:
+  """Draws `model.assignment` for each image; returns the files written into `output_dir`."""
+  from salad_jax.data.images import load_image, normalize, resize
+  images, assigns, names, written = [], [], [], []
+  for i, path in enumerate(paths):
+    im = resize(load_image(path), image_size)  # the pixels the model sees
+    images.append(im)
+    assigns.append(model.assignment(normalize(im)[None])[0])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    names.append(stem if [os.path.splitext(os.path.basename(p))[0] for p in paths].count(stem) == 1
+                 else f"{i:02d}_{stem}")
+  for im, a, name in zip(images, assigns, names):
+    written.append(os.path.join(output_dir, f"{name}_assignment.png"))
+    assignment_picture(im, a).save(written[-1])
+  if pair:
+    written.append(os.path.join(output_dir, f"pair_{names[0]}_{names[1]}.png"))
+    pair_picture(images[0], assigns[0], images[1], assigns[1]).save(written[-1])
+  written.append(os.path.join(output_dir, "assignments.npz"))
+  np.savez(written[-1], **dict(zip(names, assigns)))
+  return written
+
+
+def has_salad_head(path: str) -> bool:
+  """Whether a torch/safetensors checkpoint file holds a SALAD head, from its keys alone (a
+  DINOv2 backbone file would get a random head). Undecidable here: True, `load` will tell."""
+  try:
+    if path.endswith(".safetensors"):
+      from safetensors import safe_open
+      with safe_open(path, "np") as f:
+        keys = list(f.keys())
+    else:
+      import torch
+      obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      keys = list(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
+  except Exception:  # noqa: BLE001 (unreadable here: salad_jax.load gives the real message)
+    return True
+  return any(str(k).startswith("aggregator.") for k in keys) or not keys
+
+
+def _main(argv) -> None:
+  from absl import app, flags
+
+  import salad_jax
+  from salad_jax import argv_compat, cli, errors
+  from salad_jax.models import vit
+  F = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_logs()
+  size = argv_compat.image_size(F.image_size)
+  for p in F.images:
+    if os.path.isdir(p):
+      raise IsADirectoryError(f"--images {p} is a folder; give image files (e.g. {p}/*.jpg)")
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"--images: image not found: {p}")
+  if F.pair and len(F.images) != 2:
+    raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
+  out = errors.check_output_dir(F.output_dir, "--output_dir")
+  if not os.path.exists(F.checkpoint):
+    raise FileNotFoundError(f"--checkpoint {F.checkpoint} does not exist")
+  no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
+  model = None if no_head else salad_jax.load(F.checkpoint)
+  if no_head or model.source.get("kind") == "dinov2":
+    raise errors.UserError(f"{F.checkpoint} is a DINOv2 backbone without a SALAD head: it has no "
+                           "assignment to show", "give a SALAD checkpoint (dino_salad.ckpt, a "
+                           "converted dir or a train.py workdir)")
+  vit.check_image_shape((1, size[0], size[1], 3), model.config.num_clusters)
+  for path in assignment_maps(model, F.images, size, out, F.pair):
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  import sys
+
+  from absl import flags
+
+  from salad_jax import argv_compat, cli, errors
+  flags.DEFINE_string("checkpoint", None, "SALAD checkpoint: converted dir, train.py workdir or .ckpt/.pth.")
+  flags.DEFINE_list("images", None, "Image files (space- or comma-separated).")
+  flags.DEFINE_list("image_size", ["322", "322"], "H W (one value: square); multiples of 14.")
+  flags.DEFINE_string("output_dir", "runs/assignment", "Where the pictures go.")
+  flags.DEFINE_bool("pair", False, "Two images side by side, coloured where they share clusters.")
+  flags.mark_flags_as_required(["checkpoint", "images"])
+  try:
+    sys.argv, _ = argv_compat.rewrite(sys.argv, *argv_compat.flag_kinds())
+  except errors.UserError as e:
+    cli.fail(e.message, e.hint)
+  cli.run(_main)

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from salad_jax import evaluation, sharding
+from salad_jax import errors, evaluation, sharding
 from salad_jax.data import eval_sets
+from tiny_model import tiny_model_dir  # noqa: F401 (session fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,16 +171,6 @@ def test_msls_challenge_file(tmp_path):
   assert lines[1].split()[:3] == ["qB", "d29", "d28"] and len(lines[1].split()) == 26
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tiny")
-  config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16,
-                                 hidden_dim=32)
-  params = salad_jax.init_params(config, jax.random.key(0), image_size=56)
-  salad_jax.save_converted(str(d / "model"), params, config)
-  return str(d / "model")
-
-
 def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
   rng = np.random.default_rng(3)
   places = rng.integers(0, 256, (6, 3))
@@ -230,3 +221,113 @@ def test_evaluate_cli_reports_a_missing_image_before_computing(tiny_model_dir, t
          "--output_dir", str(tmp_path / "out")]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode != 0 and "image not found" in r.stderr and "@1@1@.jpg" in r.stderr
+
+
+# ------------------------------------------------------------------------------ issue 12 item 2, 6
+def _brute_recall(preds, positives, k):
+  return 100 * np.mean([len(set(int(x) for x in p[:k] if x >= 0) & set(pos)) > 0
+                        for p, pos in zip(preds, positives)])
+
+
+def test_recalls_take_k_in_any_order_with_repeats():
+  # query 0: first hit at rank 2, query 1: at rank 0, query 2: none -> R@1 = 33.3, R@5 = 66.7
+  preds = np.array([[7, 8, 3, 9, 1], [4, 0, 1, 2, 3], [5, 6, 7, 8, 9]])
+  positives = [np.array([3]), np.array([4]), np.array([0])]
+  got = evaluation.recalls(preds, positives, (5, 1, 5, 3))
+  assert got["R@1"] == pytest.approx(100 / 3)  # the old code said 66.67 for --recall_values 5,1
+  for k in (1, 3, 5):
+    assert got[f"R@{k}"] == pytest.approx(_brute_recall(preds, positives, k))
+  assert list(got) == ["R@1", "R@3", "R@5"]  # ascending, each once
+
+
+@pytest.mark.parametrize("bad", [(0,), (1, -5), (1.5,), ("x",), ()])
+def test_recall_values_must_be_positive_integers(bad):
+  with pytest.raises(errors.UserError, match="positive integer|no recall values"):
+    evaluation.recalls(np.zeros((1, 5), np.int64), [np.array([0])], bad)
+
+
+def test_recalls_refuse_predictions_shorter_than_k():
+  with pytest.raises(ValueError, match="R@10 needs the top 10"):
+    evaluation.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=50)
+  # a database of 5 images: R@10 = R@5, rightly
+  assert evaluation.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=5)["R@10"] == 100
+
+
+def test_faiss_minus_one_is_no_result_everywhere(tmp_path):
+  db = np.eye(3, 8, dtype=np.float32)
+  q = np.eye(2, 8, dtype=np.float32)
+  _, preds = evaluation.search(db, q, 5, "faiss")  # 3 database images, 5 asked: -1 padding
+  assert (preds[:, 3:] == -1).all()
+  positives = [np.array([2]), np.array([1])]  # index 2 = the last image, what -1 used to mean
+  assert evaluation.recalls(preds, positives, (1, 5))["R@5"] == 100.0
+  nan_preds = np.array([[-1, -1, -1], [1, -1, -1]])
+  assert evaluation.recalls(nan_preds, positives, (1, 3)) == {"R@1": 50.0, "R@3": 50.0}
+  for name in ("d0", "d1", "d2", "q0", "q1"):
+    _write(str(tmp_path / f"{name}.jpg"))
+  s = eval_sets.EvalSet("x", [str(tmp_path / f"d{i}.jpg") for i in range(3)],
+                        [str(tmp_path / "q0.jpg"), str(tmp_path / "q1.jpg")], positives, challenge=True)
+  eval_sets.write_msls_challenge(str(tmp_path / "c.txt"), s, nan_preds)
+  assert (tmp_path / "c.txt").read_text().splitlines() == ["q0", "q1 d1"]
+  from salad_jax import visualize
+  assert visualize.save_predictions(s, nan_preds, str(tmp_path / "preds")) == 2
+  text = (tmp_path / "preds" / "000.txt").read_text()
+  assert "(no result)" in text and "d2.jpg" not in text.split("Positives")[0]
+
+
+def test_nan_descriptors_are_an_error_naming_an_image(tmp_path):
+  from salad_jax import desc_cache
+  for i in range(3):
+    _write(str(tmp_path / "database" / f"@{i}@0@.jpg"))
+  _write(str(tmp_path / "queries" / "@0@1@.jpg"))
+  s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
+  config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16)
+  cache = desc_cache.DescriptorCache(str(tmp_path / "c"), "sum32:0", config, (56, 56), log=lambda _: None)
+  desc = np.ones((3, 144), np.float32)
+  desc[1:, 5] = np.nan  # what NaN weights or a bfloat16 overflow give
+  cache.get("database", s.database_paths, lambda: desc)
+  cache.get("queries", s.query_paths, lambda: np.ones((1, 144), np.float32))
+  with pytest.raises(errors.UserError, match=r"2 of 3 descriptors are NaN/Inf \(first: .*@1@0@.jpg\)"):
+    evaluation.evaluate_set(s, None, config, None, image_size=(56, 56), cache=cache)
+
+
+def test_epoch_evaluator_ranks_by_the_true_r1_whatever_the_k_order(tiny_model_dir, tmp_path):
+  from salad_jax import configs
+  rng = np.random.default_rng(5)
+  for folder, n, step in (("database", 16, 10), ("queries", 8, 20)):
+    os.makedirs(tmp_path / "ev" / folder)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
+          tmp_path / "ev" / folder / f"@{i * step + 3 * (folder == 'queries')}@0@.jpg")
+  c = configs.base_config()
+  c.eval.sets, c.eval.image_size, c.eval.batch_size = f"folder:{tmp_path / 'ev'}", (56, 56), 8
+  c.eval.recall_values, c.eval.num_workers = (5, 1, 3), 0
+  mesh = sharding.make_mesh()
+  ev = evaluation.EpochEvaluator(c, mesh)
+  model = salad_jax.load(tiny_model_dir)
+  flat = ev(model.params, model.config, step=0)
+  s = ev.sets[0]
+  kw = dict(image_size=(56, 56), batch_size=8, mesh=mesh, describe=ev._describe)
+  db = evaluation.extract(model.params, model.config, s.database_paths, **kw)
+  q = evaluation.extract(model.params, model.config, s.query_paths, **kw)
+  order = np.argsort(((q[:, None] - db[None]) ** 2).sum(-1), axis=1)
+  first = [next((r for r, j in enumerate(o) if j in set(p)), 99) for o, p in zip(order, s.positives)]
+  assert any(1 <= f < 5 for f in first)  # a hit below rank 1: the old code counted it as R@1
+  assert flat["R@1"] == pytest.approx(100 * np.mean(np.array(first) < 1))
+  assert flat[f"{s.name}/R@5"] == pytest.approx(100 * np.mean(np.array(first) < 5))
+
+
+def test_bad_values_and_output_dirs_fail_before_any_compute(tmp_path):
+  s = eval_sets.EvalSet("x", [str(tmp_path / "a.jpg")], [str(tmp_path / "b.jpg")], None)
+  for kw, words in ((dict(batch_size=0), "batch_size 0"), (dict(num_preds_to_save=-1), "num_preds_to_save -1"),
+                    (dict(recall_values=(5, 0)), "K must be a positive integer")):
+    with pytest.raises(errors.UserError, match=words):
+      evaluation.evaluate_set(s, None, None, None, **kw)  # before the files, the model, the mesh
+  (tmp_path / "file").write_text("mine")
+  with pytest.raises(errors.UserError, match="is a file, not a directory"):
+    evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "file"))
+  assert (tmp_path / "file").read_text() == "mine"
+  if os.geteuid() != 0:  # root may write anywhere
+    os.makedirs(tmp_path / "ro")
+    os.chmod(tmp_path / "ro", 0o500)
+    with pytest.raises(errors.UserError, match="not writable"):
+      evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "ro" / "out"))

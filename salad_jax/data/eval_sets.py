@@ -57,6 +57,8 @@ class EvalSet:
 # ------------------------------------------------------------------------------ folders
 def read_image_paths(folder: str) -> list[str]:
   """Images under `folder` (recursive, sorted), or the list in `<folder>_images_paths.txt`."""
+  if os.path.isfile(folder):
+    raise NotADirectoryError(f"{folder} is a file, not a folder of images")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"folder {folder} does not exist")
   listing = folder.rstrip("/") + "_images_paths.txt"
@@ -185,7 +187,13 @@ def benchmark_set(name: str, data_root: str, index_root: str | None = None,
   if key not in BENCHMARKS:
     raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
   folder, db_file, q_file, gt_file = BENCHMARKS[key]
+  if not os.path.isdir(data_root):
+    raise (NotADirectoryError if os.path.exists(data_root) else FileNotFoundError)(
+        f"--data_root {data_root} is {'a file, not a folder' if os.path.exists(data_root) else 'missing'}; "
+        f"`python -m salad_jax.data.check --data_root <dir>` shows what goes where")
   index_root = index_root or os.path.join(data_root, "datasets")
+  if os.path.isfile(index_root):
+    raise NotADirectoryError(f"--index_root {index_root} is a file, not a folder of index files")
   if not os.path.isdir(index_root):
     raise FileNotFoundError(
         f"{key}: index folder {index_root} not found; copy the `datasets/` folder of "
@@ -232,9 +240,12 @@ def parse_set(spec: str, data_root: str = "", index_root: str | None = None,
 
 
 def write_msls_challenge(path: str, eval_set: EvalSet, predictions: np.ndarray) -> None:
-  """One line per query: its file stem, then the stems of its predicted database images."""
+  """One line per query: its file stem, then the stems of its predicted database images.
+
+  A prediction of -1 (no result) is left out, never read as the last database image.
+  """
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
   with open(path, "w") as f:
     for qi, preds in enumerate(predictions):
       f.write(" ".join([stem(eval_set.query_paths[qi])] +
-                       [stem(eval_set.database_paths[j]) for j in preds]) + "\n")
+                       [stem(eval_set.database_paths[j]) for j in preds if j >= 0]) + "\n")

@@ -96,3 +96,17 @@ def init_params(config: ModelConfig, rng: jax.Array, image_size: int = 224) -> d
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, x))(rng)
   return jax.tree.map(lambda a: a, dict(variables["params"]))
+
+
+def assignment(model: VPRModel, params, images) -> jax.Array:
+  """The Sinkhorn assignment the descriptor aggregates with: [B, m+1, H/14, W/14] float32.
+
+  Rows 0..m-1 are the head's own `assignment` (sown by `SALAD.__call__` in the same forward pass
+  that makes the descriptor); row m is the dustbin: Sinkhorn ends with the column update, so
+  every patch's column sums to 1 and the dustbin holds 1 minus the clusters' mass.
+  """
+  gh, gw = vit.check_image_shape(images.shape, min_patches=model.config.num_clusters)
+  _, state = model.apply({"params": params}, images, mutable=["intermediates"])
+  p = state["intermediates"]["aggregator"]["assignment"][0]  # [B, m, n]
+  dust = jnp.clip(1.0 - p.sum(axis=1, keepdims=True), 0.0, 1.0)
+  return jnp.concatenate([p, dust], axis=1).reshape(p.shape[0], p.shape[1] + 1, gh, gw)
