@@ -136,15 +136,86 @@ def test_train_steps_match_torch(setup, steps):
   assert n_diff <= 1e-3 * total, (n_diff, total)
   assert max_diff <= 2 * 6e-5 * steps, max_diff
   assert int(state["step"]) == steps
-  if steps == 1:  # gradients of the first step, trainable params only
-    g_j, _ = first_grads(params, config, data[0])
-    for tkey, path in rows.items():
-      if path in trainable and path not in SKIP:
-        gt = grads_t[tkey]
-        gj = convert._to_torch(np.asarray(g_j[path]), dict((r[0], r[2]) for r in convert.layout(config))[tkey])
-        assert np.abs(gj - gt).max() <= 1e-5 * max(np.abs(gt).max(), 1e-8) + 1e-9, tkey
-      elif path not in trainable:
-        assert grads_t[tkey] is None  # torch computes no gradient for frozen params either
+  if steps == 1:
+    assert_first_grads_exact(setup, grads_t)
+
+
+KINK = 1e-5  # a ReLU input this close to 0 may round to either side in float32
+
+
+def torch_grads_f64(sd, batch):
+  """The exact (float64) first-step gradient of the reference recipe, plus, per weight and bias
+  of the head's first layers, how far a float32 run may legitimately differ from it: each ReLU
+  input within KINK of 0 (a kink: float32 rounding may put it on either side) moves that
+  layer's gradient by |upstream gradient| (bias) and |input| x |upstream gradient| (weight)."""
+  tm = tr.VPRModel("S/14", dropout=0.0)
+  tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()})
+  tm = tm.double()
+  agg, seen = tm.aggregator, {}
+  layers = {"token_features": (agg.token_features, 1), "cluster_features": (agg.cluster_features, 2),
+            "score": (agg.score, 2)}
+  for name, (seq, relu) in layers.items():
+    seq[0].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name + ".x", i[0]))
+
+    def keep(m, i, o, name=name):
+      seen[name + ".h"] = i[0]
+      o.register_hook(lambda g: seen.__setitem__(name + ".g", g))
+    seq[relu].register_forward_hook(keep)
+  miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+  mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+  x = (torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).double() / 255.0 - mean) / std
+  lab = torch.from_numpy(batch["labels"]).long()
+  tm.train()
+  desc = tm(x)
+  loss_fn(desc, lab, miner(desc, lab)).backward()
+  grads = {k: p.grad.numpy() for k, p in tm.named_parameters() if p.grad is not None}
+  slack = {}
+  for name, (seq, _) in layers.items():
+    h, g, xin = (seen[f"{name}.{k}"].detach().numpy() for k in "hgx")
+    kink_g = np.where(np.abs(h) < KINK, np.abs(g), 0.0)  # [B, hidden] or [B, hidden, H', W']
+    key = f"aggregator.{name}.0"
+    if h.ndim == 2:
+      slack[key + ".bias"], slack[key + ".weight"] = kink_g.sum(0), kink_g.T @ np.abs(xin)
+    else:
+      slack[key + ".bias"] = kink_g.sum((0, 2, 3))
+      slack[key + ".weight"] = np.einsum("bohw,bihw->oi", kink_g, np.abs(xin))[:, :, None, None]
+  return grads, slack
+
+
+def assert_first_grads_exact(setup, grads_t):
+  """First-step gradients, trainable params: JAX float32 against the exact float64 gradient.
+
+  Compared with the float64 reference, not with torch's float32 gradient: torch's own float32
+  gradients are only that close to the exact ones (on an AMD EPYC, up to 7.6e-5 of a tensor's
+  largest entry in the backbone and 3.9e-4 in cluster_features.0; 28 % of the final norm's bias
+  entries are off by more than 1e-5 of its largest), so a 1e-5 JAX-vs-torch-float32 bound
+  depends on the CPU both run on. Measured JAX against float64: <= 4.9e-5 of the largest entry.
+  The head's ReLUs are kinks: an input within rounding of 0 may take either branch in a float32
+  program (a different fusion of the same program is enough), which moves a whole column of
+  that layer's weight gradient (here: score.0 by 1.2 % of its largest entry, from one input of
+  4.7e-7); `torch_grads_f64` bounds exactly that freedom.
+  """
+  _, sd, config, params, data = setup
+  g_j, _ = first_grads(params, config, data[0])
+  g64, slack = torch_grads_f64(sd, data[0])
+  trainable = set(optim.split_trainable(params, optim.default_freeze_regex(config))[0])
+  kinds = {t: k for t, _, k in convert.layout(config)}
+  checked = 0
+  for tkey, f, _ in convert.layout(config):
+    path = "/".join(f)
+    if path not in trainable:
+      assert grads_t[tkey] is None  # torch computes no gradient for frozen params either
+      continue
+    if path in SKIP:
+      continue
+    gj = convert._to_torch(np.asarray(g_j[path]), kinds[tkey]).astype(np.float64)
+    err = np.abs(gj - g64[tkey]) - slack.get(tkey, 0.0)
+    assert err.max() <= 2e-4 * np.abs(g64[tkey]).max() + 1e-12, (
+        tkey, err.max() / np.abs(g64[tkey]).max())
+    checked += 1
+  assert checked == len(trainable) - len(SKIP)
 
 
 def test_frozen_params_have_no_optimizer_state(setup):
