@@ -21,7 +21,7 @@ def open_source(config) -> gsv_cities.GSVCities:
     return gsv_cities.read_gsv_cities(d.root, cities, d.min_img_per_place)
   if d.source == "tfds":
     from salad_jax.data import tfds_gsv
-    return tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place)
+    return tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place, tuple(d.image_size))
   raise ValueError(f"config.data.source must be 'folder', 'tfds' or 'demo', got {d.source!r}")
 
 
