@@ -62,16 +62,18 @@ def _open_like_load_truncated(data: bytes) -> Image.Image:
   """A damaged JPEG decoded as PIL does with LOAD_TRUNCATED_IMAGES=True, without the global.
 
   With the flag, PIL's JPEG reader appends an EOI marker at a premature end of data (libjpeg then
-  fills the missing blocks with grey) and ignores the decoder's final error code. Appending the
-  marker to the bytes feeds the decoder the same stream; a decoder error is raised only after the
-  image is complete (`tile` cleared), and loading again then returns the same pixels.
+  fills the missing blocks with grey), stops reading when the data runs out even if the decoder
+  wants more (progressive JPEGs), and ignores the decoder's final error code, keeping what was
+  decoded. Here the marker is appended to the bytes, so the decoder sees the same stream; where
+  PIL would raise instead of stopping, the image holds the same pixels and only PIL's pending
+  work list (`tile`) is left: clearing it is what the flag's `break` does. The tests compare the
+  result with PIL's own, flag set, in another process.
   """
   im = Image.open(io.BytesIO(data + b"\xff\xd9"))
   try:
     im.load()
   except OSError:
-    if im.tile:  # not the end-of-decode error the flag ignores
-      raise
+    im.tile = []  # keep what was decoded, as the flag does (nothing decoded: load raises)
     im.load()
   return im
 

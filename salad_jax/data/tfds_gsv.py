@@ -46,7 +46,7 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-class GsvCities(tfds.core.GeneratorBasedBuilder):
+class GsvCities(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """GSV-Cities (Ali-bey et al.), one example per image. Written by `salad_jax.data.pack`:
   `_download_and_prepare` links its finished shards in and records the splits and metadata."""
 
@@ -114,6 +114,10 @@ def check_shards(builder, path: str) -> None:
       raise CorruptRecordError(f"shard {f} holds {got} records, expected {n}", REBUILD)
 
 
+def _text(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
 class TfdsGSVCities(gsv_cities.GSVCities):
   """The GSV-Cities interface over a `tfds.data_source` of image records (image i = record i)."""
 
@@ -126,7 +130,7 @@ class TfdsGSVCities(gsv_cities.GSVCities):
   def image_name(self, i: int) -> str:
     """The source file of record i, for messages (reads the record)."""
     try:
-      return f"{self.image_path(i)} ({self.source[int(i)]['name']})"
+      return f"{self.image_path(i)} ({_text(self.source[int(i)]['name'])})"
     except Exception:  # noqa: BLE001 - a message helper; the read error is reported elsewhere
       return self.image_path(i)
 
@@ -141,14 +145,15 @@ class TfdsGSVCities(gsv_cities.GSVCities):
       raise CorruptRecordError(f"corrupt record {int(i)} in {self.root}: empty", REBUILD)
     if self.image_size is not None and len(data) != self.image_size[0] * self.image_size[1] * 3:
       raise CorruptRecordError(
-          f"corrupt record {int(i)} ({name}) in {self.root}: {len(data)} bytes, expected a "
+          f"corrupt record {int(i)} ({_text(name)}) in {self.root}: {len(data)} bytes, expected a "
           f"{self.image_size[0]}x{self.image_size[1]}x3 image", REBUILD)
     return rec
 
   def read_image(self, i: int) -> tuple[Image.Image, int]:
     rec = self._record(i)
     if self.image_size is None:  # JPEG bytes: decoded as the file would be
-      return images.decode(rec["image"], f"{self.image_path(i)} ({rec['name']})", damaged="allow")
+      return images.decode(rec["image"], f"{self.image_path(i)} ({_text(rec['name'])})",
+                           damaged="allow")
     h, w = self.image_size
     return Image.frombuffer("RGB", (w, h), rec["image"], "raw", "RGB", 0, 1), int(rec["status"])
 
@@ -240,7 +245,7 @@ def main(argv) -> None:
     except (ValueError, AssertionError):
       raise UserError(f"--image_size {f.image_size!r}: expected H,W (e.g. 224,224)") from None
   build(f.manual_dir, f.data_dir, [c for c in f.cities.split(",") if c] or None, size,
-        num_workers=f.num_workers, compression=f.compression)
+        num_workers=f.num_workers, compression=f.compression, images_per_shard=f.images_per_shard)
 
 
 if __name__ == "__main__":
@@ -253,6 +258,8 @@ if __name__ == "__main__":
                       "size, e.g. 224,224); empty: store the JPEG files as they are.")
   flags.DEFINE_string("cities", "", "Comma-separated subset (default: all CSVs present).")
   flags.DEFINE_integer("num_workers", 0, "Worker processes (0: one per CPU core).")
+  flags.DEFINE_integer("images_per_shard", 1000, "Images per shard file (the unit of resuming).",
+                       lower_bound=1)
   flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Record compression: none reads "
                     "fastest; zstd is ~17% smaller on disk for raw images.")
   flags.mark_flags_as_required(["manual_dir", "data_dir"])
