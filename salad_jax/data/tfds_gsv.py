@@ -54,12 +54,15 @@ class GsvCities(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"2.0.0": "One record per image; optional pre-resized raw uint8 images.",
                    "1.0.0": "One record per place (JPEG bytes)."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = gsv_cities.HOW_TO_GET
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="jpeg", description="original JPEG bytes"),
+                     tfds.core.BuilderConfig(name="224x224", description="images resized to "
+                                             "224x224 (raw uint8)")]
 
   def __init__(self, *, image_size=None, staged=None, **kwargs):
     self._staged = staged  # pack.Staged: finished shards, their lengths and the metadata
-    config = tfds.core.BuilderConfig(name=config_name(image_size),
-                                     description="original JPEG bytes" if image_size is None else
-                                     "images resized to {}x{} (raw uint8)".format(*image_size))
+    name = config_name(image_size)
+    config = name if name in {c.name for c in self.BUILDER_CONFIGS} else tfds.core.BuilderConfig(
+        name=name, description="images resized to {} (raw uint8)".format(name))
     super().__init__(config=config, file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -257,6 +260,9 @@ def build(manual_dir: str, data_dir: str, cities=None, image_size=None, **kwargs
 
 def main(argv) -> None:
   from absl import flags
+
+  from salad_jax import cli
+  cli.quiet_logs()
   f = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {argv[1:]}")
