@@ -76,18 +76,18 @@ def _loss(batch):
 
 def test_packed_batches_are_bit_identical_to_the_files(packs):
   root, raw, jpeg = packs
-  files = _epoch(gsv_cities.read_gsv_cities(root, tuple(CITIES)))
-  for data_dir, size in ((raw, SIZE), (jpeg, None)):
+  files = gsv_cities.read_gsv_cities(root, tuple(CITIES))
+  for data_dir, size, ra in ((raw, SIZE, True), (raw, SIZE, False), (jpeg, None, True)):
     ds = tfds_gsv.open_gsv_cities(data_dir, image_size=size)
     assert ds.image_size == (SIZE if size else None)
-    packed = _epoch(ds)
-    assert len(packed) == len(files) == 5
-    for f, p in zip(files, packed):
+    want, packed = _epoch(files, randaugment=ra), _epoch(ds, randaugment=ra)
+    assert len(packed) == len(want) == 5
+    for f, p in zip(want, packed):
       assert sorted(f) == sorted(p)
       for k in f:
         np.testing.assert_array_equal(f[k], p[k], err_msg=k)
       assert _loss(f) == _loss(p)
-  assert sum(int(b["corrupt"]) for b in files) > 0  # the bad images were sampled and counted
+    assert sum(int(b["corrupt"]) for b in want) > 0  # the bad images were sampled and counted
 
 
 def test_pack_flags_and_reports_unreadable_and_damaged_images(packs):

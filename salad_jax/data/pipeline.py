@@ -85,18 +85,26 @@ def _pool(num_threads: int) -> ThreadPoolExecutor:
 
 
 class Batches:
-  """Batch b = collate([item(b * n + j) for j < n]); items run on the thread pool."""
+  """Batch b of n items in one preallocated image array: item(i, images) fills its images in
+  place (no copy to assemble the batch) and returns its other fields; items run on the thread
+  pool. `finish` adds fields computed over the batch."""
 
-  def __init__(self, item: Callable[[int], dict], n: int, collate: Callable, num_threads: int):
-    self.item, self.n, self.collate, self.num_threads = item, n, collate, num_threads
+  def __init__(self, item: Callable[[int, np.ndarray], dict], n: int, shape: tuple[int, ...],
+               num_threads: int, finish: Callable[[dict], dict] | None = None):
+    self.item, self.n, self.shape, self.num_threads = item, n, tuple(shape), num_threads
+    self.finish = finish
 
-  def __call__(self, b: int):
-    idx = range(int(b) * self.n, (int(b) + 1) * self.n)
+  def __call__(self, b: int) -> dict[str, np.ndarray]:
+    b = int(b)
+    images = np.empty((self.n,) + self.shape, np.uint8)
+    fill = lambda j: self.item(b * self.n + j, images[j])  # noqa: E731
     if self.num_threads > 1:
-      items = list(_pool(self.num_threads).map(self.item, idx))
+      parts = list(_pool(self.num_threads).map(fill, range(self.n)))
     else:
-      items = [self.item(i) for i in idx]
-    return self.collate(items)
+      parts = [fill(j) for j in range(self.n)]
+    out = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+    out["images"] = images.reshape((-1,) + self.shape[-3:])  # place-major for training
+    return self.finish(out) if self.finish else out
 
 
 def _iter(num_batches: int, batches: Batches, num_workers: int) -> grain.IterDataset:
@@ -131,6 +139,8 @@ class PlaceRecords:
     An unreadable file becomes a black image, as in the reference (which replaces undecodable
     images by black 224x224 ones); a damaged JPEG decodes as the reference decodes it."""
     h, w = self.image_size
+    if not self.randaugment and getattr(self.ds, "image_size", None) == (h, w):
+      return self.ds.read_array(i)  # a resized pack: the stored bytes are the image
     try:
       im, status = self.ds.read_image(i)
       im = resize(im, (h, w))
@@ -141,28 +151,23 @@ class PlaceRecords:
       im = augment.rand_augment(im, rng, self.num_ops, self.magnitude)
     return np.asarray(im, np.uint8), status
 
-  def __call__(self, index: int) -> dict[str, Any]:
+  def __call__(self, index: int, out: np.ndarray) -> dict[str, np.ndarray]:
+    """Fills out [K, H, W, 3] with the place's images; returns labels, valid, status, image."""
     epoch, pos = self.spec.global_position(int(index))
-    k, (h, w) = self.spec.img_per_place, self.image_size
+    k = self.spec.img_per_place
     if pos >= self.spec.num_places:
-      return {"images": np.zeros((k, h, w, 3), np.uint8), "labels": np.full((k,), -1, np.int32),
-              "valid": np.zeros((k,), bool), "status": np.zeros((k,), np.int8),
-              "image": np.full((k,), -1, np.int64)}
+      out[:] = 0
+      return {"labels": np.full((k,), -1, np.int32), "valid": np.zeros((k,), bool),
+              "status": np.zeros((k,), np.int8), "image": np.full((k,), -1, np.int64)}
     place = int(self.order(epoch)[pos])
     rng = np.random.default_rng([self.seed, epoch, pos, 1])
-    out = np.empty((k, h, w, 3), np.uint8)
     ids = sample_place_images(self.ds, place, k, rng)
     status = np.zeros((k,), np.int8)
     for j, i in enumerate(ids):
       out[j], status[j] = self.load(int(i), rng)
     label = int(self.ds.place_ids[place])
-    return {"images": out, "labels": np.full((k,), label, np.int32), "valid": np.ones((k,), bool),
+    return {"labels": np.full((k,), label, np.int32), "valid": np.ones((k,), bool),
             "status": status, "image": np.asarray(ids, np.int64)}
-
-
-def _collate_places(xs: list[dict]) -> dict[str, np.ndarray]:
-  """Places -> one batch, place-major (p0i0, p0i1, ..., p1i0, ...)."""
-  return {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
 
 
 class ReportDamaged:
@@ -208,7 +213,8 @@ def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
   spec = TrainSpec(ds.num_places, places_per_batch, img_per_place, process_index, process_count)
   records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment)
   num_batches = num_epochs * spec.steps_per_epoch
-  batches = Batches(records, spec.local_places, _collate_places, num_threads)
+  k, (h, w) = img_per_place, tuple(image_size)
+  batches = Batches(records, spec.local_places, (k, h, w, 3), num_threads)
   return _iter(num_batches, batches, num_workers).map(ReportDamaged(ds)), spec
 
 
@@ -220,9 +226,9 @@ class EvalRecords:
     self.paths = list(paths)
     self.image_size = image_size
 
-  def __call__(self, index: int) -> dict[str, Any]:
-    im = resize(load_image(self.paths[index]), self.image_size)
-    return {"images": np.asarray(im, np.uint8), "index": np.int64(index)}
+  def __call__(self, index: int, out: np.ndarray) -> dict[str, Any]:
+    out[:] = np.asarray(resize(load_image(self.paths[index]), self.image_size), np.uint8)
+    return {"index": np.int64(index)}
 
 
 def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_size: int,
@@ -241,15 +247,16 @@ def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_siz
   num_batches = math.ceil(n / batch_size)
   records = EvalRecords(paths, (h, w))
 
-  def load(i):
+  def load(i, out):
     g, j = divmod(int(i), local)
     gi = g * batch_size + process_index * local + j
     if gi >= n:
-      return {"images": np.zeros((h, w, 3), np.uint8), "index": np.int64(-1)}
-    return records(gi)
+      out[:] = 0
+      return {"index": np.int64(-1)}
+    return records(gi, out)
 
-  def stack(xs):
-    index = np.array([x["index"] for x in xs], np.int64)
-    return {"images": np.stack([x["images"] for x in xs]), "index": index, "valid": index >= 0}
+  def finish(batch):
+    batch["valid"] = batch["index"] >= 0
+    return batch
 
-  return _iter(num_batches, Batches(load, local, stack, num_threads), num_workers)
+  return _iter(num_batches, Batches(load, local, (h, w, 3), num_threads, finish), num_workers)

@@ -175,6 +175,11 @@ class TfdsGSVCities(gsv_cities.GSVCities):
           f"{self.image_size[0]}x{self.image_size[1]}x3 image", REBUILD)
     return rec
 
+  def read_array(self, i: int) -> tuple[np.ndarray, int]:
+    """A resized pack's image i as a read-only uint8 [H, W, 3] view of its record, and status."""
+    rec = self._record(i)
+    return np.frombuffer(rec["image"], np.uint8).reshape(self.image_size + (3,)), int(rec["status"])
+
   def read_image(self, i: int) -> tuple[Image.Image, int]:
     rec = self._record(i)
     if self.image_size is None:  # JPEG bytes: decoded as the file would be
