@@ -21,6 +21,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -93,6 +94,8 @@ def _write_shard(task: dict) -> dict:
     writer.write(feats.serialize_example(
         {"image": data, "status": status, "name": name, "place": place}))
   writer.close()
+  with open(tmp, "rb") as f:  # on disk before the rename commits it
+    os.fsync(f.fileno())
   got = array_record_module.ArrayRecordReader(tmp).num_records()
   if got != n:
     raise RuntimeError(f"{tmp}: wrote {n} records, read back {got}")
@@ -194,6 +197,12 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
                for i in order[lo:hi]]
       tasks.append({"shard": s, "path": path, "files": files, "image_size": image_size,
                     "compression": compression})
+    if image_size:  # raw images: the size is known before writing (+3 % record overhead)
+      need = sum(len(t["files"]) for t in tasks) * image_size[0] * image_size[1] * 3 * 1.03
+      free = shutil.disk_usage(staging).free
+      if need > free:
+        raise UserError(f"packing needs ~{need / 2**30:.1f} GiB more in {data_dir}, "
+                        f"{free / 2**30:.1f} GiB are free", "free space or choose another --data_dir")
     what = "resized to {}x{} (raw uint8)".format(*image_size) if image_size else "as JPEG bytes"
     if summaries:
       print(f"resuming: {len(summaries)} of {num_shards} shards already written in {staging}")
