@@ -108,9 +108,10 @@ class Batches:
 
 
 def _iter(num_batches: int, batches: Batches, num_workers: int) -> grain.IterDataset:
-  """Batch indices -> batches, at most PREFETCH_BATCHES ahead per process."""
+  """Batch indices -> batches, at most PREFETCH_BATCHES ahead per process (computed two at a
+  time, so the thread pool has the next batch's places while the last ones of a batch finish)."""
   it = grain.MapDataset.range(num_batches).map(batches).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH_BATCHES))
+      grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES))
   return _with_workers(it, num_workers)
 
 
