@@ -6,6 +6,11 @@ from __future__ import annotations
 import os
 
 from salad_jax.data import gsv_cities, pipeline
+from salad_jax.errors import UserError
+
+
+def _cities(d) -> tuple[str, ...]:
+  return tuple(c.strip() for c in d.cities.split(",")) if isinstance(d.cities, str) else tuple(d.cities)
 
 
 def open_source(config) -> gsv_cities.GSVCities:
@@ -15,13 +20,24 @@ def open_source(config) -> gsv_cities.GSVCities:
     from salad_jax.data import demo
     demo.ensure(d.root, seed=d.demo_seed)
   if d.source in ("folder", "demo"):
-    cities = tuple(c.strip() for c in d.cities.split(",")) if isinstance(d.cities, str) else tuple(d.cities)
+    cities = _cities(d)
     if not os.path.isdir(d.root):
       raise FileNotFoundError(f"GSV-Cities root {d.root!r} does not exist. {gsv_cities.HOW_TO_GET}")
     return gsv_cities.read_gsv_cities(d.root, cities, d.min_img_per_place)
   if d.source == "tfds":
     from salad_jax.data import tfds_gsv
-    return tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place)
+    if not d.tfds_data_dir:
+      raise UserError("config.data.source=tfds needs config.data.tfds_data_dir",
+                      "pack the data with `python -m salad_jax.data.tfds_gsv --manual_dir "
+                      "<GSVCities> --data_dir <dir> --image_size 224,224` and pass "
+                      "--config.data.tfds_data_dir=<dir>")
+    ds = tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place, tuple(d.image_size))
+    if ds.cities != _cities(d):
+      raise UserError(f"the pack {ds.root} holds the cities {','.join(ds.cities)}, but "
+                      f"config.data.cities lists {','.join(_cities(d))}",
+                      "set --config.data.cities to the packed cities, or pack the cities you "
+                      "train on (--cities)")
+    return ds
   raise ValueError(f"config.data.source must be 'folder', 'tfds' or 'demo', got {d.source!r}")
 
 

@@ -149,3 +149,37 @@ def test_rand_augment_applies_num_ops_ops_deterministically():
     rng = np.random.default_rng(s)
     seen |= {augment.OPS[int(rng.integers(14))] for _ in range(3)}
   assert seen == set(augment.OPS)
+
+
+def _images_for_fast_path():
+  rng = np.random.default_rng(1)
+  out = [IMG, Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)),
+         Image.fromarray((rng.integers(0, 256, (224, 224, 3)) // 3 + 60).astype(np.uint8)),
+         Image.new("RGB", (50, 40), (10, 200, 30)),  # constant: degenerate histograms
+         Image.fromarray(np.where(rng.random((31, 17, 3)) < 0.5, 3, 250).astype(np.uint8))]
+  y, x = np.mgrid[:112, :112]  # smooth gradients: values near LUT and rounding boundaries
+  out.append(Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8)))
+  return out
+
+
+@pytest.mark.parametrize("op", augment.OPS)
+def test_fast_path_is_byte_identical_to_pil_for_every_op_and_sign(op):
+  for img in _images_for_fast_path():
+    hw = (img.size[1], img.size[0])
+    for sign in ((1, -1) if op in augment.SIGNED else (1,)):
+      for magnitude in (9, 30, 1):
+        mag = sign * augment.magnitude_of(op, hw, magnitude)
+        if op == "Posterize" and not 1 <= int(mag) <= 8:
+          continue
+        want = np.asarray(augment.apply_op(img, op, mag))
+        got = np.asarray(augment.apply_op_fast(img, op, mag))
+        np.testing.assert_array_equal(got, want, err_msg=f"{op} {mag} on {img.size}")
+
+
+def test_rand_augment_fast_equals_the_pil_path():
+  rng = np.random.default_rng(2)
+  for s in range(40):
+    img = Image.fromarray(rng.integers(0, 256, (56, 48, 3), dtype=np.uint8))
+    a = augment.rand_augment(img, np.random.default_rng(s))
+    b = augment.rand_augment(img, np.random.default_rng(s), fast=False)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -154,7 +154,8 @@ def test_corrupt_and_missing_training_images_become_black_and_are_counted(tmp_pa
   assert len(black) == 2
 
 
-def test_truncated_jpeg_still_loads_like_the_reference(tmp_path):
+def test_damaged_jpeg_decodes_like_the_reference_and_is_counted_and_logged(tmp_path, caplog):
+  from salad_jax.data import images
   root = str(tmp_path)
   files = make_gsv(root, {"Solo": [4]}, size=(200, 150))
   path = os.path.join(root, "Images", "Solo", files[("Solo", 0)][0])
@@ -165,20 +166,63 @@ def test_truncated_jpeg_still_loads_like_the_reference(tmp_path):
     f.write(data[: int(len(data) * 0.7)])  # the scan data is cut; headers are intact
   ds = gsv_cities.read_gsv_cities(root, ("Solo",))
   (b,), _ = _batches(ds, places_per_batch=1, num_epochs=1)
-  assert int(b["corrupt"]) == 0  # ImageFile.LOAD_TRUNCATED_IMAGES, as the reference sets it
+  assert int(b["corrupt"]) == 1  # decoded (as with PIL's LOAD_TRUNCATED_IMAGES), and counted
+  want = np.asarray(images.resize(images.decode(data[: int(len(data) * 0.7)], "x",
+                                                damaged="allow")[0], (28, 28)))
+  assert any(np.array_equal(im, want) for im in b["images"]) and want.any()
+  assert [r for r in caplog.records if "damaged training image" in r.getMessage()
+          and os.path.basename(path) in r.getMessage()]
 
 
-def test_tfds_build_reads_the_same_batches_as_the_folder(gsv, tmp_path):
-  from salad_jax.data import tfds_gsv
-  root, _, ds = gsv
-  tfds_gsv.build(root, str(tmp_path), cities=tuple(CITIES))
-  t = tfds_gsv.open_gsv_cities(str(tmp_path))
-  np.testing.assert_array_equal(t.place_ids, ds.place_ids)
-  a, _ = _batches(ds, num_epochs=1, randaugment=True)
-  b, _ = _batches(t, num_epochs=1, randaugment=True)
-  for x, y in zip(a, b):
-    for k in ("images", "labels", "valid"):
-      np.testing.assert_array_equal(x[k], y[k])
+def _counting(ds):
+  """A copy of ds that counts its image reads."""
+  import copy
+  import threading
+
+  class Counting(type(ds)):
+    lock, reads = threading.Lock(), [0]
+
+    def image_path(self, i):  # every reader opens its file by this path
+      with self.lock:
+        self.reads[0] += 1
+      return super().image_path(i)
+
+  out = copy.copy(ds)
+  out.__class__ = Counting
+  return out
+
+
+def test_read_ahead_is_bounded_to_a_few_batches(gsv):
+  """The prefetch buffer counts batches: it once held max(2 * places, threads) of them."""
+  import time
+  _, _, ds = gsv
+  ds = _counting(ds)
+  it, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
+                                 num_epochs=8, seed=0, num_threads=8, randaugment=False)
+  it = iter(it)
+  next(it)
+  time.sleep(1.0)  # let the read-ahead fill up
+  per_batch = 16  # the consumed batch + PREFETCH_BATCHES (2) read ahead; it was 8 read ahead
+  assert per_batch <= ds.reads[0] <= 3 * per_batch
+
+
+def test_corrupt_count_matches_the_warnings_at_every_step(tmp_path, caplog):
+  root = str(tmp_path)
+  files = make_gsv(root, {"Solo": [4] * 12})
+  for pid in range(12):  # one unreadable image in every place
+    with open(os.path.join(root, "Images", "Solo", files[("Solo", pid)][pid % 4]), "wb") as f:
+      f.write(b"not an image")
+  ds = gsv_cities.read_gsv_cities(root, ("Solo",))
+  it, spec = pipeline.train_dataset(ds, places_per_batch=2, img_per_place=4, image_size=(28, 28),
+                                    num_epochs=1, seed=0, num_threads=4, randaugment=False)
+  it, total = iter(it), 0
+  for _ in range(spec.steps_per_epoch):
+    b = next(it)
+    total += int(b["corrupt"])
+    warned = [r for r in caplog.records
+              if r.levelname == "WARNING" and "unreadable training image" in r.getMessage()]
+    assert len(warned) == total
+  assert total > 0
 
 
 def test_eval_batches_have_a_static_shape_and_a_validity_mask(tmp_path):

@@ -15,6 +15,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from salad_jax.data import images
+
 # The 23 training cities of the SALAD / GSV-Cities recipe, in the reference's order.
 TRAIN_CITIES = ("Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona",
                 "Chicago", "Madrid", "Miami", "Phoenix", "TRT", "Boston", "Lisbon", "Medellin",
@@ -55,10 +57,19 @@ class GSVCities:
   def image_path(self, i: int) -> str:
     return os.path.join(self.root, str(self.paths[i]))
 
-  def open_image(self, i: int) -> Image.Image:
-    """Decoded RGB image number i (raises OSError/ValueError for unreadable files)."""
-    with Image.open(self.image_path(i)) as im:
-      return im.convert("RGB")
+  def image_name(self, i: int) -> str:
+    """Image i for messages."""
+    return self.image_path(i)
+
+  def read_image(self, i: int) -> tuple[Image.Image, int]:
+    """Image number i as training decodes it: (RGB image, images.OK or images.DAMAGED).
+
+    A truncated or damaged JPEG decodes as the reference decodes it (PIL's
+    LOAD_TRUNCATED_IMAGES, without the global); an unreadable file raises OSError or
+    images.UnreadableImage, naming it.
+    """
+    path = self.image_path(i)
+    return images.decode(images.read_file(path), path, damaged="allow")
 
 
 def _read_city(path: str, city_index: int):

@@ -1,12 +1,38 @@
-"""Image decoding and the reference's transforms (PIL bilinear resize, ImageNet normalisation)."""
+"""Image decoding and the reference's transforms (PIL bilinear resize, ImageNet normalisation).
+
+Decoding never touches PIL's process-global `ImageFile.LOAD_TRUNCATED_IMAGES`: evaluation and
+`preprocess` reject a truncated or damaged file with an error naming it (`load_image`), while
+training decodes it exactly as the reference does with that flag set (`decode(...,
+damaged="allow")`), per call, so both can run in one process and in threads.
+
+Every PIL mode becomes the RGB image it shows: 8-bit modes through PIL's own conversion (alpha
+is dropped, as the reference's `convert("RGB")` does), 16-bit grayscale keeps its high byte
+(PIL's `convert("RGB")` clips it to 255: nearly white images). Modes without an unambiguous
+8-bit form (float, 32-bit integer) are an error naming the file.
+"""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# status of a decoded training image (counted by the pipeline)
+OK, DAMAGED, UNREADABLE = 0, 1, 2
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImage(ValueError):
+  """An image file that cannot be decoded into the RGB image it shows; the message names it."""
+
+_EIGHT_BIT = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB",
+              "HSV"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_SIXTEEN_BIT_I = {"PNG", "PPM"}  # formats whose mode "I" holds 16-bit samples (0..65535)
 
 
 def as_size(size) -> tuple[int, int]:
@@ -17,15 +43,79 @@ def as_size(size) -> tuple[int, int]:
   return int(h), int(w)
 
 
-def load_image(path: str) -> Image.Image:
-  """Opens an image file as RGB, with errors that name the file."""
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+  """The RGB image a PIL image shows, or UnreadableImage naming `name` when that is ambiguous."""
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode in _EIGHT_BIT:
+    return image.convert("RGB")
+  if mode in _SIXTEEN_BIT or (mode == "I" and image.format in _SIXTEEN_BIT_I):
+    high = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)  # as PIL does for RGB;16
+    return Image.fromarray(high, "L").convert("RGB")
+  kind = {"F": "32-bit float", "I": "32-bit integer"}.get(mode, "")
+  raise UnreadableImage(f"cannot read image {name}: PIL mode {mode}{f' ({kind})' if kind else ''} "
+                   "has no unambiguous 8-bit RGB form; save it as 8-bit RGB (JPEG/PNG)")
+
+
+def _open_like_load_truncated(data: bytes) -> Image.Image:
+  """A damaged JPEG decoded as PIL does with LOAD_TRUNCATED_IMAGES=True, without the global.
+
+  With the flag, PIL's JPEG reader appends an EOI marker at a premature end of data (libjpeg then
+  fills the missing blocks with grey), stops reading when the data runs out even if the decoder
+  wants more (progressive JPEGs), and ignores the decoder's final error code, keeping what was
+  decoded. Here the marker is appended to the bytes, so the decoder sees the same stream; where
+  PIL would raise instead of stopping, the image holds the same pixels and only PIL's pending
+  work list (`tile`) is left: clearing it is what the flag's `break` does. The tests compare the
+  result with PIL's own, flag set, in another process.
+  """
+  im = Image.open(io.BytesIO(data + b"\xff\xd9"))
   try:
-    with Image.open(path) as im:
-      return im.convert("RGB")
+    im.load()
+  except OSError:
+    im.tile = []  # keep what was decoded, as the flag does (nothing decoded: load raises)
+    im.load()
+  return im
+
+
+def decode(data: bytes, name: str, damaged: str = "error") -> tuple[Image.Image, int]:
+  """Encoded image bytes -> (RGB image, OK or DAMAGED).
+
+  damaged="error": a truncated or damaged file raises UnreadableImage naming `name`.
+  damaged="allow": a damaged JPEG decodes as the reference decodes it (PIL's
+  LOAD_TRUNCATED_IMAGES), status DAMAGED; other damaged formats still raise.
+  """
+  try:
+    im = Image.open(io.BytesIO(data))
+  except DECODE_ERRORS as e:
+    raise UnreadableImage(f"cannot read image {name}: {e}") from e
+  status = OK
+  try:
+    im.load()
+  except DECODE_ERRORS as e:
+    if damaged != "allow" or im.format != "JPEG":
+      raise UnreadableImage(f"cannot read image {name}: {e}") from e
+    try:
+      im, status = _open_like_load_truncated(data), DAMAGED
+    except DECODE_ERRORS as e2:
+      raise UnreadableImage(f"cannot read image {name}: {e2}") from e2
+  return to_rgb(im, name), status
+
+
+def read_file(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
   except FileNotFoundError:
     raise FileNotFoundError(f"image not found: {path}") from None
-  except (OSError, Image.UnidentifiedImageError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
+  except IsADirectoryError:
+    raise IsADirectoryError(f"expected an image file, found a directory: {path}") from None
+
+
+def load_image(path: str) -> Image.Image:
+  """Opens an image file as RGB; a missing, truncated, damaged or ambiguous file is an error
+  naming it (evaluation and `preprocess`)."""
+  return decode(read_file(path), path)[0]
 
 
 def resize(image: Image.Image, size) -> Image.Image:

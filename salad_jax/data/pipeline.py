@@ -4,25 +4,35 @@ Everything image-related (decode, resize, RandAugment) runs in numpy/PIL inside 
 pipelines emit uint8 images and the jitted steps normalise them (`normalize_images`), so 4x fewer
 bytes cross process and host->device boundaries. Each JAX process reads only its share of every
 global batch; `jax.make_array_from_process_local_data` assembles the global arrays.
+
+Read-ahead is bounded in batches: a grain element is a whole (local) batch, so that the batches
+do not depend on the number of worker processes; its places (or images) are computed on a
+per-process pool of `num_threads` threads, and at most `PREFETCH_BATCHES` batches are read ahead
+per process (plus one in each worker's output buffer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
 
 import grain
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from PIL import Image, ImageFile
+from PIL import Image
 
 from salad_jax.data import augment
 from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
-from salad_jax.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, resize
+from salad_jax.data.images import (DAMAGED, IMAGENET_MEAN, IMAGENET_STD, OK, UNREADABLE,
+                                   UnreadableImage, load_image, resize)
 
-ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the reference: truncated JPEGs decode with grey fill
+PREFETCH_BATCHES = 2
+
 
 def normalize_images(images_u8):
   """uint8 NHWC -> float32: ToTensor (/255) then Normalize(ImageNet mean, std)."""
@@ -60,6 +70,52 @@ class TrainSpec:
     return epoch, step * self.places_per_batch + self.process_index * self.local_places + j
 
 
+# ------------------------------------------------------------------------------ threads
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(num_threads: int) -> ThreadPoolExecutor:
+  """This process's pool of `num_threads` threads (worker processes get their own)."""
+  key = (os.getpid(), num_threads)
+  with _POOLS_LOCK:
+    if key not in _POOLS:
+      _POOLS[key] = ThreadPoolExecutor(num_threads, thread_name_prefix="salad-data")
+    return _POOLS[key]
+
+
+class Batches:
+  """Batch b of n items in one preallocated image array: item(i, images) fills its images in
+  place (no copy to assemble the batch) and returns its other fields; items run on the thread
+  pool. `finish` adds fields computed over the batch."""
+
+  def __init__(self, item: Callable[[int, np.ndarray], dict], n: int, shape: tuple[int, ...],
+               num_threads: int, finish: Callable[[dict], dict] | None = None):
+    self.item, self.n, self.shape, self.num_threads = item, n, tuple(shape), num_threads
+    self.finish = finish
+
+  def __call__(self, b: int) -> dict[str, np.ndarray]:
+    b = int(b)
+    images = np.empty((self.n,) + self.shape, np.uint8)
+    fill = lambda j: self.item(b * self.n + j, images[j])  # noqa: E731
+    if self.num_threads > 1:
+      parts = list(_pool(self.num_threads).map(fill, range(self.n)))
+    else:
+      parts = [fill(j) for j in range(self.n)]
+    out = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+    out["images"] = images.reshape((-1,) + self.shape[-3:])  # place-major for training
+    return self.finish(out) if self.finish else out
+
+
+def _iter(num_batches: int, batches: Batches, num_workers: int) -> grain.IterDataset:
+  """Batch indices -> batches, at most PREFETCH_BATCHES ahead per process (computed two at a
+  time, so the thread pool has the next batch's places while the last ones of a batch finish)."""
+  it = grain.MapDataset.range(num_batches).map(batches).to_iter_dataset(
+      grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES))
+  return _with_workers(it, num_workers)
+
+
+# ------------------------------------------------------------------------------ training
 class PlaceRecords:
   """Record i -> K augmented images of one place (uint8), its labels, and a validity mask.
 
@@ -73,50 +129,70 @@ class PlaceRecords:
     self._order: tuple[int, np.ndarray] | None = None
 
   def order(self, epoch: int) -> np.ndarray:
-    if self._order is None or self._order[0] != epoch:
-      self._order = (epoch, epoch_place_order(self.ds, self.seed, epoch))
-    return self._order[1]
+    order = self._order  # one read: threads may replace it
+    if order is None or order[0] != epoch:
+      order = self._order = (epoch, epoch_place_order(self.ds, self.seed, epoch))
+    return order[1]
 
-  def load(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """Image i resized (and augmented); an unreadable file becomes a black image, as in the
-    reference (which replaces undecodable images by black 224x224 ones), and is counted."""
+  def load(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Image i resized (and augmented), and its status (images.OK / DAMAGED / UNREADABLE).
+
+    An unreadable file becomes a black image, as in the reference (which replaces undecodable
+    images by black 224x224 ones); a damaged JPEG decodes as the reference decodes it."""
     h, w = self.image_size
+    if not self.randaugment and getattr(self.ds, "image_size", None) == (h, w):
+      return self.ds.read_array(i)  # a resized pack: the stored bytes are the image
     try:
-      im = resize(self.ds.open_image(i), (h, w))
-      bad = False
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-      logging.warning("unreadable training image %s (%s): using a black image", self.ds.image_path(i), e)
-      im, bad = Image.new("RGB", (w, h)), True
+      im, status = self.ds.read_image(i)
+      im = resize(im, (h, w))
+    except (OSError, UnreadableImage) as e:
+      logging.info("unreadable training image %s: %s", self.ds.image_path(i), e)
+      im, status = Image.new("RGB", (w, h)), UNREADABLE
     if self.randaugment:
       im = augment.rand_augment(im, rng, self.num_ops, self.magnitude)
-    return np.asarray(im, np.uint8), bad
+    return np.asarray(im, np.uint8), status
 
-  def __call__(self, index: int) -> dict[str, Any]:
+  def __call__(self, index: int, out: np.ndarray) -> dict[str, np.ndarray]:
+    """Fills out [K, H, W, 3] with the place's images; returns labels, valid, status, image."""
     epoch, pos = self.spec.global_position(int(index))
-    k, (h, w) = self.spec.img_per_place, self.image_size
+    k = self.spec.img_per_place
     if pos >= self.spec.num_places:
-      return {"images": np.zeros((k, h, w, 3), np.uint8), "labels": np.full((k,), -1, np.int32),
-              "valid": np.zeros((k,), bool), "corrupt": np.int32(0)}
+      out[:] = 0
+      return {"labels": np.full((k,), -1, np.int32), "valid": np.zeros((k,), bool),
+              "status": np.zeros((k,), np.int8), "image": np.full((k,), -1, np.int64)}
     place = int(self.order(epoch)[pos])
     rng = np.random.default_rng([self.seed, epoch, pos, 1])
-    images, corrupt = [], 0
-    for i in sample_place_images(self.ds, place, k, rng):
-      img, bad = self.load(int(i), rng)
-      images.append(img)
-      corrupt += bad
+    ids = sample_place_images(self.ds, place, k, rng)
+    status = np.zeros((k,), np.int8)
+    for j, i in enumerate(ids):
+      out[j], status[j] = self.load(int(i), rng)
     label = int(self.ds.place_ids[place])
-    return {"images": np.stack(images), "labels": np.full((k,), label, np.int32),
-            "valid": np.ones((k,), bool), "corrupt": np.int32(corrupt)}
+    return {"labels": np.full((k,), label, np.int32), "valid": np.ones((k,), bool),
+            "status": status, "image": np.asarray(ids, np.int64)}
 
 
-def _flatten_places(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """[P, K, ...] -> [P*K, ...] place-major (p0i0, p0i1, ..., p1i0, ...); corrupt summed."""
-  out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != "corrupt"}
-  out["corrupt"] = np.int32(batch["corrupt"].sum())
-  return out
+class ReportDamaged:
+  """Runs where the batch is consumed: logs each damaged or unreadable image of the batch and
+  replaces the per-image status by their count, `corrupt`, so the count and the warnings agree
+  at every step however far the workers read ahead."""
+
+  def __init__(self, ds: GSVCities):
+    self.ds = ds
+
+  def __call__(self, batch: dict) -> dict:
+    status, ids = batch.pop("status"), batch.pop("image")
+    for s, i in zip(status[status != OK], ids[status != OK]):
+      name = self.ds.image_name(int(i))
+      if s == DAMAGED:
+        logging.warning("damaged training image %s: decoded with grey fill, as the reference "
+                        "does (PIL LOAD_TRUNCATED_IMAGES)", name)
+      else:
+        logging.warning("unreadable training image %s: using a black image", name)
+    batch["corrupt"] = np.int32(np.count_nonzero(status != OK))
+    return batch
 
 
-def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 2) -> grain.IterDataset:
+def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 1) -> grain.IterDataset:
   """Worker processes via mp_prefetch. grain reads absl flags in the workers, so outside
   `app.run` (notebooks, tests) the flags are marked parsed first."""
   if num_workers <= 0:
@@ -131,16 +207,16 @@ def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
                   image_size: Sequence[int], num_epochs: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_workers: int = 0, num_threads: int = 8,
                   randaugment: bool = True) -> tuple[grain.IterDataset, TrainSpec]:
-  """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}."""
+  """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}.
+
+  `corrupt` counts the batch's damaged and unreadable images, each logged as a warning when
+  the batch is consumed."""
   spec = TrainSpec(ds.num_places, places_per_batch, img_per_place, process_index, process_count)
   records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment)
-  total = num_epochs * spec.steps_per_epoch * spec.local_places
-  dataset = (grain.MapDataset.range(total).map(records)
-             .batch(spec.local_places, batch_fn=lambda xs: _flatten_places(
-                 {k: np.stack([x[k] for x in xs]) for k in xs[0]})))
-  it = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(2 * spec.local_places, num_threads)))
-  return _with_workers(it, num_workers), spec
+  num_batches = num_epochs * spec.steps_per_epoch
+  k, (h, w) = img_per_place, tuple(image_size)
+  batches = Batches(records, spec.local_places, (k, h, w, 3), num_threads)
+  return _iter(num_batches, batches, num_workers).map(ReportDamaged(ds)), spec
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -151,9 +227,9 @@ class EvalRecords:
     self.paths = list(paths)
     self.image_size = image_size
 
-  def __call__(self, index: int) -> dict[str, Any]:
-    im = resize(load_image(self.paths[index]), self.image_size)
-    return {"images": np.asarray(im, np.uint8), "index": np.int64(index)}
+  def __call__(self, index: int, out: np.ndarray) -> dict[str, Any]:
+    out[:] = np.asarray(resize(load_image(self.paths[index]), self.image_size), np.uint8)
+    return {"index": np.int64(index)}
 
 
 def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_size: int,
@@ -172,18 +248,16 @@ def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_siz
   num_batches = math.ceil(n / batch_size)
   records = EvalRecords(paths, (h, w))
 
-  def load(i):
+  def load(i, out):
     g, j = divmod(int(i), local)
     gi = g * batch_size + process_index * local + j
     if gi >= n:
-      return {"images": np.zeros((h, w, 3), np.uint8), "index": np.int64(-1)}
-    return records(gi)
+      out[:] = 0
+      return {"index": np.int64(-1)}
+    return records(gi, out)
 
-  def stack(xs):
-    index = np.array([x["index"] for x in xs], np.int64)
-    return {"images": np.stack([x["images"] for x in xs]), "index": index, "valid": index >= 0}
+  def finish(batch):
+    batch["valid"] = batch["index"] >= 0
+    return batch
 
-  ds = grain.MapDataset.range(num_batches * local).map(load).batch(local, batch_fn=stack)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=max(2 * local, num_threads)))
-  return _with_workers(it, num_workers)
+  return _iter(num_batches, Batches(load, local, (h, w, 3), num_threads, finish), num_workers)

@@ -1,0 +1,306 @@
+"""Packs GSV-Cities into the TFDS records of `tfds_gsv`: in parallel, resumable, never partial.
+
+The images are cut into shards of `images_per_shard` consecutive records. Worker processes (one
+per core by default) each write whole shards into a staging directory next to the final one,
+`<data_dir>/gsv_cities/<config>/2.0.0.partial/`: a shard is written under a temporary name, its
+record count checked, its summary (`.json`) written, and then renamed; that rename commits it.
+A killed pack leaves committed shards and temporary files; running the same command again skips
+the committed shards (checking each one's record count) and writes the rest. A staging directory
+from a different job (other source, cities, size or shard size) is ours and is removed first.
+Only when every shard is committed and the record count is right does TFDS write the dataset
+info and rename its directory to the final name: the final directory is complete or absent.
+
+An unreadable source image is stored as the reference's black image (as the file reader does),
+counted, named in a message and flagged in its record; a damaged JPEG is stored as the reference
+decodes it (grey fill), counted and flagged too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+from PIL import Image
+
+from salad_jax.data import gsv_cities, images
+from salad_jax.errors import UserError, check_output_dir
+
+JOB_FILE = "job.json"
+LOCK_FILE = "pack.lock"
+
+
+@dataclasses.dataclass
+class Staged:
+  shards: list[str]
+  lengths: list[int]
+  metadata: dict
+
+
+def cities_in(root: str, cities=None) -> tuple[str, ...]:
+  """The requested cities, or every CSV in Dataframes/ (the training cities first, in order)."""
+  if cities:
+    return tuple(cities)
+  frames = os.path.join(root, "Dataframes")
+  if not os.path.isdir(frames):
+    raise FileNotFoundError(f"GSV-Cities not found at {root!r}: no Dataframes/ folder. "
+                            f"{gsv_cities.HOW_TO_GET}")
+  present = {os.path.splitext(f)[0] for f in os.listdir(frames) if f.endswith(".csv")}
+  ordered = [c for c in gsv_cities.TRAIN_CITIES if c in present]
+  return tuple(ordered + sorted(present - set(ordered)))
+
+
+def encode_image(path: str, image_size) -> tuple[bytes, int, str]:
+  """(record bytes, status, message) for one source file: resized raw uint8, or the file."""
+  if image_size is None:
+    try:
+      return images.read_file(path), images.OK, ""
+    except OSError as e:  # stored empty: training reads it as unreadable, like the file
+      return b"", images.UNREADABLE, str(e)
+  h, w = image_size
+  try:
+    im, status = images.decode(images.read_file(path), path, damaged="allow")
+    im = images.resize(im, (h, w))
+    msg = "" if status == images.OK else f"damaged JPEG {path}: decoded with grey fill"
+  except (OSError, images.UnreadableImage) as e:
+    im, status, msg = Image.new("RGB", (w, h)), images.UNREADABLE, str(e)
+  return im.tobytes(), status, msg
+
+
+def _write_shard(task: dict) -> dict:
+  """Writes one shard (runs in a worker process); returns its summary."""
+  from array_record.python import array_record_module
+
+  from salad_jax.data import tfds_gsv
+  feats = tfds_gsv.features()
+  final, n = task["path"], len(task["files"])
+  tmp = f"{final}.tmp-{os.getpid()}"
+  options = "group_size:1" + (",uncompressed" if task["compression"] == "none" else "")
+  writer = array_record_module.ArrayRecordWriter(tmp, options)
+  damaged, unreadable = [], []
+  for (path, name, place) in task["files"]:
+    data, status, msg = encode_image(path, task["image_size"])
+    if status == images.DAMAGED:
+      damaged.append(name)
+    elif status == images.UNREADABLE:
+      unreadable.append(f"{name}: {msg}")
+    writer.write(feats.serialize_example(
+        {"image": data, "status": status, "name": name, "place": place}))
+  writer.close()
+  with open(tmp, "rb") as f:  # on disk before the rename commits it
+    os.fsync(f.fileno())
+  got = array_record_module.ArrayRecordReader(tmp).num_records()
+  if got != n:
+    raise RuntimeError(f"{tmp}: wrote {n} records, read back {got}")
+  summary = {"records": n, "damaged": damaged, "unreadable": unreadable}
+  with open(f"{final}.json.tmp-{os.getpid()}", "w") as f:
+    json.dump(summary, f)
+  os.replace(f"{final}.json.tmp-{os.getpid()}", f"{final}.json")
+  os.replace(tmp, final)  # the commit
+  return summary
+
+
+def _committed(path: str, n: int) -> dict | None:
+  """The summary of a committed shard of n records, or None."""
+  from array_record.python import array_record_module
+  if not (os.path.isfile(path) and os.path.isfile(f"{path}.json")):
+    return None
+  try:
+    with open(f"{path}.json") as f:
+      summary = json.load(f)
+    if summary["records"] == n and array_record_module.ArrayRecordReader(path).num_records() == n:
+      return summary
+  except (OSError, ValueError, KeyError, RuntimeError):
+    pass
+  return None
+
+
+def _lock(staging: str) -> str:
+  """One pack per staging directory; a lock left by a dead process is taken over."""
+  path = os.path.join(staging, LOCK_FILE)
+  me = f"{socket.gethostname()} {os.getpid()}"
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      os.write(fd, me.encode())
+      os.close(fd)
+      return path
+    except FileExistsError:
+      try:
+        host, pid = open(path).read().split()
+      except (OSError, ValueError):
+        host, pid = "", "0"
+      alive = host != socket.gethostname()  # another host: assume it lives
+      if not alive:
+        try:
+          os.kill(int(pid), 0)
+          alive = True
+        except (ProcessLookupError, ValueError):
+          alive = False
+        except PermissionError:
+          alive = True
+      if alive:
+        raise UserError(f"another pack ({host} pid {pid}) is writing {staging}",
+                        f"wait for it to finish, or delete {path} if it is gone") from None
+      print(f"taking over the lock of a finished pack ({host} pid {pid}) in {staging}")
+      os.remove(path)
+  raise UserError(f"cannot lock {staging}")
+
+
+def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_workers: int = 0,
+         images_per_shard: int = 1000, compression: str = "none", progress: bool = True) -> str:
+  """Writes the pack; returns its directory. See the module docstring."""
+  import tensorflow_datasets as tfds
+
+  from salad_jax.data import tfds_gsv
+  image_size = images.as_size(image_size) if image_size is not None else None
+  if compression not in ("none", "zstd"):
+    raise UserError(f"compression {compression!r}: use none or zstd")
+  ds = gsv_cities.read_gsv_cities(manual_dir, cities_in(manual_dir, cities), min_img_per_place=1)
+  check_output_dir(data_dir, "--data_dir")
+  final = tfds_gsv.pack_dir(data_dir, image_size)
+  counts = np.diff(ds.place_start)
+  metadata = {"format": tfds_gsv.FORMAT, "image_size": list(image_size) if image_size else None,
+              "cities": list(ds.cities), "place_ids": [int(x) for x in ds.place_ids],
+              "place_city": [int(x) for x in ds.place_city], "num_images": [int(x) for x in counts]}
+  if os.path.isfile(os.path.join(final, "dataset_info.json")):
+    return _existing(final, metadata)
+  order = ds.order  # records: images grouped by place, places in order, CSV order within
+  n = len(order)
+  job = {"source": os.path.abspath(manual_dir), "images": n, "images_per_shard": images_per_shard,
+         "compression": compression, "metadata": metadata}
+  staging = final + ".partial"
+  os.makedirs(staging, exist_ok=True)
+  lock = _lock(staging)
+  try:
+    _reset_if_other_job(staging, job)
+    num_shards = max(1, -(-n // images_per_shard))
+    names = tfds.core.ShardedFileTemplate(
+        data_dir=staging, dataset_name=tfds_gsv.NAME, split="train",
+        filetype_suffix="array_record").sharded_filepaths(num_shards)
+    tasks, summaries = [], {}
+    for s in range(num_shards):
+      lo, hi = s * images_per_shard, min(n, (s + 1) * images_per_shard)
+      path = os.fspath(names[s])
+      done = _committed(path, hi - lo)
+      if done is not None:
+        summaries[s] = done
+        continue
+      files = [(ds.image_path(int(i)), str(ds.paths[int(i)]), int(ds.image_place[int(i)]))
+               for i in order[lo:hi]]
+      tasks.append({"shard": s, "path": path, "files": files, "image_size": image_size,
+                    "compression": compression})
+    if image_size:  # raw images: the size is known before writing (+3 % record overhead)
+      need = sum(len(t["files"]) for t in tasks) * image_size[0] * image_size[1] * 3 * 1.03
+      free = shutil.disk_usage(staging).free
+      if need > free:
+        raise UserError(f"packing needs ~{need / 2**30:.1f} GiB more in {data_dir}, "
+                        f"{free / 2**30:.1f} GiB are free", "free space or choose another --data_dir")
+    what = "resized to {}x{} (raw uint8)".format(*image_size) if image_size else "as JPEG bytes"
+    if summaries:
+      print(f"resuming: {len(summaries)} of {num_shards} shards already written in {staging}")
+    print(f"packing {n} images of {len(counts)} places {what} into {final}")
+    t0 = time.time()
+    _run(tasks, summaries, num_workers, progress, n - sum(len(t["files"]) for t in tasks))
+    lengths = [summaries[s]["records"] for s in range(num_shards)]
+    if sum(lengths) != n:
+      raise RuntimeError(f"{staging}: {sum(lengths)} records in the shards, expected {n}")
+    damaged = [x for s in range(num_shards) for x in summaries[s]["damaged"]]
+    unreadable = [x for s in range(num_shards) for x in summaries[s]["unreadable"]]
+    metadata.update(damaged=len(damaged), unreadable=len(unreadable))
+    builder = tfds_gsv.GsvCities(data_dir=data_dir, image_size=image_size,
+                                 staged=Staged([os.fspath(p) for p in names], lengths, metadata))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  finally:
+    if os.path.exists(lock):
+      os.remove(lock)
+  _remove_staging(staging, names)
+  size = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
+  print(f"packed {n} images in {time.time() - t0:.0f} s: {size / 2**30:.2f} GiB, "
+        f"{size / n * 1000 / 2**20:.1f} MiB per 1,000 images, in {final}")
+  for label, items in (("unreadable source images (stored as black images)", unreadable),
+                       ("damaged JPEGs (stored decoded with grey fill, as the reference)", damaged)):
+    if items:
+      print(f"{len(items)} {label}: " + "; ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+  return final
+
+
+def _existing(final: str, metadata: dict) -> str:
+  with open(os.path.join(final, "metadata.json")) as f:
+    have = json.load(f)
+  diff = [k for k in ("format", "image_size", "cities", "place_ids", "num_images")
+          if have.get(k) != metadata[k]]
+  if diff:
+    raise UserError(f"{final} already holds a different pack (differs in {', '.join(diff)})",
+                    "use another --data_dir, or delete that directory to replace it")
+  print(f"already packed: {final}")
+  return final
+
+
+def _reset_if_other_job(staging: str, job: dict) -> None:
+  path = os.path.join(staging, JOB_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        same = json.load(f) == job
+    except (OSError, ValueError):
+      same = False
+    if not same:
+      print(f"{staging} holds an unfinished pack of another job: starting from scratch")
+      for f in os.listdir(staging):
+        if f != LOCK_FILE:
+          os.remove(os.path.join(staging, f))
+  for f in os.listdir(staging):  # temporary files of killed writers
+    if ".tmp-" in f:
+      os.remove(os.path.join(staging, f))
+  with open(path + ".tmp", "w") as f:
+    json.dump(job, f)
+  os.replace(path + ".tmp", path)
+
+
+def _remove_staging(staging: str, shards) -> None:
+  """Removes what the pack wrote in its staging directory (shards now linked into the pack)."""
+  for p in shards:
+    for f in (os.fspath(p), f"{os.fspath(p)}.json"):
+      if os.path.exists(f):
+        os.remove(f)
+  os.remove(os.path.join(staging, JOB_FILE))
+  try:
+    os.rmdir(staging)
+  except OSError:  # something else is in there: not ours to delete
+    print(f"left {staging}: it holds files the pack did not write")
+
+
+def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial: int) -> None:
+  from tqdm import tqdm
+  total = initial + sum(len(t["files"]) for t in tasks)
+  bar = tqdm(total=total, initial=initial, unit="img", desc="pack", disable=not progress,
+             mininterval=2.0)
+  workers = min(num_workers or os.cpu_count() or 1, max(1, len(tasks)))
+  try:
+    if workers <= 1:
+      for t in tasks:
+        summaries[t["shard"]] = _write_shard(t)
+        bar.update(len(t["files"]))
+      return
+    # forkserver: workers fork from a clean server process that imported this module once
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["salad_jax.data.pack", "salad_jax.data.tfds_gsv"])
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      try:
+        for t, summary in zip(tasks, pool.map(_write_shard, tasks)):
+          summaries[t["shard"]] = summary
+          bar.update(len(t["files"]))
+      except BrokenProcessPool:
+        raise RuntimeError("a pack worker process died (killed, or out of memory?); the shards "
+                           "written so far are kept: run the same command again to resume") from None
+  finally:
+    bar.close()
