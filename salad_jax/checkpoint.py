@@ -57,9 +57,21 @@ def verify(params, meta: dict, where: str) -> None:
         f"({got[:16]}... != {want[:16]}...)", "use another checkpoint, or restore it from a backup")
 
 
+def _everywhere(ok: bool) -> bool:
+  """True iff `ok` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def _reason(e: BaseException) -> str:
-  text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-  return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+  """One short line: the message's first line, without TensorStore's pointer to more details."""
+  text = e.message if isinstance(e, UserError) else str(e)
+  text = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+  text = text.split(" See full TensorStore details")[0]
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _shape_diffs(saved, abstract) -> list[str]:
@@ -142,14 +154,19 @@ class TrainCheckpointer:
                         f"the model ({len(diffs)}): " + "; ".join(diffs[:5]),
                         "resume with the config the checkpoints were trained with, or start a "
                         "fresh run with another --workdir")
+      error = None
       try:
         state, meta = self.restore(step, abstract_state, data_iter)
-        verify(state["params"], meta, f"checkpoint {self.directory}/{step}")
       except Exception as e:  # damaged: try the next older one
-        failed.append((step, e))
-        continue
-      self._set_aside(failed, step)
-      return step, state, meta
+        error = e
+      if _everywhere(error is None):  # all processes restored this step, or none goes on with it
+        try:  # the same verdict on every process: same meta, same (replicated) checksum
+          verify(state["params"], meta, f"checkpoint {self.directory}/{step}")
+          self._set_aside(failed, step)
+          return step, state, meta
+        except CorruptCheckpointError as e:
+          error = e
+      failed.append((step, error or RuntimeError("it failed to restore on another process")))
     if failed:
       listed = "; ".join(f"step {s}: {_reason(e)}" for s, e in failed)
       raise UserError(f"no checkpoint in {self.directory} can be restored ({listed})",

@@ -62,53 +62,55 @@ class SaladModel:
     self.config = config
     self.source = dict(source or {})
     self.module = VPRModel(config)
-    self._describe = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
-    self._features = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=VPRModel.features))
+    # each call also returns the input's min, max and finiteness (fused: no extra round trip)
+    self._describe = jax.jit(lambda p, x: (self.module.apply({"params": p}, x), _min_max(x)))
+    self._features = jax.jit(lambda p, x: (
+        self.module.apply({"params": p}, x, method=VPRModel.features), _min_max(x)))
 
   @property
   def descriptor_dim(self) -> int:
     return self.config.descriptor_dim
 
   def _check(self, images, min_patches: int) -> jax.Array:
-    """Shape, dtype, and values (finite, in the normalised range) of a batch -> float32 array.
-
-    The values are checked with one min and one max: on the host for numpy input, in one fused
-    op (one transfer of two numbers) for device arrays.
-    """
+    """Shape and dtype of a batch -> float32 array. Its values are checked by `_check_values`
+    on the min and max that the jitted call returns with its result."""
     if isinstance(images, (list, tuple)):
       images = np.stack(images)
     shape = np.shape(images)
     vit.check_image_shape(shape, min_patches=min_patches)
     if shape[0] == 0:
       raise ValueError("empty batch: images has batch size 0")
-    dtype = getattr(images, "dtype", None) or np.asarray(images).dtype
+    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
       raise UserError(f"images are {dtype}; the model takes float images normalised with the "
                       "ImageNet mean and std",
                       "salad_jax.preprocess(path, PIL image or uint8 array) makes them")
-    if isinstance(images, jax.Array):
-      lo, hi = (float(v) for v in np.asarray(_min_max(images)))
-    else:
-      images = np.asarray(images)
-      lo, hi = float(images.min()), float(images.max())  # NaN propagates into both
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    return jnp.asarray(images, jnp.float32)
+
+  @staticmethod
+  def _check_values(min_max) -> None:
+    """Finite, and within the range an ImageNet-normalised image can have."""
+    lo, hi, finite = (float(v) for v in np.asarray(min_max))
+    if not (finite and np.isfinite(lo) and np.isfinite(hi)):
       raise UserError("images contain NaN or Inf values")
     (a, b), m = NORMALISED_RANGE, RANGE_MARGIN
     if lo < a - m or hi > b + m:
       raise UserError(f"images hold values in [{lo:.4g}, {hi:.4g}], outside [{a:.3f}, {b:.3f}], the "
                       "range of ImageNet-normalised images (uint8 or [0, 255] pixels?)",
                       "salad_jax.preprocess(path, PIL image or uint8 array) normalises images")
-    return jnp.asarray(images, jnp.float32)
 
   def describe(self, images) -> np.ndarray:
     """float32 NHWC ImageNet-normalised images -> descriptors [B, D] (L2-normalised)."""
     x = self._check(images, self.config.num_clusters)
-    return np.asarray(self._describe(self.params, x))
+    desc, min_max = self._describe(self.params, x)
+    self._check_values(min_max)
+    return np.asarray(desc)
 
   def features(self, images) -> tuple[np.ndarray, np.ndarray]:
     """Backbone outputs after the final norm: [B, H/14, W/14, C] and the cls token [B, C]."""
     x = self._check(images, 0)
-    f, t = self._features(self.params, x)
+    (f, t), min_max = self._features(self.params, x)
+    self._check_values(min_max)
     return np.asarray(f), np.asarray(t)
 
   def to_torch(self, path: str, overwrite: bool = False) -> None:
@@ -124,7 +126,8 @@ class SaladModel:
 
 @jax.jit
 def _min_max(x):
-  return jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32)
+  """[min, max, all finite] of a batch (XLA's min/max may skip NaN: finiteness is its own flag)."""
+  return jnp.stack([jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x))]).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------ converted dirs
@@ -190,6 +193,7 @@ def save_converted(directory: str, params: Mapping, config: ModelConfig,
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
+    ckptr.close()
     meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(), "source": dict(source or {}),
             "params_checksum": integrity.params_checksum(params)}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -210,10 +214,13 @@ def restore_params(path: str) -> dict:
   """Restores an Orbax params tree saved with StandardSave, as numpy arrays on the host."""
   import orbax.checkpoint as ocp
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree.tree if hasattr(tree, "tree") else tree)
-  return ckptr.restore(path, target)
+  try:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree.tree if hasattr(tree, "tree") else tree)
+    return ckptr.restore(path, target)
+  finally:
+    ckptr.close()
 
 
 def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:

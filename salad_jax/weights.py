@@ -168,7 +168,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
                       "expected a flat state_dict")
     v = v.detach().cpu()
     if v.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits (exact)
-      raw[k] = v.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+      raw[k] = v.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).reshape(v.shape)
     elif v.dtype.is_floating_point and v.dtype.itemsize == 1:
       raw[k] = v.to(torch.float32).numpy()  # float8: exact in float32
     else:

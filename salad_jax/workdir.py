@@ -37,7 +37,8 @@ CHECKPOINTS = "checkpoints"
 # Settings that may change when a run resumes: logging, evaluation, checkpointing, data location,
 # and settings that change speed or memory but not the numbers trained. Everything else (model
 # shape, data and batch layout, optimizer, schedule, seed, init, ...) is fixed; a key added to the
-# config after a run started is compared with its default. Patterns are fnmatch-style.
+# config after a run started is compared with its default; a key since removed is only reported.
+# Patterns are fnmatch-style.
 MAY_CHANGE = ("log_every_steps", "stop_after_steps", "num_epochs", "eval.*", "checkpoint.*",
               "data.root", "data.tfds_data_dir", "data.num_threads", "model.attention",
               "model.micro_batch", "model.train_micro_batch", "model.remat", "mesh.*")
@@ -142,7 +143,8 @@ def record_config(config, workdir: str, defaults: Mapping | None = None) -> list
   diffs = []
   if saved is not None:
     diffs = differences(saved, new, config_dict(base_config()) if defaults is None else defaults)
-    fixed = [x for x in diffs if not may_change(x[0])]
+    # a key salad_jax no longer has cannot be set: reported, not an error
+    fixed = [x for x in diffs if not may_change(x[0]) and x[2] is not _UNSET]
     if fixed and has_checkpoints(workdir):
       raise UserError(
           f"{workdir} holds checkpoints of a run with other settings, which cannot change when "
