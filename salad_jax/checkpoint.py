@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import os
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -55,6 +56,23 @@ def verify(params, meta: dict, where: str) -> None:
     raise CorruptCheckpointError(
         f"{where} is corrupt: its params do not match the checksum recorded when it was saved "
         f"({got[:16]}... != {want[:16]}...)", "use another checkpoint, or restore it from a backup")
+
+
+def quiet_orphaned_reads() -> None:
+  """Called before restoring. When an Orbax restore fails, TensorStore's other pending reads
+  finish on the closed event loop, and each prints "RuntimeError: Event loop is closed" (via
+  sys.unraisablehook), after the error was reported. Drops exactly those; anything else reaches
+  the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "salad_jax", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.salad_jax = True
+  sys.unraisablehook = hook
 
 
 def _everywhere(ok: bool) -> bool:
@@ -141,6 +159,7 @@ class TrainCheckpointer:
     once an older one has restored, so a failure that is not damage moves nothing. Params of
     other shapes than the model's are a `UserError` (the config changed), not damage.
     """
+    quiet_orphaned_reads()
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed = []
     for step in steps:
@@ -237,6 +256,7 @@ def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfi
   """
   directory, step = _resolve(path)
   step_given = os.path.basename(os.path.normpath(path)).isdigit()
+  quiet_orphaned_reads()
   with _quiet():
     return _load(directory, step, step_given, which)
 

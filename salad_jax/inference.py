@@ -237,6 +237,8 @@ def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
     raise UserError(f"{cfg_path} is corrupt ({e})",
                     "convert the weights again (convert_weights.py), or restore the file") from None
   params_dir = os.path.join(directory, PARAMS_DIR)
+  from salad_jax import checkpoint
+  checkpoint.quiet_orphaned_reads()
   try:
     params = restore_params(params_dir)
   except Exception as e:  # Orbax/tensorstore errors of a damaged or missing params dir

@@ -23,7 +23,6 @@ from safetensors.numpy import save_file
 
 import salad_jax
 from helpers import make_gsv, state_dict_np, twin
-from salad_jax import workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD = dict(m=16, l=32, g=32, hidden=128)  # configs/demo.py's head on Nano/14
@@ -339,6 +338,7 @@ def trained_looking_workdir(c):
   """A workdir whose run (train_cli's settings) reached a checkpoint; its presence is all the
   check looks at."""
   import configs.demo
+  from salad_jax import workdir
   cfg = configs.demo.get_config()
   cfg.data.source, cfg.data.root, cfg.data.cities = "folder", c.gsv_root, "Alpha,Beta"
   cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (56, 56), 0
