@@ -8,6 +8,7 @@ weight`, `aggregator.score.0.weight`, ...) to numpy arrays. Files are read and w
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Iterable, Mapping
 
@@ -123,7 +124,9 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
     raise CheckpointMismatchError("\n".join(lines))
 
 
+@functools.lru_cache(maxsize=8)
 def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flax param path -> shape for `config` (traced once per config; do not mutate)."""
   import jax  # local: keeps `convert` importable without initialising a backend
   from salad_jax.models.vpr import VPRModel
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
