@@ -232,6 +232,7 @@ def _pickle_globals(path: str) -> list[str]:
 def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   """Writes a flat float32 state_dict (.pth/.ckpt via torch, or .safetensors) with the marker."""
   from salad_jax import __version__
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   if path.endswith(SAFETENSORS_SUFFIX):
     from safetensors.numpy import save_file

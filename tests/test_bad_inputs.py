@@ -362,6 +362,7 @@ def locked_workdir(c):
 
 # (case, command(ctx) -> (argv, cwd), words on stderr)
 CLI = [
+    ("convert: no --src", lambda c: convert_cli(c, "--dst", str(c.tmp / "o")), ["--src"]),
     ("convert: --src missing", lambda c: convert_cli(c, "--src", str(c.tmp / "nope.pth"), "--dst", str(c.tmp / "o")),
      ["--src", "nope.pth does not exist"]),
     ("convert: --src unreadable", lambda c: convert_cli(c, "--src", unreadable(c), "--dst", str(c.tmp / "o")),

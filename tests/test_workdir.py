@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from salad_jax import workdir
@@ -202,3 +203,30 @@ def test_another_hosts_lock_is_taken_over_only_when_its_heartbeat_stops(tmp_path
   lock.acquire()
   assert "of node-17 pid 4242 (since t): its heartbeat stopped" in capsys.readouterr().out
   lock.release()
+
+
+def test_num_epochs_may_change_the_data_position_does_not_depend_on_it(tmp_path):
+  """Why `num_epochs` may change on resume: the grain iterator's saved position means the same
+  batch whatever the epoch count (the LR schedule does not depend on it either: `optim`), so a
+  1-epoch run resumed with num_epochs=2 trains exactly as a 2-epoch run (seen end to end: the
+  same losses at steps 4-6)."""
+  from helpers import make_gsv
+  from salad_jax.data import gsv_cities, pipeline
+  make_gsv(str(tmp_path), {"A": [4] * 6, "B": [4] * 5}, size=(16, 16))
+  ds = gsv_cities.read_gsv_cities(str(tmp_path), ("A", "B"), 4)
+
+  def iterator(epochs):
+    it, spec = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(14, 14),
+                                      num_epochs=epochs, seed=0, num_threads=1, randaugment=False)
+    return iter(it), spec
+  short, spec = iterator(1)
+  for _ in range(spec.steps_per_epoch):
+    next(short)
+  resumed, _ = iterator(2)
+  resumed.set_state(short.get_state())
+  straight, _ = iterator(2)
+  for _ in range(spec.steps_per_epoch):
+    next(straight)
+  for _ in range(spec.steps_per_epoch):
+    a, b = next(resumed), next(straight)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
