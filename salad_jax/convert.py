@@ -114,14 +114,14 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
   bad = [f"{t}: checkpoint {tuple(np.shape(state_dict[t]))}, model {want[t]}"
          for t in want if t in state_dict and tuple(np.shape(state_dict[t])) != want[t]]
   if missing or unexpected or bad:
-    lines = ["checkpoint does not match the model:"]
+    parts = []  # one line: the command-line tools print it as `error: ...`
     if missing:
-      lines.append(f"  in model, not in checkpoint ({len(missing)}): {_format_keys(missing)}")
+      parts.append(f"in model, not in checkpoint ({len(missing)}): {_format_keys(missing)}")
     if unexpected:
-      lines.append(f"  in checkpoint, not in model ({len(unexpected)}): {_format_keys(unexpected)}")
+      parts.append(f"in checkpoint, not in model ({len(unexpected)}): {_format_keys(unexpected)}")
     if bad:
-      lines.append(f"  shape mismatches ({len(bad)}): " + "; ".join(sorted(bad)[:20]))
-    raise CheckpointMismatchError("\n".join(lines))
+      parts.append(f"shape mismatches ({len(bad)}): " + "; ".join(sorted(bad)[:20]))
+    raise CheckpointMismatchError("checkpoint does not match the model: " + " | ".join(parts))
 
 
 @functools.lru_cache(maxsize=8)
@@ -177,9 +177,9 @@ def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.Ordere
   missing, extra = paths - set(flat), set(flat) - paths
   if missing or extra:
     raise CheckpointMismatchError(
-        "params do not match the model config:\n"
-        f"  in model, not in params: {_format_keys('/'.join(p) for p in missing)}\n"
-        f"  in params, not in model: {_format_keys('/'.join(p) for p in extra)}")
+        "params do not match the model config: "
+        f"in model, not in params: {_format_keys('/'.join(p) for p in missing)} | "
+        f"in params, not in model: {_format_keys('/'.join(p) for p in extra)}")
   out = collections.OrderedDict()
   for tkey, fpath, kind in rows:
     out[tkey] = np.array(_to_torch(flat[fpath].astype(np.float32), kind), order="C")
