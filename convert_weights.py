@@ -4,6 +4,9 @@ r"""Converts SALAD / DINOv2 weights between PyTorch and salad_jax.
   python convert_weights.py --src dino_salad.ckpt --dst weights/dino_salad
   # salad_jax checkpoint (converted dir or train.py workdir) -> official-layout PyTorch state_dict
   python convert_weights.py --src runs/gsv --dst salad_from_jax.pth
+
+--overwrite only ever replaces what salad_jax wrote: a converted directory (salad_config.json +
+params/, nothing else) or a weight file carrying salad_jax's marker; anything else is refused.
 """
 
 import os
@@ -14,25 +17,29 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "PyTorch .ckpt/.pth/.safetensors, or a salad_jax dir.", required=True)
 flags.DEFINE_string("dst", None, "Output: a directory (-> Orbax), or a .pth/.ckpt/.safetensors "
                     "file (-> PyTorch state_dict).", required=True)
-flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing destination that salad_jax wrote.")
 flags.DEFINE_integer("seed", 0, "Seed of the fresh head when --src is a backbone-only DINOv2 file.")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
   import salad_jax
-  from salad_jax import cli, convert
+  from salad_jax import cli, convert, inference
 
   cli.quiet_logs()
+  src, dst = FLAGS.src, FLAGS.dst
+  if not os.path.exists(src):  # both ends checked before anything is read or converted
+    raise FileNotFoundError(f"--src {src} does not exist")
+  if os.path.isfile(src) and not os.access(src, os.R_OK):
+    raise PermissionError(f"--src {src} is not readable (permission denied)")
+  inference.check_destination(dst, FLAGS.overwrite)
 
-  model = salad_jax.load(FLAGS.src, rng=jax.random.key(FLAGS.seed))
-  dst = FLAGS.dst
+  model = salad_jax.load(src, rng=jax.random.key(FLAGS.seed))
   if dst.endswith(convert.TORCH_SUFFIXES + (convert.SAFETENSORS_SUFFIX,)):
-    if os.path.exists(dst) and not FLAGS.overwrite:
-      raise app.UsageError(f"{dst} exists; pass --overwrite to replace it")
-    model.to_torch(dst)
+    model.to_torch(dst, overwrite=FLAGS.overwrite)
     kind = "PyTorch state_dict"
   else:
     model.save(dst, overwrite=FLAGS.overwrite)

@@ -40,6 +40,7 @@ def main():
   model.params = jax.device_put(model.params)
 
   x = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  x = np.clip(x, -2.1, 2.6)  # describe() accepts the value range of ImageNet-normalised images
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
   t0 = time.perf_counter()

@@ -4,23 +4,102 @@ Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`. `param
 what inference needs (`salad_jax.load(workdir)`), so it is its own item. Keeps the last N
 checkpoints and the best M by a validation metric; saves are atomic (Orbax writes to a tmp dir
 and renames), so an interrupted save never damages an earlier checkpoint.
+
+Each checkpoint's meta holds `params_checksum` (salad_jax.integrity), verified on every restore.
+Resuming takes the newest checkpoint that restores and verifies; newer damaged ones are moved to
+`<workdir>/damaged_checkpoints/` (out of Orbax's sight: never resumed from, never deleted).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import shutil
+import sys
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from salad_jax import integrity
+from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"
+
+
+class CorruptCheckpointError(UserError):
+  """A checkpoint's params do not match the checksum recorded when it was written."""
+
+
+def params_checksum(params) -> str:
+  """On the host when one process holds all of the params (no compile), else on the devices."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+    return integrity.params_checksum(jax.tree.map(np.asarray, jax.device_get(params)))
+  return integrity.params_checksum(params)
+
+
+def verify(params, meta: dict, where: str) -> None:
+  """Raises CorruptCheckpointError if `params` do not match `meta["params_checksum"]`."""
+  want = meta.get("params_checksum")
+  if want is None:
+    logging.info("%s has no params checksum (written before salad_jax recorded one)", where)
+    return
+  got = params_checksum(params)
+  if got != want:
+    raise CorruptCheckpointError(
+        f"{where} is corrupt: its params do not match the checksum recorded when it was saved "
+        f"({got[:16]}... != {want[:16]}...)", "use another checkpoint, or restore it from a backup")
+
+
+def quiet_orphaned_reads() -> None:
+  """Called before restoring. When an Orbax restore fails, TensorStore's other pending reads
+  finish on the closed event loop, and each prints "RuntimeError: Event loop is closed" (via
+  sys.unraisablehook), after the error was reported. Drops exactly those; anything else reaches
+  the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "salad_jax", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.salad_jax = True
+  sys.unraisablehook = hook
+
+
+def _everywhere(ok: bool) -> bool:
+  """True iff `ok` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _reason(e: BaseException) -> str:
+  """One short line: the message's first line, without TensorStore's pointer to more details."""
+  text = e.message if isinstance(e, UserError) else str(e)
+  text = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+  text = text.split(" See full TensorStore details")[0]
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _shape_diffs(saved, abstract) -> list[str]:
+  """Params whose saved shape differs from the model's (a config change, not damage)."""
+  flat = lambda t: {jax.tree_util.keystr(k): tuple(v.shape)
+                    for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(saved), flat(abstract)
+  out = [f"{k}: checkpoint {a.get(k, 'absent')}, model {b.get(k, 'absent')}"
+         for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return out
 
 
 class TrainCheckpointer:
@@ -51,6 +130,7 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: dict, meta: dict, data_iter=None,
            metrics: dict | None = None) -> None:
+    meta = {**meta, "params_checksum": params_checksum(state["params"])}
     items = {"params": ocp.args.StandardSave(state["params"]),
              "train_state": ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
              "meta": ocp.args.JsonSave(meta)}
@@ -70,6 +150,65 @@ class TrainCheckpointer:
     state = dict(out["train_state"])
     state["params"] = out["params"]
     return state, out["meta"]
+
+  def restore_latest(self, abstract_state: dict, data_iter=None):
+    """The newest checkpoint that restores and matches its checksum: (step, state, meta), or
+    None without checkpoints.
+
+    Newer checkpoints that fail are moved to `<workdir>/damaged_checkpoints/` (one line each)
+    once an older one has restored, so a failure that is not damage moves nothing. Params of
+    other shapes than the model's are a `UserError` (the config changed), not damage.
+    """
+    quiet_orphaned_reads()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        saved = self.manager.item_metadata(step)["params"]
+      except Exception:  # unreadable metadata: the restore below fails and says why
+        saved = None
+      diffs = _shape_diffs(saved, abstract_state["params"]) if saved is not None else []
+      if diffs:
+        raise UserError(f"checkpoint {self.directory}/{step} holds params of other shapes than "
+                        f"the model ({len(diffs)}): " + "; ".join(diffs[:5]),
+                        "resume with the config the checkpoints were trained with, or start a "
+                        "fresh run with another --workdir")
+      error = None
+      try:
+        state, meta = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # damaged: try the next older one
+        error = e
+      if _everywhere(error is None):  # all processes restored this step, or none goes on with it
+        try:  # the same verdict on every process: same meta, same (replicated) checksum
+          verify(state["params"], meta, f"checkpoint {self.directory}/{step}")
+          self._set_aside(failed, step)
+          return step, state, meta
+        except CorruptCheckpointError as e:
+          error = e
+      failed.append((step, error or RuntimeError("it failed to restore on another process")))
+    if failed:
+      listed = "; ".join(f"step {s}: {_reason(e)}" for s, e in failed)
+      raise UserError(f"no checkpoint in {self.directory} can be restored ({listed})",
+                      "restore the checkpoints from a backup, or move them aside to start afresh "
+                      "(nothing was moved or deleted)") from failed[0][1]
+    return None
+
+  def _set_aside(self, failed: list, good: int) -> None:
+    if not failed:
+      return
+    if jax.process_index() == 0:
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+      aside = os.path.join(os.path.dirname(self.directory), DAMAGED)
+      os.makedirs(aside, exist_ok=True)
+      for step, e in failed:
+        dest = os.path.join(aside, f"{step}-{stamp}")
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        print(f"checkpoint step {step} cannot be restored ({_reason(e)}); moved it to {dest}; "
+              f"resuming from step {good}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("salad_jax: damaged checkpoints moved")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -117,31 +256,59 @@ def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfi
   """
   directory, step = _resolve(path)
   step_given = os.path.basename(os.path.normpath(path)).isdigit()
+  quiet_orphaned_reads()
   with _quiet():
     return _load(directory, step, step_given, which)
 
 
+def _damaged(directory: str, step: int, error: Exception, steps) -> UserError:
+  others = [s for s in sorted(steps, reverse=True) if s != step]
+  return UserError(f"checkpoint {directory}/{step} cannot be read ({_reason(error)}): it is damaged",
+                   f"load another step, e.g. {directory}/{others[0]}" if others else
+                   "restore it from a backup")
+
+
 def _load(directory: str, step: int, step_given: bool, which: str):
-  import numpy as np
+  from salad_jax import weights
   mngr = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
+    steps = mngr.all_steps()
+
     def meta_of(s):
-      return mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    meta = meta_of(step)
+      try:
+        return mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:
+        raise _damaged(directory, s, e, steps) from e
     if which == "best" and not step_given:
-      scored = [(m["eval"]["R@1"], s) for s in mngr.all_steps()
-                for m in [meta_of(s)] if m.get("eval", {}).get("R@1") is not None]
+      scored = []
+      for s in steps:
+        try:
+          r1 = meta_of(s).get("eval", {}).get("R@1")
+        except UserError as e:
+          logging.warning("skipping %s", e)
+          continue
+        if r1 is not None:
+          scored.append((r1, s))
       if scored:
         step = max(scored)[1]
-        meta = meta_of(step)
-    tree = mngr.item_metadata(step)["params"]
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-    params = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
+    meta = meta_of(step)
+    try:
+      tree = mngr.item_metadata(step)["params"]
+      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
+      params = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target)))["params"]
+    except Exception as e:
+      raise _damaged(directory, step, e, steps) from e
   finally:
     mngr.close()
-  source = {"checkpoint": os.path.join(directory, str(step)), "step": step,
-            "eval": meta.get("eval", {})}
-  return params, ModelConfig.from_dict(meta["model"]), source
+  where = os.path.join(directory, str(step))
+  verify(params, meta, f"checkpoint {where}")
+  params = weights.check_params(params, os.path.join(where, "params"))
+  try:
+    config = ModelConfig.from_dict(meta["model"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"checkpoint {where}: its meta holds no valid model config ({_reason(e)})") from e
+  source = {"checkpoint": where, "step": step, "eval": meta.get("eval", {})}
+  return params, config, source

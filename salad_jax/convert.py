@@ -1,20 +1,20 @@
 """PyTorch state_dict <-> Flax params for DINOv2 SALAD, with a strict two-way key/shape check.
 
 A state_dict here is a flat mapping from the official keys (`backbone.model.blocks.3.attn.qkv.
-weight`, `aggregator.score.0.weight`, ...) to numpy arrays. Reading `.ckpt/.pth` files needs torch
-(the `torch` extra) and only ever uses `torch.load(weights_only=True)`: a pickle that carries code
-is refused, never run. `.safetensors` files are read without torch.
+weight`, `aggregator.score.0.weight`, ...) to numpy arrays. Files are read and written by
+`salad_jax.weights` (safe unpickling, tensor checks, the writer marker).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
+import functools
 import os
 from typing import Iterable, Mapping
 
 import numpy as np
 
+from salad_jax import weights
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig
 
@@ -114,17 +114,19 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
   bad = [f"{t}: checkpoint {tuple(np.shape(state_dict[t]))}, model {want[t]}"
          for t in want if t in state_dict and tuple(np.shape(state_dict[t])) != want[t]]
   if missing or unexpected or bad:
-    lines = ["checkpoint does not match the model:"]
+    parts = []  # one line: the command-line tools print it as `error: ...`
     if missing:
-      lines.append(f"  in model, not in checkpoint ({len(missing)}): {_format_keys(missing)}")
+      parts.append(f"in model, not in checkpoint ({len(missing)}): {_format_keys(missing)}")
     if unexpected:
-      lines.append(f"  in checkpoint, not in model ({len(unexpected)}): {_format_keys(unexpected)}")
+      parts.append(f"in checkpoint, not in model ({len(unexpected)}): {_format_keys(unexpected)}")
     if bad:
-      lines.append(f"  shape mismatches ({len(bad)}): " + "; ".join(sorted(bad)[:20]))
-    raise CheckpointMismatchError("\n".join(lines))
+      parts.append(f"shape mismatches ({len(bad)}): " + "; ".join(sorted(bad)[:20]))
+    raise CheckpointMismatchError("checkpoint does not match the model: " + " | ".join(parts))
 
 
-def _param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+@functools.lru_cache(maxsize=8)
+def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flax param path -> shape for `config` (traced once per config; do not mutate)."""
   import jax  # local: keeps `convert` importable without initialising a backend
   from salad_jax.models.vpr import VPRModel
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
@@ -142,7 +144,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig,
   With `backbone_only`, only `backbone.model.*` keys are expected and the result holds only the
   `backbone` subtree (the head then starts from a fresh init).
   """
-  shapes = _param_shapes(config)
+  shapes = param_shapes(config)
   rows = layout(config, backbone_only)
   model_paths = {p for p in shapes if not backbone_only or p[0] == "backbone"}
   table_paths = {f for _, f, _ in rows}
@@ -175,9 +177,9 @@ def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.Ordere
   missing, extra = paths - set(flat), set(flat) - paths
   if missing or extra:
     raise CheckpointMismatchError(
-        "params do not match the model config:\n"
-        f"  in model, not in params: {_format_keys('/'.join(p) for p in missing)}\n"
-        f"  in params, not in model: {_format_keys('/'.join(p) for p in extra)}")
+        "params do not match the model config: "
+        f"in model, not in params: {_format_keys('/'.join(p) for p in missing)} | "
+        f"in params, not in model: {_format_keys('/'.join(p) for p in extra)}")
   out = collections.OrderedDict()
   for tkey, fpath, kind in rows:
     out[tkey] = np.array(_to_torch(flat[fpath].astype(np.float32), kind), order="C")
@@ -185,75 +187,35 @@ def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.Ordere
 
 
 # ------------------------------------------------------------------------------------ files
-TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
-SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES, SAFETENSORS_SUFFIX = weights.TORCH_SUFFIXES, weights.SAFETENSORS_SUFFIX
+sha256, read_state_dict = weights.sha256, weights.read_state_dict
 
 
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+def _vote(sd: Mapping[str, np.ndarray], what: str, where: list[tuple[str, int]]) -> int:
+  """The size of dimension `what` that most tensors carrying it agree on.
 
-
-def _import_torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("reading a PyTorch .ckpt/.pth needs torch: pip install 'salad-jax[torch]' "
-                      "(or convert the file to .safetensors elsewhere)") from e
-  return torch
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a flat state_dict (numpy float32) from .ckpt/.pth/.pt/.bin or .safetensors.
-
-  A Lightning-style dict is unwrapped through its `state_dict` key.
+  So one wrong-shaped tensor is reported by name, instead of fixing the inferred config and
+  making all its neighbours look wrong. A tie between two tensors names both.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
-  if path.endswith(SAFETENSORS_SUFFIX):
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    try:
-      raw = load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:
-      raise ValueError(f"{path} is not a readable .safetensors file: {e}") from e
-  else:
-    torch = _import_torch()
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-      msg = str(e)
-      detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "")
-      detail = detail.split(". Please")[0].replace("WeightsUnpickler error: ", "")
-      if "Unsupported global" in msg:
-        raise ValueError(
-            f"refusing to load {path}: the pickle references Python code or objects beyond "
-            f"tensors and plain containers ({detail}); it was not executed. If you trust the "
-            "file, re-save its state_dict: torch.save(obj['state_dict'], 'clean.pth')") from e
-      reason = detail or (msg.splitlines()[0] if msg else type(e).__name__)
-      raise ValueError(f"{path} is not a PyTorch checkpoint torch can read safely ({reason}); "
-                       "nothing in it was executed") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-      obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
-      raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict (a mapping of "
-                       "parameter names to tensors)")
-    raw = {}
-    for k, v in obj.items():
-      if not isinstance(v, torch.Tensor):
-        raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
-                         "expected a flat state_dict")
-      raw[k] = v.detach().to(torch.float32).numpy()
-  return {k: np.asarray(v, np.float32) for k, v in raw.items()}
+  seen = [(k, sd[k].shape[axis]) for k, axis in where
+          if k in sd and -sd[k].ndim <= axis < sd[k].ndim]
+  if not seen:
+    raise CheckpointMismatchError(f"checkpoint has none of {_format_keys([k for k, _ in where], 4)}")
+  counts = collections.Counter(v for _, v in seen)
+  (best, n), *rest = counts.most_common()
+  if rest and rest[0][1] == n:
+    named = "; ".join(f"{k} {tuple(sd[k].shape)}" for k, _ in where if k in sd)
+    raise CheckpointMismatchError(
+        f"checkpoint does not match the model: tensors disagree on {what} ({named}); one of "
+        "them has the wrong shape")
+  return best
 
 
 def infer_config(state_dict: Mapping[str, np.ndarray], **overrides) -> tuple[ModelConfig, bool]:
   """Model config implied by a state_dict's shapes; returns (config, backbone_only).
 
   Accepts a SALAD checkpoint (`backbone.model.*` + `aggregator.*`) or a plain DINOv2 hub file.
+  Each size is the one most tensors carrying it agree on (`_vote`).
   """
   keys = set(state_dict)
   if any(k.startswith(BACKBONE) for k in keys):
@@ -264,23 +226,29 @@ def infer_config(state_dict: Mapping[str, np.ndarray], **overrides) -> tuple[Mod
     raise CheckpointMismatchError(
         "not a SALAD or DINOv2 checkpoint: expected keys 'backbone.model.*' and 'aggregator.*' "
         f"(SALAD) or 'cls_token', 'pos_embed', 'blocks.*' (DINOv2); found {_format_keys(keys, 8)}")
-  try:
-    width = state_dict[prefix + "cls_token"].shape[-1]
-  except KeyError:
-    raise CheckpointMismatchError(f"checkpoint has no {prefix}cls_token") from None
+  width_keys = [(prefix + k, -1) for k in ("cls_token", "pos_embed", "mask_token", "register_tokens")]
+  width_keys += [(k, 0) for k in sorted(keys) if k.startswith(prefix) and k.endswith(
+      ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "ls1.gamma", "ls2.gamma",
+       "attn.proj.bias", "norm.weight", "norm.bias", "patch_embed.proj.bias"))]
+  width = _vote(state_dict, "the embedding width", width_keys)
   if width not in _WIDTH_TO_VARIANT:
     raise CheckpointMismatchError(f"embedding width {width} is not a DINOv2 ViT/14 "
                                   f"({sorted(_WIDTH_TO_VARIANT)})")
   cfg = dict(variant=_WIDTH_TO_VARIANT[width], registers=prefix + "register_tokens" in keys)
   if not backbone_only:
     a = AGGREGATOR
-    try:
-      cfg.update(num_clusters=state_dict[a + "score.3.weight"].shape[0],
-                 cluster_dim=state_dict[a + "cluster_features.3.weight"].shape[0],
-                 token_dim=state_dict[a + "token_features.2.weight"].shape[0],
-                 hidden_dim=state_dict[a + "score.0.weight"].shape[0])
-    except KeyError as e:
-      raise CheckpointMismatchError(f"SALAD checkpoint lacks {e.args[0]}") from None
+    hidden = [(a + k, 0) for k in ("score.0.weight", "score.0.bias", "cluster_features.0.weight",
+                                   "cluster_features.0.bias", "token_features.0.weight",
+                                   "token_features.0.bias")]
+    hidden += [(a + k, 1) for k in ("score.3.weight", "cluster_features.3.weight",
+                                    "token_features.2.weight")]
+    cfg.update(
+        num_clusters=_vote(state_dict, "num_clusters", [(a + "score.3.weight", 0), (a + "score.3.bias", 0)]),
+        cluster_dim=_vote(state_dict, "cluster_dim", [(a + "cluster_features.3.weight", 0),
+                                                      (a + "cluster_features.3.bias", 0)]),
+        token_dim=_vote(state_dict, "token_dim", [(a + "token_features.2.weight", 0),
+                                                  (a + "token_features.2.bias", 0)]),
+        hidden_dim=_vote(state_dict, "hidden_dim", hidden))
   cfg.update(overrides)
   return ModelConfig(**cfg), backbone_only
 
@@ -297,14 +265,11 @@ def read_checkpoint(path: str, **overrides) -> tuple[dict, ModelConfig, bool, di
   return params, config, backbone_only, source
 
 
-def write_torch_checkpoint(path: str, params: Mapping, config: ModelConfig) -> None:
-  """Writes params as a flat state_dict (.pth/.ckpt via torch, or .safetensors)."""
-  sd = params_to_torch(params, config)
-  tmp = path + ".tmp"
-  if path.endswith(SAFETENSORS_SUFFIX):
-    from safetensors.numpy import save_file
-    save_file(dict(sd), tmp)
-  else:
-    torch = _import_torch()
-    torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items()), tmp)
-  os.replace(tmp, path)
+def write_torch_checkpoint(path: str, params: Mapping, config: ModelConfig,
+                           overwrite: bool = False) -> None:
+  """Writes params as a flat state_dict (.pth/.ckpt via torch, or .safetensors).
+
+  An existing `path` is replaced only with `overwrite` and only if salad_jax wrote it.
+  """
+  weights.check_file_destination(path, overwrite)
+  weights.write_state_dict(path, params_to_torch(params, config))

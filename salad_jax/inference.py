@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from salad_jax import convert
-from salad_jax.data.images import load_image, normalize, resize
+from salad_jax import convert, integrity, weights
+from salad_jax.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize
+from salad_jax.errors import UserError
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 
@@ -22,6 +23,11 @@ CONFIG_FILE = "salad_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 SHAPE_FIELDS = {"variant", "registers", "num_clusters", "cluster_dim", "token_dim", "hidden_dim"}
+# The values an ImageNet-normalised image can hold ([0, 1] -> [-2.118, 2.640]), with a margin for
+# resampling after normalisation (bilinear cannot overshoot; bicubic a little).
+NORMALISED_RANGE = (float(np.min(-IMAGENET_MEAN / IMAGENET_STD)),
+                    float(np.max((1 - IMAGENET_MEAN) / IMAGENET_STD)))
+RANGE_MARGIN = 0.1
 
 
 def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
@@ -56,39 +62,63 @@ class SaladModel:
     self.config = config
     self.source = dict(source or {})
     self.module = VPRModel(config)
-    self._describe = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
-    self._features = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=VPRModel.features))
+    # each call also returns the input's min, max and finiteness (fused: no extra round trip)
+    self._describe = jax.jit(lambda p, x: (self.module.apply({"params": p}, x), _min_max(x)))
+    self._features = jax.jit(lambda p, x: (
+        self.module.apply({"params": p}, x, method=VPRModel.features), _min_max(x)))
 
   @property
   def descriptor_dim(self) -> int:
     return self.config.descriptor_dim
 
   def _check(self, images, min_patches: int) -> jax.Array:
+    """Shape and dtype of a batch -> float32 array. Its values are checked by `_check_values`
+    on the min and max that the jitted call returns with its result."""
     if isinstance(images, (list, tuple)):
       images = np.stack(images)
     shape = np.shape(images)
     vit.check_image_shape(shape, min_patches=min_patches)
     if shape[0] == 0:
       raise ValueError("empty batch: images has batch size 0")
-    x = jnp.asarray(images, jnp.float32)
-    return x
+    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise UserError(f"images are {dtype}; the model takes float images normalised with the "
+                      "ImageNet mean and std",
+                      "salad_jax.preprocess(path, PIL image or uint8 array) makes them")
+    return jnp.asarray(images, jnp.float32)
+
+  @staticmethod
+  def _check_values(min_max) -> None:
+    """Finite, and within the range an ImageNet-normalised image can have."""
+    lo, hi, finite = (float(v) for v in np.asarray(min_max))
+    if not (finite and np.isfinite(lo) and np.isfinite(hi)):
+      raise UserError("images contain NaN or Inf values")
+    (a, b), m = NORMALISED_RANGE, RANGE_MARGIN
+    if lo < a - m or hi > b + m:
+      raise UserError(f"images hold values in [{lo:.4g}, {hi:.4g}], outside [{a:.3f}, {b:.3f}], the "
+                      "range of ImageNet-normalised images (uint8 or [0, 255] pixels?)",
+                      "salad_jax.preprocess(path, PIL image or uint8 array) normalises images")
 
   def describe(self, images) -> np.ndarray:
     """float32 NHWC ImageNet-normalised images -> descriptors [B, D] (L2-normalised)."""
     x = self._check(images, self.config.num_clusters)
-    if not bool(jnp.isfinite(x).all()):
-      raise ValueError("images contain NaN or Inf values")
-    return np.asarray(self._describe(self.params, x))
+    desc, min_max = self._describe(self.params, x)
+    self._check_values(min_max)
+    return np.asarray(desc)
 
   def features(self, images) -> tuple[np.ndarray, np.ndarray]:
     """Backbone outputs after the final norm: [B, H/14, W/14, C] and the cls token [B, C]."""
     x = self._check(images, 0)
-    f, t = self._features(self.params, x)
+    (f, t), min_max = self._features(self.params, x)
+    self._check_values(min_max)
     return np.asarray(f), np.asarray(t)
 
-  def to_torch(self, path: str) -> None:
-    """Writes the params as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors)."""
-    convert.write_torch_checkpoint(path, self.params, self.config)
+  def to_torch(self, path: str, overwrite: bool = False) -> None:
+    """Writes the params as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors).
+
+    An existing file is replaced only with `overwrite`, and only if salad_jax wrote it.
+    """
+    convert.write_torch_checkpoint(path, self.params, self.config, overwrite=overwrite)
 
   def save(self, directory: str, overwrite: bool = False) -> None:
     save_converted(directory, self.params, self.config, self.source, overwrite=overwrite)
@@ -102,15 +132,65 @@ class SaladModel:
     return np.asarray(self._assignment(self.params, x))
 
 
+@jax.jit
+def _min_max(x):
+  """[min, max, all finite] of a batch (XLA's min/max may skip NaN: finiteness is its own flag)."""
+  return jnp.stack([jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x))]).astype(jnp.float32)
+
+
 # ------------------------------------------------------------------------------ converted dirs
+def check_destination(dst: str, overwrite: bool) -> None:
+  """An output of `convert_weights.py` / `save` / `to_torch`, checked before any work.
+
+  A directory is replaced only if it is a salad_jax converted dir (its salad_config.json, its
+  params/, nothing else); a weight file only if salad_jax wrote it (`weights`).
+  """
+  if dst.endswith(convert.TORCH_SUFFIXES + (convert.SAFETENSORS_SUFFIX,)):
+    weights.check_file_destination(dst, overwrite)
+  else:
+    _check_dir_destination(dst, overwrite)
+
+
+def _check_dir_destination(dst: str, overwrite: bool) -> None:
+  from salad_jax import workdir
+  directory = os.path.realpath(dst)
+  workdir.check_location(directory, "--dst")
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return
+  if not _is_converted_dir(directory):
+    raise UserError(f"refusing to write into {dst}: it exists and is not a salad_jax checkpoint "
+                    f"(no {CONFIG_FILE}); salad_jax only ever replaces its own checkpoints",
+                    "choose a new or empty --dst directory")
+  extra = sorted(set(os.listdir(directory)) - {CONFIG_FILE, PARAMS_DIR})
+  if extra:
+    raise UserError(f"refusing to replace {dst}: besides a salad_jax checkpoint it holds files "
+                    f"salad_jax did not write ({', '.join(extra[:5])})",
+                    "move them out, or choose another --dst")
+  if not overwrite:
+    raise FileExistsError(f"{dst} exists (a salad_jax checkpoint); pass --overwrite "
+                          "(overwrite=True) to replace it")
+
+
+def _is_converted_dir(directory: str) -> bool:
+  try:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+      meta = json.load(f)
+    return isinstance(meta, dict) and "format_version" in meta and "model" in meta
+  except (OSError, ValueError):
+    return False
+
+
 def save_converted(directory: str, params: Mapping, config: ModelConfig,
                    source: Mapping | None = None, overwrite: bool = False) -> None:
-  """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically)."""
+  """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically).
+
+  The params are checked (`weights.check_params`) and their checksum recorded. An existing
+  `directory` is replaced only if it is a salad_jax checkpoint (`check_destination`).
+  """
   import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True "
-                          "(--overwrite) to replace it")
+  _check_dir_destination(os.fspath(directory), overwrite)
+  directory = os.path.realpath(directory)
+  params = weights.check_params(jax.tree.map(np.asarray, dict(params)), "params to save")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".salad_tmp_", dir=parent)
@@ -119,14 +199,16 @@ def save_converted(directory: str, params: Mapping, config: ModelConfig,
   os.chmod(tmp, 0o777 & ~umask)
   try:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, dict(params)))
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
-    meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(), "source": dict(source or {})}
+    ckptr.close()
+    meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(), "source": dict(source or {}),
+            "params_checksum": integrity.params_checksum(params)}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
     if os.path.exists(directory):
-      old = directory + ".old"
-      os.replace(directory, old)
+      old = tempfile.mkdtemp(prefix=".salad_old_", dir=parent)
+      os.replace(directory, os.path.join(old, "previous"))
       os.replace(tmp, directory)
       shutil.rmtree(old)
     else:
@@ -140,18 +222,60 @@ def restore_params(path: str) -> dict:
   """Restores an Orbax params tree saved with StandardSave, as numpy arrays on the host."""
   import orbax.checkpoint as ocp
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree.tree if hasattr(tree, "tree") else tree)
-  return ckptr.restore(path, target)
+  try:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree.tree if hasattr(tree, "tree") else tree)
+    return ckptr.restore(path, target)
+  finally:
+    ckptr.close()
 
 
 def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    meta = json.load(f)
-  config = ModelConfig.from_dict(meta["model"])
-  params = restore_params(os.path.join(os.path.abspath(directory), PARAMS_DIR))
+  """Params, model config and source of a converted dir, every step checked (file named)."""
+  directory = os.path.abspath(directory)
+  cfg_path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(cfg_path) as f:
+      meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+      raise ValueError("no 'model' entry")
+    config = ModelConfig.from_dict(meta["model"])
+  except (ValueError, TypeError, UnicodeDecodeError) as e:
+    raise UserError(f"{cfg_path} is corrupt ({e})",
+                    "convert the weights again (convert_weights.py), or restore the file") from None
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  from salad_jax import checkpoint
+  checkpoint.quiet_orphaned_reads()
+  try:
+    params = restore_params(params_dir)
+  except Exception as e:  # Orbax/tensorstore errors of a damaged or missing params dir
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise UserError(f"{params_dir} cannot be read ({first[:200]}): the checkpoint is damaged",
+                    "convert the weights again (convert_weights.py)") from e
+  if "params_checksum" in meta:
+    if integrity.params_checksum(params) != meta["params_checksum"]:
+      raise UserError(f"{params_dir} is corrupt: its contents do not match the params_checksum "
+                      f"recorded in {cfg_path}", "convert the weights again (convert_weights.py)")
+  params = weights.check_params(params, params_dir)
+  want = convert.param_shapes(config)
+  got = {tuple(k.split("/")): np.shape(v) for k, v in _flat(params).items()}
+  bad = [f"{'/'.join(k)}: checkpoint {got.get(k, 'absent')}, model {want.get(k, 'absent')}"
+         for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
+  if bad:
+    raise UserError(f"{params_dir} does not match the model in {cfg_path} ({len(bad)}): "
+                    + "; ".join(bad[:5]))
   return params, config, meta.get("source", {})
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> SaladModel:

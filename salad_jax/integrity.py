@@ -9,6 +9,7 @@ leaf paths, dtypes and shapes enter the final sha256 too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Mapping
 
@@ -17,37 +18,52 @@ import numpy as np
 _MASK = (1 << 32) - 1
 
 
+_BLOCK = 65536
+_WEIGHTS = np.arange(1, _BLOCK + 1, dtype=np.uint32)
+
+
 def _words_np(x: np.ndarray) -> np.ndarray:
   x = np.ascontiguousarray(x)
   if x.dtype.itemsize == 4:
-    return x.reshape(-1).view(np.uint32).astype(np.uint64)
-  return x.reshape(-1).view(np.uint8).astype(np.uint64)
+    return x.reshape(-1).view(np.uint32)
+  return x.reshape(-1).view(np.uint8).astype(np.uint32)
 
 
 def _sums_np(x: np.ndarray) -> tuple[int, int]:
   w = _words_np(x)
-  weight = (np.arange(w.size, dtype=np.uint64) % 65536) + 1
-  # uint64 arithmetic wraps modulo 2**64; reduced modulo 2**32 it is the exact sum modulo 2**32
-  return int(np.sum(w, dtype=np.uint64)) & _MASK, int(np.sum(w * weight, dtype=np.uint64)) & _MASK
+  # uint32 arithmetic wraps modulo 2**32: the exact sums modulo 2**32, with no large temporaries
+  # (the weighted sum block by block: row r of the [n, 65536] view gets weights 1..65536)
+  n = w.size - w.size % _BLOCK
+  weighted = int(np.sum(w[:n].reshape(-1, _BLOCK) @ _WEIGHTS, dtype=np.uint64))
+  weighted += int(w[n:] @ _WEIGHTS[:w.size - n]) if w.size > n else 0
+  return int(np.sum(w, dtype=np.uint64)) & _MASK, weighted & _MASK
+
+
+def _sums(x):
+  import jax
+  import jax.numpy as jnp
+  if x.dtype.itemsize == 4:
+    w = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  else:
+    w = jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1).astype(jnp.uint32)
+  weight = (jnp.arange(w.size, dtype=jnp.uint32) % 65536) + 1
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_sums(out_sharding):
+  """One jitted function per output sharding, so repeated calls (every checkpoint) compile once."""
+  import jax
+  return jax.jit(lambda t: jax.tree.map(_sums, t), out_shardings=out_sharding)
 
 
 def _sums_device(tree):
   import jax
-  import jax.numpy as jnp
-
-  def sums(x):
-    if x.dtype.itemsize == 4:
-      w = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    else:
-      w = jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1).astype(jnp.uint32)
-    weight = (jnp.arange(w.size, dtype=jnp.uint32) % 65536) + 1
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)])
-
   # replicated output: readable on every process when the params span several
   sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
   out = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
          if isinstance(sharding, jax.sharding.NamedSharding) else None)
-  return jax.device_get(jax.jit(lambda t: jax.tree.map(sums, t), out_shardings=out)(tree))
+  return jax.device_get(_jitted_sums(out)(tree))
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

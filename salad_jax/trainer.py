@@ -138,19 +138,21 @@ class MetricsWriter:
       self.jsonl.close()
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can."""
+  """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can.
+
+  Holds the workdir's lock until it returns or raises (`salad_jax.workdir`).
+  """
+  from salad_jax import workdir as workdir_lib
+  with workdir_lib.hold(workdir) as held:
+    return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -> dict[str, Any]:
   from salad_jax import checkpoint as ckpt_lib
   from salad_jax import train_data
   from salad_jax.evaluation import EpochEvaluator
@@ -160,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mc = model_config(config)
   source = train_data.open_source(config)  # raises with instructions before anything compiles
   evaluator = EpochEvaluator(config, mesh)  # checks eval sets exist before anything compiles
-  write_config(config, workdir)
+  held.start(config)  # lock; compare with the saved config.json before writing anything
 
   global_images = config.data.places_per_batch * config.data.img_per_place
   sharding.check_batch_layout(global_images, config.data.img_per_place, mesh)
@@ -173,9 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_state(initial_params(config, mc, init_rng), tx, freeze, mesh, state_rng)
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, config.checkpoint.keep_last,
                                             config.checkpoint.keep_best, evaluator.select_metric)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, meta = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iter)
+  start = None
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iter)
+  if restored is not None:  # the newest checkpoint that restores; damaged newer ones set aside
+    start, state, meta = restored
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
     print(f"resumed from step {start} ({checkpointer.directory})")
   step_fn = make_train_step(mc, tx, freeze, dict(config.loss), schedule, mesh)

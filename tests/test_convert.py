@@ -13,10 +13,15 @@ import torch
 
 import salad_jax
 import torch_reference as tr
-from helpers import images, state_dict_np, torch_describe, torch_model, twin
+from helpers import images as random_images, state_dict_np, torch_describe, torch_model, twin
 from salad_jax import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def images(n=2, hw=(224, 224), seed=0):
+  """Random images within the value range of ImageNet-normalised ones (what describe accepts)."""
+  return np.clip(random_images(n, hw, seed), -2.1, 2.6)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +122,12 @@ def test_convert_weights_cli_writes_orbax_dir_and_refuses_to_overwrite(s14, tmp_
   x = images(2, (322, 322))
   assert np.abs(model.describe(x) - torch_describe(tm, x)).max() <= 1e-6
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  assert again.returncode != 0 and "not empty" in again.stderr
+  assert again.returncode == 2 and "exists" in again.stderr and "--overwrite" in again.stderr
   assert salad_jax.load(dst).describe(x).shape == (2, 8448)  # still intact
+  replaced = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, cwd=REPO)
+  assert replaced.returncode == 0, replaced.stderr  # its own checkpoint: replaced
+  assert sorted(os.listdir(dst)) == ["params", "salad_config.json"]
+  assert not [d for d in os.listdir(tmp_path) if d.startswith(".salad_")]  # no leftovers
 
 
 def _mutated(sd, drop=None, add=None, reshape=None):
@@ -171,31 +180,34 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, content):
 
 
 class _Evil:
-  def __init__(self, marker):
-    self.marker = marker
+  def __init__(self, marker, fn=exec):
+    self.marker, self.fn = marker, fn
 
   def __reduce__(self):
-    return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+    return (self.fn, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
+class _System:
+  def __reduce__(self):
+    return (os.system, ("true",))
+
+
+def test_pickle_that_runs_code_is_refused_naming_what_it_calls(tmp_path):
   marker = str(tmp_path / "ran")
   path = str(tmp_path / "dino_salad.ckpt")
-  with open(path, "wb") as f:
-    pickle.dump({"state_dict": {"x": _Evil(marker)}}, f, protocol=2)
-  with pytest.raises(ValueError, match="refusing to load.*GLOBAL exec.*not executed"):
-    salad_jax.load(path)
-  assert not os.path.exists(marker)
-  with open(path, "wb") as f:  # newer pickle protocols are not even parsed
-    pickle.dump({"state_dict": {"x": _Evil(marker)}}, f, protocol=4)
-  with pytest.raises(ValueError, match="nothing in it was executed"):
-    salad_jax.load(path)
-  assert not os.path.exists(marker)
-  # the same payload inside torch's zip format
-  torch.save({"w": torch.zeros(1), "evil": _Evil(marker)}, path)
-  with pytest.raises(ValueError, match="refusing to load"):
-    salad_jax.load(path)
-  assert not os.path.exists(marker)
+  cases = [(lambda f: pickle.dump({"state_dict": {"x": _Evil(marker)}}, f, protocol=2), "builtins.exec"),
+           # newer pickle protocols are not even parsed by torch: the name comes from pickletools
+           (lambda f: pickle.dump({"state_dict": {"x": _Evil(marker, eval)}}, f, protocol=4), "builtins.eval"),
+           # the same payload inside torch's zip format
+           (lambda f: torch.save({"w": torch.zeros(1), "evil": _System()}, f), "os.system")]
+  for write, name in cases:
+    with open(path, "wb") as f:
+      write(f)
+    with pytest.raises(ValueError, match="refusing to load") as e:
+      salad_jax.load(path)
+    assert f"refers to {name} " in str(e.value) and "nothing in it was executed" in str(e.value)
+    assert "weights_only" not in str(e.value)  # never torch's advice to load unsafely
+    assert not os.path.exists(marker)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -5,7 +5,12 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from helpers import images, torch_describe, twin
+from helpers import images as random_images, torch_describe, twin
+
+
+def images(n=2, hw=(224, 224), seed=0):
+  """Random images within the value range of ImageNet-normalised ones (what describe accepts)."""
+  return np.clip(random_images(n, hw, seed), -2.1, 2.6)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,353 @@
+"""A training workdir: its lock, and the record of the settings each run used.
+
+`train_and_evaluate` runs inside `hold(workdir)`; once the data is found, `start(config)`:
+  1. takes `<workdir>/.lock` (host, pid, start time; a second run on the workdir is refused while
+     the holder lives; the lock of a dead holder is taken over, with a message),
+  2. compares `config` with the saved `config.json` before anything is written: when the workdir
+     holds checkpoints, a setting that changes what is trained (`MAY_CHANGE` lists the others)
+     is an error naming each difference; allowed changes are printed,
+  3. writes `config.json` (this run) and `config_history/<n>-<utc time>.json` (every run).
+The lock is released when `hold` exits, on errors too. In multi-process runs process 0 does
+all of this and tells the others (`broadcast_one_to_all`), so every process stops together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fnmatch
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+
+from salad_jax.errors import UserError
+
+CONFIG = "config.json"
+HISTORY = "config_history"
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"
+
+# Settings that may change when a run resumes: logging, evaluation, checkpointing, data location,
+# and settings that change speed or memory but not the numbers trained. Everything else (model
+# shape, data and batch layout, optimizer, schedule, seed, init, ...) is fixed; a key added to the
+# config after a run started is compared with its default; a key since removed is only reported.
+# Patterns are fnmatch-style.
+MAY_CHANGE = ("log_every_steps", "stop_after_steps", "num_epochs", "eval.*", "checkpoint.*",
+              "data.root", "data.tfds_data_dir", "data.num_threads", "model.attention",
+              "model.micro_batch", "model.train_micro_batch", "model.remat", "mesh.*")
+# why a setting that looks harmless is fixed
+WHY_FIXED = {"data.num_workers": "the saved data-loader position is per grain worker",
+             "init": "the params come from the checkpoint, not from config.init"}
+
+
+def check_location(path: str, what: str) -> str:
+  """An output path, checked without creating anything: an existing directory, or a path whose
+  nearest existing ancestor is a writable directory. Returns the absolute path."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{what} {path} is a file, not a directory", "give a directory path")
+  probe = path
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f"{what} {path}: {probe} is a file, not a directory",
+                    "give a path whose parents are directories")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UserError(f"{what} {path} is not writable (no write permission on {probe})",
+                    "choose a directory you can write to")
+  return path
+
+
+# ------------------------------------------------------------------------------ settings
+def config_dict(config) -> dict[str, Any]:
+  """A ConfigDict as plain JSON values (tuples become lists), as config.json stores it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def may_change(key: str) -> bool:
+  return any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE)
+
+
+_UNSET = object()
+
+
+def differences(saved: Mapping, new: Mapping, defaults: Mapping) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, new value) for every setting that differs. A key the saved config lacks
+  (added to salad_jax since) counts as its default; a key the new one lacks as unset."""
+  a, b, d = _flat(saved), _flat(new), _flat(defaults)
+  out = []
+  for k in sorted(set(a) | set(b)):
+    old = a.get(k, d.get(k, _UNSET))
+    cur = b.get(k, _UNSET)
+    if old != cur:
+      out.append((k, old, cur))
+  return out
+
+
+def _show(v: Any) -> str:
+  return "(not set)" if v is _UNSET else json.dumps(v)
+
+
+def describe(diffs) -> str:
+  return "; ".join(f"{k}: {_show(o)} -> {_show(n)}" + (f" ({WHY_FIXED[k]})" if k in WHY_FIXED else "")
+                   for k, o, n in diffs)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  d = os.path.join(workdir, CHECKPOINTS)
+  return os.path.isdir(d) and any(x.isdigit() for x in os.listdir(d))
+
+
+def read_saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is corrupt ({e}); it records the settings of the run in {workdir}",
+                    f"restore it (earlier copies are in {os.path.join(workdir, HISTORY)}), or "
+                    "start a fresh run with another --workdir") from None
+  return saved
+
+
+def record_config(config, workdir: str, defaults: Mapping | None = None) -> list[tuple]:
+  """Compares `config` with the workdir's config.json, then writes it and its history entry.
+
+  Raises a `UserError` naming every difference that cannot change across a resume (nothing is
+  written then). Returns the allowed differences.
+  """
+  from salad_jax.configs import base_config
+  new = config_dict(config)
+  saved = read_saved_config(workdir)
+  diffs = []
+  if saved is not None:
+    diffs = differences(saved, new, config_dict(base_config()) if defaults is None else defaults)
+    # a key salad_jax no longer has cannot be set: reported, not an error
+    fixed = [x for x in diffs if not may_change(x[0]) and x[2] is not _UNSET]
+    if fixed and has_checkpoints(workdir):
+      raise UserError(
+          f"{workdir} holds checkpoints of a run with other settings, which cannot change when "
+          f"resuming: {describe(fixed)}",
+          f"resume with the settings in {os.path.join(workdir, CONFIG)} (logging, evaluation, "
+          "checkpointing and speed settings may change), or start a fresh run with another "
+          "--workdir")
+    if diffs:
+      when = "resuming with" if has_checkpoints(workdir) else "no checkpoint yet; starting with"
+      print(f"{workdir}: {when} changed settings: {describe(diffs)}", flush=True)
+      logging.info("changed settings in %s: %s", workdir, describe(diffs))
+  history = os.path.join(workdir, HISTORY)
+  os.makedirs(history, exist_ok=True)
+  entries = sorted(x for x in os.listdir(history) if x[:3].isdigit() and x.endswith(".json"))
+  if not entries and saved is not None:  # a workdir from before the history: keep its config
+    mtime = os.path.getmtime(os.path.join(workdir, CONFIG))
+    _write_json(os.path.join(history, f"000-{_utc(mtime)}.json"), saved)
+    entries = ["000"]
+  n = int(entries[-1][:3]) + 1 if entries else 1
+  _write_json(os.path.join(history, f"{n:03d}-{_utc(time.time())}.json"), new)
+  _write_json(os.path.join(workdir, CONFIG), new)
+  return diffs
+
+
+def _utc(t: float) -> str:
+  return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ the lock
+def _proc_start(pid: int) -> str | None:
+  """Start time of a process (clock ticks since boot) and the boot id: tells pid reuse apart."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      start = f.read().rsplit(")", 1)[1].split()[19]
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f"{f.read().strip()}:{start}"
+  except (OSError, IndexError):
+    return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # someone else's live process
+  return start is None or _proc_start(pid) in (None, start)
+
+
+class Lock:
+  """`<workdir>/.lock`: O_CREAT + flock, holding {host, pid, start, time, argv} as JSON.
+
+  flock (released by the kernel when the holder dies) decides on this host and on file systems
+  that share locks; the recorded pid and start time make messages and detect pid reuse. A lock
+  recorded by another host is taken over only if its heartbeat (the holder touches the file every
+  `heartbeat_s`) stops for 2.5 heartbeats.
+  """
+
+  def __init__(self, path: str, heartbeat_s: float = 10.0):
+    self.path, self.heartbeat_s = path, heartbeat_s
+    self.fd: int | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def acquire(self) -> None:
+    import fcntl
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flocked = True
+      except BlockingIOError:
+        holder = self._read(fd)
+        os.close(fd)
+        raise self._refusal(holder) from None
+      except OSError as e:  # a file system without flock: rely on the recorded pid
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+          os.close(fd)
+          raise
+        flocked = False
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)  # the previous holder removed the file between our open and flock: retry
+    try:
+      holder = self._read(fd)
+      if holder:
+        self._check_stale(holder, flocked)
+      me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid()),
+            "time": _utc(time.time()), "argv": sys.argv}
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(me).encode(), 0)
+      os.fsync(fd)
+    except BaseException:
+      os.close(fd)
+      raise
+    self.fd = fd
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="salad_jax-lock", daemon=True)
+    self._thread.start()
+
+  def _check_stale(self, holder: dict, flocked: bool) -> None:
+    host, pid = holder.get("host"), holder.get("pid")
+    if host == socket.gethostname():
+      # with flock the kernel has decided already (we hold it: the holder is gone)
+      if not flocked and isinstance(pid, int) and _alive(pid, holder.get("start")):
+        raise self._refusal(holder)
+      reason = "that process is no longer running"
+    else:  # another host: is its heartbeat still going?
+      wait = 2.5 * self.heartbeat_s
+      print(f"{self.path} was taken by {host} pid {pid}; checking for {wait:.0f} s whether that "
+            "run is still alive", flush=True)
+      before = os.stat(self.path).st_mtime_ns
+      time.sleep(wait)
+      if os.stat(self.path).st_mtime_ns != before:
+        raise self._refusal(holder)
+      reason = f"its heartbeat stopped over {wait:.0f} s"
+    print(f"taking over the stale lock {self.path} of {host} pid {pid} (since {holder.get('time')}): "
+          f"{reason}", flush=True)
+
+  def _refusal(self, holder: dict) -> UserError:
+    who = (f"{holder.get('host')} pid {holder.get('pid')} (since {holder.get('time')})"
+           if holder else "another process")
+    return UserError(f"{os.path.dirname(self.path)} is in use by a running train.py: {who} holds "
+                     f"{self.path}",
+                     "wait for that run to finish or stop it, or use another --workdir; if no run "
+                     f"is using it (e.g. it ran on another machine), delete {self.path}")
+
+  @staticmethod
+  def _read(fd: int) -> dict:
+    try:
+      data = os.pread(fd, 1 << 16, 0)
+      holder = json.loads(data) if data.strip() else {}
+      return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def release(self) -> None:
+    if self.fd is None:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    with contextlib.suppress(OSError):
+      if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+        os.unlink(self.path)
+    os.close(self.fd)
+    self.fd = None
+
+
+# ------------------------------------------------------------------------------ a run's hold
+class Held:
+  """What `hold` yields: `start(config)` locks the workdir and records the config."""
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(workdir)
+    self.lock = Lock(os.path.join(self.workdir, LOCK))
+
+  def start(self, config) -> None:
+    import jax
+    import numpy as np
+    error = None
+    if jax.process_index() == 0:
+      try:
+        check_location(self.workdir, "--workdir")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.lock.acquire()
+        record_config(config, self.workdir)
+      except BaseException as e:  # the other processes must hear of it, whatever it is
+        self.lock.release()
+        error = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+      if failed and error is None:
+        raise UserError(f"process 0 could not start the run in {self.workdir} (see its error)")
+    if error is not None:
+      raise error
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[Held]:
+  """Checks `workdir` can be written (creating nothing); releases the lock on exit (errors
+  included), if `start` took it."""
+  check_location(workdir, "--workdir")
+  held = Held(workdir)
+  try:
+    yield held
+  finally:
+    held.lock.release()

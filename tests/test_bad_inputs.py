@@ -1,0 +1,430 @@
+"""Bad inputs a user can give, each with its expected outcome: a table (issue 12).
+
+Library cases raise a ValueError/OSError whose message holds the listed words; command-line
+cases exit with status 2 and one `error:` line (no traceback) holding them. Cases that load
+must load correctly. Conversion/loading, describe/features and train.py's workdir are covered
+here; image decoding and evaluate.py have their own tables.
+"""
+
+import collections
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import salad_jax
+from helpers import make_gsv, state_dict_np, twin
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAD = dict(m=16, l=32, g=32, hidden=128)  # configs/demo.py's head on Nano/14
+
+
+@pytest.fixture(scope="module")
+def nano(tmp_path_factory):
+  tm, params, config = twin("Nano/14", seed=5, **HEAD)
+  root = tmp_path_factory.mktemp("nano")
+  model = salad_jax.SaladModel(params, config)
+  model.save(str(root / "converted"))
+  sd = collections.OrderedDict(state_dict_np(tm))
+  torch.save(tm.state_dict(), root / "nano.pth")
+  return types.SimpleNamespace(model=model, sd=sd, root=root, pth=str(root / "nano.pth"))
+
+
+@pytest.fixture
+def ctx(nano, tmp_path):
+  def converted():
+    dst = tmp_path / "converted"
+    shutil.copytree(nano.root / "converted", dst)
+    return str(dst)
+  return types.SimpleNamespace(**vars(nano), tmp=tmp_path, converted=converted)
+
+
+def pixels(n=1, hw=70):
+  return np.random.default_rng(0).integers(0, 256, (n, hw, hw, 3)).astype(np.uint8)
+
+
+def normalised(n=1, hw=70):
+  return salad_jax.preprocess(list(pixels(n, hw)), size=None)
+
+
+def with_value(x, value):
+  x = np.array(x, copy=True)
+  x.reshape(-1)[x.size // 3] = value
+  return x
+
+
+def torch_file(c, name, sd):
+  path = str(c.tmp / name)
+  torch.save(collections.OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in sd.items()), path)
+  return path
+
+
+def changed(sd, key, value):
+  sd = collections.OrderedDict(sd)
+  sd[key] = value
+  return sd
+
+
+def flip_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(path, "wb").write(data)
+
+
+def largest_file(d):
+  return max((os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs), key=os.path.getsize)
+
+
+def edit_json(path, fn):
+  meta = json.load(open(path))
+  fn(meta)
+  json.dump(meta, open(path, "w"))
+
+
+def project_folder(c):
+  d = c.tmp / "project"
+  (d / "src").mkdir(parents=True)
+  (d / "README.md").write_text("my notes")
+  (d / "src" / "train.py").write_text("print('mine')")
+  return str(d)
+
+
+def assert_project_intact(c):
+  d = c.tmp / "project"
+  assert (d / "README.md").read_text() == "my notes" and (d / "src" / "train.py").exists()
+
+
+def nan_params_without_checksum(c):
+  import orbax.checkpoint as ocp
+  d = c.converted()
+  params = jax_tree_map(np.copy, c.model.params)
+  params["aggregator"]["score_0"]["bias"][3] = np.nan
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(d, "params"), params, force=True)
+  ckptr.close()
+  edit_json(os.path.join(d, "salad_config.json"), lambda m: m.pop("params_checksum"))
+  return salad_jax.load(d)
+
+
+def jax_tree_map(fn, tree):
+  return {k: jax_tree_map(fn, v) if isinstance(v, dict) else fn(np.asarray(v)) for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------ the library
+# (case, action(ctx), words the error holds); after the action, `check(ctx)` if given
+LIBRARY = [
+    # images (item 5): describe and features take ImageNet-normalised floats
+    ("describe: uint8 images", lambda c: c.model.describe(pixels()), ["uint8", "salad_jax.preprocess"]),
+    ("describe: floats in [0, 255]", lambda c: c.model.describe(pixels().astype(np.float32)),
+     ["outside [-2.118, 2.640]", "salad_jax.preprocess"]),
+    ("describe: a device array in [0, 255]",
+     lambda c: c.model.describe(jnp.asarray(pixels(), jnp.float32)), ["outside [-2.118, 2.640]"]),
+    ("describe: a NaN pixel", lambda c: c.model.describe(with_value(normalised(), np.nan)), ["NaN or Inf"]),
+    ("features: an Inf pixel", lambda c: c.model.features(with_value(normalised(), np.inf)), ["NaN or Inf"]),
+    ("features: uint8 images", lambda c: c.model.features(pixels()), ["uint8"]),
+    # tensors (item 6): floating point and finite, named
+    ("torch file: a NaN tensor",
+     lambda c: salad_jax.load(torch_file(c, "nan.pth", changed(c.sd, "aggregator.score.0.weight",
+                                                                with_value(c.sd["aggregator.score.0.weight"], np.nan)))),
+     ["tensor 'aggregator.score.0.weight' (1 of", "is NaN or Inf"]),
+    ("safetensors: an Inf tensor",
+     lambda c: salad_jax.load(save_st(c, changed(c.sd, "backbone.model.norm.bias",
+                                                 np.full(128, np.inf, np.float32)))),
+     ["tensor 'backbone.model.norm.bias' (128 of 128 values) is NaN or Inf"]),
+    ("torch file: an integer tensor",
+     lambda c: salad_jax.load(torch_file(c, "int.pth", changed(c.sd, "backbone.model.blocks.1.attn.qkv.bias",
+                                                                np.zeros(384, np.int64)))),
+     ["tensor 'backbone.model.blocks.1.attn.qkv.bias' has dtype int64", "floating point"]),
+    ("safetensors: a bool tensor",
+     lambda c: salad_jax.load(save_st(c, changed(c.sd, "aggregator.dust_bin", np.array(True)))),
+     ["tensor 'aggregator.dust_bin' has dtype bool"]),
+    ("converted dir: a flipped byte in params",
+     lambda c: salad_jax.load(corrupt(c.converted(), flip_byte)),
+     ["params is corrupt", "params_checksum recorded in", "salad_config.json"]),
+    ("converted dir: a data file deleted",
+     lambda c: salad_jax.load(corrupt(c.converted(), os.remove)), ["params cannot be read", "damaged"]),
+    ("converted dir (no checksum): NaN params", nan_params_without_checksum,
+     ["tensor 'aggregator/score_0/bias' (1 of 128 values) is NaN or Inf"]),
+    # messages (item 8)
+    ("converted dir: salad_config.json not JSON",
+     lambda c: salad_jax.load(write(c.converted(), "salad_config.json", '{"model": {"variant"')),
+     ["salad_config.json is corrupt"]),
+    ("converted dir: salad_config.json with an unknown variant",
+     lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(variant="Z/14"))),
+     ["salad_config.json is corrupt", "Z/14"]),
+    ("converted dir: salad_config.json of another model",
+     lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(num_clusters=8))),
+     ["does not match the model in", "aggregator/score_3/bias: checkpoint (16,), model (8,)"]),
+    # overwriting (item 1): only ever what salad_jax wrote
+    ("save(overwrite=True) into a project folder",
+     lambda c: c.model.save(project_folder(c), overwrite=True),
+     ["refusing to write into", "not a salad_jax checkpoint"]),
+    ("save(overwrite=True) over a checkpoint holding a user's file",
+     lambda c: c.model.save(write(c.converted(), "notes.txt", "mine"), overwrite=True),
+     ["holds files salad_jax did not write (notes.txt)"]),
+    ("save() onto a file", lambda c: c.model.save(write_file(c, "weights", "x")), ["is a file, not a directory"]),
+    ("to_torch(overwrite=True) over a user's .pth",
+     lambda c: c.model.to_torch(torch_file(c, "official.pth", c.sd), overwrite=True),
+     ["refusing to overwrite", "salad_jax did not write it"]),
+    ("to_torch(overwrite=True) over a user's .safetensors",
+     lambda c: c.model.to_torch(save_st(c, c.sd), overwrite=True), ["refusing to overwrite"]),
+    ("to_torch() onto a directory named x.pth",
+     lambda c: c.model.to_torch(str(mkdir(c, "x.pth"))), ["is a directory"]),
+    ("convert_weights --dst: an existing file where a folder is expected",
+     lambda c: salad_jax.inference.check_destination(write_file(c, "notes.txt", "x"), True),
+     ["is a file, not a directory"]),
+    ("convert_weights --dst: below a file",
+     lambda c: salad_jax.inference.check_destination(write_file(c, "notes.txt", "x") + "/out", False),
+     ["is a file, not a directory"]),
+    ("load: a folder that holds no checkpoint", lambda c: salad_jax.load(str(mkdir(c, "empty"))),
+     ["holds no salad_jax checkpoint"]),
+]
+
+CHECKS = {  # what must still hold after the refusal
+    "save(overwrite=True) into a project folder": assert_project_intact,
+    "to_torch(overwrite=True) over a user's .pth":
+        lambda c: np.testing.assert_array_equal(
+            torch.load(c.tmp / "official.pth")["aggregator.score.0.weight"].numpy(),
+            c.sd["aggregator.score.0.weight"]),
+}
+
+
+def save_st(c, sd):
+  path = str(c.tmp / "w.safetensors")
+  save_file({k: np.array(v, order="C") for k, v in sd.items()}, path)  # keeps 0-d shapes
+  return path
+
+
+def corrupt(d, how):
+  how(largest_file(os.path.join(d, "params")))
+  return d
+
+
+def write(d, name, text):
+  with open(os.path.join(d, name), "w") as f:
+    f.write(text)
+  return d
+
+
+def write_file(c, name, text):
+  return write(str(c.tmp), name, text) + "/" + name
+
+
+def edit(d, fn):
+  edit_json(os.path.join(d, "salad_config.json"), fn)
+  return d
+
+
+def mkdir(c, name):
+  (c.tmp / name).mkdir()
+  return c.tmp / name
+
+
+@pytest.mark.parametrize("case,action,words", LIBRARY, ids=[c[0] for c in LIBRARY])
+def test_library_bad_input(ctx, case, action, words):
+  with pytest.raises((ValueError, OSError)) as e:
+    action(ctx)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+  if case in CHECKS:
+    CHECKS[case](ctx)
+
+
+# --------------------------------------------------------------- inputs that must still load
+def test_lower_precision_weights_load_upcast_with_one_logged_line(ctx, caplog):
+  half = collections.OrderedDict((k, torch.from_numpy(v).to(torch.bfloat16)) for k, v in ctx.sd.items())
+  path = str(ctx.tmp / "bf16.pth")
+  torch.save(half, path)
+  fp16 = {k: v.astype(np.float16) for k, v in ctx.sd.items()}
+  with caplog.at_level(logging.WARNING):
+    a = salad_jax.load(path)
+    b = salad_jax.load(save_st(ctx, fp16))
+  lines = [r.getMessage() for r in caplog.records if "to float32" in r.getMessage()]
+  assert len(lines) == 2 and "bfloat16" in lines[0] and "float16" in lines[1], lines
+  assert f"converted {len(ctx.sd)} bfloat16 tensor(s)" in lines[0]
+  want = half["aggregator.score.0.weight"].float().numpy()[:, :, 0, 0].T  # exact upcast
+  np.testing.assert_array_equal(a.params["aggregator"]["score_0"]["kernel"], want)
+  np.testing.assert_array_equal(b.params["aggregator"]["score_0"]["kernel"],
+                                fp16["aggregator.score.0.weight"][:, :, 0, 0].T.astype(np.float32))
+
+
+def test_own_outputs_are_replaced_with_overwrite(ctx):
+  d = ctx.converted()
+  ctx.model.save(d, overwrite=True)
+  assert sorted(os.listdir(d)) == ["params", "salad_config.json"]
+  path = str(ctx.tmp / "ours.safetensors")
+  ctx.model.to_torch(path)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    ctx.model.to_torch(path)
+  ctx.model.to_torch(path, overwrite=True)
+  pth = str(ctx.tmp / "ours.pth")
+  ctx.model.to_torch(pth)
+  ctx.model.to_torch(pth, overwrite=True)
+  assert set(torch.load(pth, weights_only=True)) == set(ctx.sd)
+
+
+def test_converted_dir_without_a_checksum_still_loads(ctx):
+  d = edit(ctx.converted(), lambda m: m.pop("params_checksum"))
+  got = salad_jax.load(d).params
+  np.testing.assert_array_equal(got["aggregator"]["score_3"]["kernel"],
+                                ctx.model.params["aggregator"]["score_3"]["kernel"])
+
+
+# ------------------------------------------------------------ one wrong-shaped tensor, named
+@pytest.mark.parametrize("key", [
+    "backbone.model.blocks.2.attn.qkv.weight",  # the middle of the backbone
+    "backbone.model.blocks.1.norm2.weight",  # carries the width
+    "backbone.model.cls_token",  # the width was read from it
+    "aggregator.score.0.weight",  # hidden_dim was read from it
+    "aggregator.cluster_features.0.bias",
+    "aggregator.token_features.2.weight",  # token_dim: two tensors carry it, so both are named
+])
+def test_one_wrong_shaped_tensor_is_named_not_its_neighbours(nano, key):
+  keys = list(nano.sd)
+  sd = changed(nano.sd, key, np.zeros(tuple(d + 1 for d in nano.sd[key].shape), np.float32))
+  with pytest.raises(ValueError) as e:
+    salad_jax.convert.torch_to_params(sd, salad_jax.convert.infer_config(sd)[0])
+  msg = str(e.value)
+  assert key in msg
+  i = keys.index(key)
+  neighbours = {keys[i - 1], keys[i + 1]} if i + 1 < len(keys) else {keys[i - 1]}
+  if key == "aggregator.token_features.2.weight":
+    neighbours -= {"aggregator.token_features.2.bias"}
+    assert "disagree on token_dim" in msg
+  for n in neighbours:
+    assert f"{n}:" not in msg and f"{n} " not in msg, (n, msg)
+
+
+# ------------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def gsv_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("gsv"))
+  make_gsv(root, {"Alpha": [4] * 8, "Beta": [4] * 8}, size=(32, 32))
+  return root
+
+
+def convert_cli(c, *args, cwd=None):
+  return [sys.executable, os.path.join(REPO, "convert_weights.py"), *args], cwd
+
+
+def train_cli(c, workdir_path, **overrides):
+  o = {"data.source": "folder", "data.root": c.gsv_root, "data.cities": "Alpha,Beta",
+       "data.places_per_batch": 8, "data.image_size": "(56,56)", "data.num_workers": 0,
+       "eval.sets": "", "eval.at_start": False, "model.variant": "Nano/14", **overrides}
+  return [sys.executable, os.path.join(REPO, "train.py"), "--config",
+          os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir_path)] + \
+      [f"--config.{k}={v}" for k, v in o.items()], None
+
+
+def evil_pickle(c):
+  class System:
+    def __reduce__(self):
+      return (os.system, ("touch " + str(c.tmp / "ran"),))
+  path = str(c.tmp / "evil.ckpt")
+  torch.save({"state_dict": {"w": torch.zeros(1)}, "x": System()}, path)
+  return path
+
+
+def trained_looking_workdir(c):
+  """A workdir whose run (train_cli's settings) reached a checkpoint; its presence is all the
+  check looks at."""
+  import configs.demo
+  from salad_jax import workdir
+  cfg = configs.demo.get_config()
+  cfg.data.source, cfg.data.root, cfg.data.cities = "folder", c.gsv_root, "Alpha,Beta"
+  cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (56, 56), 0
+  cfg.eval.sets, cfg.eval.at_start, cfg.model.variant = "", False, "Nano/14"
+  wd = c.tmp / "run"
+  workdir.record_config(cfg, str(wd))
+  (wd / "checkpoints" / "3").mkdir(parents=True)
+  return wd
+
+
+def locked_workdir(c):
+  wd = c.tmp / "busy"
+  wd.mkdir()
+  hold = ("import sys, time\nfrom salad_jax import workdir\nworkdir.Lock(sys.argv[1]).acquire()\n"
+          "print('held', flush=True)\ntime.sleep(120)\n")
+  c.holder = subprocess.Popen([sys.executable, "-c", hold, str(wd / ".lock")], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+  assert c.holder.stdout.readline().strip() == "held"
+  return wd
+
+
+# (case, command(ctx) -> (argv, cwd), words on stderr)
+CLI = [
+    ("convert: no --src", lambda c: convert_cli(c, "--dst", str(c.tmp / "o")), ["--src"]),
+    ("convert: --src missing", lambda c: convert_cli(c, "--src", str(c.tmp / "nope.pth"), "--dst", str(c.tmp / "o")),
+     ["--src", "nope.pth does not exist"]),
+    ("convert: --src unreadable", lambda c: convert_cli(c, "--src", unreadable(c), "--dst", str(c.tmp / "o")),
+     ["is not readable"]),
+    ("convert: --dst . --overwrite in a project folder",
+     lambda c: convert_cli(c, "--src", c.pth, "--dst", ".", "--overwrite", cwd=project_folder(c)),
+     ["refusing to write into", "not a salad_jax checkpoint"]),
+    ("convert: --dst in an unwritable location",
+     lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/sys/salad_out"), ["is not writable"]),
+    ("convert: --dst a user's .pth, --overwrite",
+     lambda c: convert_cli(c, "--src", c.pth, "--dst", torch_file(c, "mine.pth", c.sd), "--overwrite"),
+     ["refusing to overwrite", "did not write it"]),
+    ("convert: one wrong-shaped tensor",
+     lambda c: convert_cli(c, "--src", torch_file(c, "shape.pth", changed(c.sd, "aggregator.score.0.weight",
+                                                                         np.zeros((129, 129, 1, 1), np.float32))),
+                           "--dst", str(c.tmp / "o")),
+     ["shape mismatches (1): aggregator.score.0.weight: checkpoint (129, 129, 1, 1), model (128, 128, 1, 1)"]),
+    ("convert: a pickle that would run code",
+     lambda c: convert_cli(c, "--src", evil_pickle(c), "--dst", str(c.tmp / "o")),
+     ["refusing to load", "refers to os.system", "nothing in it was executed"]),
+    ("train: --workdir is a file", lambda c: train_cli(c, write_file(c, "run", "x")), ["--workdir", "is a file"]),
+    ("train: a workdir held by a live run", lambda c: train_cli(c, locked_workdir(c)),
+     ["is in use by a running train.py", "pid"]),
+    ("train: resume with another batch layout",
+     lambda c: train_cli(c, trained_looking_workdir(c), **{"data.places_per_batch": 16, "seed": 3}),
+     ["cannot change when resuming", "data.places_per_batch: 8 -> 16", "seed: 0 -> 3", "another --workdir"]),
+    ("train: a corrupt config.json",
+     lambda c: train_cli(c, write(str(mkdir(c, "w")), "config.json", "{not json")), ["config.json is corrupt"]),
+]
+
+
+def unreadable(c):
+  if os.geteuid() == 0:
+    pytest.skip("root reads every file")
+  path = torch_file(c, "locked.pth", c.sd)
+  os.chmod(path, 0)
+  return path
+
+
+@pytest.mark.parametrize("case,command,words", CLI, ids=[c[0] for c in CLI])
+def test_cli_bad_input(ctx, gsv_root, case, command, words):
+  ctx.gsv_root, ctx.holder = gsv_root, None
+  argv, cwd = command(ctx)
+  before = {p: open(p, "rb").read() for p in [str(ctx.tmp / "run" / "config.json")] if os.path.exists(p)}
+  try:
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd or REPO, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  finally:
+    if ctx.holder is not None:
+      ctx.holder.kill()
+      ctx.holder.wait()
+  assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+  assert "Traceback" not in r.stderr and "weights_only" not in r.stderr
+  lines = r.stderr.splitlines()
+  assert len([ln for ln in lines if ln.startswith("error: ")]) == 1, r.stderr
+  said = " ".join(ln for ln in lines if ln.startswith(("error: ", "hint: ")))
+  for w in words:
+    assert w in said, (w, r.stderr)
+  for p, data in before.items():  # nothing overwritten
+    assert open(p, "rb").read() == data
+  if "project folder" in case:
+    assert_project_intact(ctx)
+  if "batch layout" in case:  # exactly the two settings changed, nothing else
+    assert said.count(" -> ") == 2, said
+  assert not (ctx.tmp / "ran").exists()

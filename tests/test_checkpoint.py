@@ -1,0 +1,115 @@
+"""Training checkpoints: checksums, falling back from damaged ones, and keeping those aside."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from salad_jax import checkpoint
+from salad_jax.errors import UserError
+
+
+def _state(step, shape=(128, 128)):
+  rng = np.random.default_rng(step)  # random floats: stored raw, so a flipped byte decodes silently
+  state = {"params": {"head": {"kernel": rng.standard_normal(shape).astype(np.float32)},
+                      "bias": rng.standard_normal(7).astype(np.float32)},
+           "opt": {"mu": np.full(7, step, np.float32)}, "step": np.int32(step)}
+  return jax.device_put(state)
+
+
+def _save(workdir, steps, **kw):
+  ck = checkpoint.TrainCheckpointer(str(workdir), **kw)
+  for s in steps:
+    ck.save(s, _state(s), {"step": s})
+  ck.close()
+
+
+def _largest_file(d):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(path, "wb").write(data)
+
+
+def _restore(workdir, keep_last=3):
+  ck = checkpoint.TrainCheckpointer(str(workdir), keep_last=keep_last)
+  return ck, ck.restore_latest(checkpoint.abstract_like(_state(0)))
+
+
+def test_saved_meta_holds_the_params_checksum_and_restore_verifies_it(tmp_path):
+  _save(tmp_path, [1])
+  meta = json.load(open(tmp_path / "checkpoints" / "1" / "meta" / "metadata"))
+  assert meta["params_checksum"].startswith("sum32:")
+  ck, (step, state, _) = _restore(tmp_path)
+  assert step == 1
+  np.testing.assert_array_equal(state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"])
+  ck.close()
+
+
+def test_damaged_newest_checkpoints_fall_back_and_are_kept_aside(tmp_path, capsys):
+  _save(tmp_path, [1, 2, 3])
+  ckpts = tmp_path / "checkpoints"
+  os.remove(_largest_file(ckpts / "3" / "params"))  # a real partial deletion
+  _flip_byte(_largest_file(ckpts / "2" / "params"))  # reads fine, wrong values: the checksum tells
+  ck, (step, state, meta) = _restore(tmp_path)
+  out = capsys.readouterr().out
+  assert step == 1 and meta["step"] == 1
+  np.testing.assert_array_equal(state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"])
+  lines = [ln for ln in out.splitlines() if "cannot be restored" in ln]
+  assert len(lines) == 2 and all("resuming from step 1" in ln for ln in lines)
+  assert "step 2 cannot be restored (CorruptCheckpointError" in out and "checksum" in out
+  aside = sorted(os.listdir(tmp_path / "damaged_checkpoints"))
+  assert [a.split("-")[0] for a in aside] == ["2", "3"]
+  assert ck.manager.all_steps() == [1]  # Orbax no longer sees them
+  for s in range(2, 7):  # retention (keep_last=3) deletes old steps, never the damaged ones
+    ck.save(s, _state(s), {"step": s})
+  ck.close()
+  assert sorted(os.listdir(ckpts)) == ["4", "5", "6"]
+  assert sorted(os.listdir(tmp_path / "damaged_checkpoints")) == aside
+  assert os.path.isdir(tmp_path / "damaged_checkpoints" / aside[0] / "params")
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
+  _save(tmp_path, [1])
+  os.remove(_largest_file(tmp_path / "checkpoints" / "1" / "params"))
+  with pytest.raises(UserError, match=r"no checkpoint in .* can be restored \(step 1: .*nothing was moved"):
+    _restore(tmp_path)
+  assert os.path.isdir(tmp_path / "checkpoints" / "1")
+  assert not os.path.exists(tmp_path / "damaged_checkpoints")
+
+
+def test_other_param_shapes_are_a_config_error_not_damage(tmp_path):
+  _save(tmp_path, [1, 2])
+  ck = checkpoint.TrainCheckpointer(str(tmp_path))
+  with pytest.raises(UserError, match=r"other shapes than the model.*head.*kernel.*checkpoint \(128, 128\), model \(64, 128\)"):
+    ck.restore_latest(checkpoint.abstract_like(_state(0, shape=(64, 128))))
+  ck.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+def test_checkpoint_without_checksum_still_restores(tmp_path):
+  _save(tmp_path, [1])
+  path = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.load(open(path))
+  del meta["params_checksum"]  # as written before checksums were recorded
+  json.dump(meta, open(path, "w"))
+  ck, (step, _, _) = _restore(tmp_path)
+  assert step == 1
+  ck.close()
+
+
+def test_inference_load_names_a_corrupt_or_damaged_step(tmp_path):
+  _save(tmp_path, [1, 2])
+  _flip_byte(_largest_file(tmp_path / "checkpoints" / "2" / "params"))
+  with pytest.raises(UserError, match=r"checkpoints/2 is corrupt: its params do not match the checksum"):
+    checkpoint.load_for_inference(str(tmp_path), which="latest")
+  os.remove(_largest_file(tmp_path / "checkpoints" / "1" / "params"))
+  with pytest.raises(UserError, match=r"checkpoints/1 cannot be read \(.*\): it is damaged") as e:
+    checkpoint.load_for_inference(str(tmp_path / "checkpoints" / "1"))
+  assert "checkpoints/2" in e.value.hint  # points to another step
