@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from salad_jax import convert, integrity, weights
-from salad_jax.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize
+from salad_jax.data.images import (IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize,
+                                   to_rgb)
 from salad_jax.errors import UserError
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
@@ -41,7 +42,7 @@ def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
   if isinstance(image_or_path, (str, os.PathLike)):
     image = load_image(os.fspath(image_or_path))
   elif isinstance(image_or_path, Image.Image):
-    image = image_or_path.convert("RGB")
+    image = to_rgb(image_or_path, "the PIL image")
   else:
     arr = np.asarray(image_or_path)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
@@ -128,8 +129,10 @@ class SaladModel:
     from salad_jax.models.vpr import assignment
     x = self._check(images, self.config.num_clusters)
     if not hasattr(self, "_assignment"):
-      self._assignment = jax.jit(lambda p, x: assignment(self.module, p, x))
-    return np.asarray(self._assignment(self.params, x))
+      self._assignment = jax.jit(lambda p, x: (assignment(self.module, p, x), _min_max(x)))
+    out, min_max = self._assignment(self.params, x)
+    self._check_values(min_max)
+    return np.asarray(out)
 
 
 @jax.jit

@@ -55,6 +55,10 @@ def test_assignment_is_the_one_the_descriptor_is_computed_from(model_and_q):
   np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)
   with pytest.raises(ValueError, match="multiples of 14"):
     model.assignment(x[:, :50])
+  with pytest.raises(ValueError, match="uint8"):  # the same input checks as describe()
+    model.assignment(np.zeros((1, 56, 56, 3), np.uint8))
+  with pytest.raises(ValueError, match="range of ImageNet-normalised"):
+    model.assignment(x * 100)
 
 
 def test_pictures_draw_the_values_with_one_colour_per_cluster():

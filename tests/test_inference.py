@@ -36,6 +36,14 @@ def test_preprocess_is_pil_bilinear_resize_then_imagenet_normalisation(tmp_path)
   assert salad_jax.preprocess(arr, size=None).shape == (300, 400, 3)
 
 
+def test_preprocess_of_a_16_bit_pil_image_keeps_its_grey_levels():
+  """A 16-bit greyscale PIL image shows its high byte, as a file does (not clipped to white)."""
+  ramp = (np.arange(56 * 56, dtype=np.uint32).reshape(56, 56) * 20).astype(np.uint16)
+  x = salad_jax.preprocess(Image.fromarray(ramp), size=None)
+  want = salad_jax.preprocess(np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2), size=None)
+  np.testing.assert_array_equal(x, want)
+
+
 def test_preprocess_errors_name_the_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
     salad_jax.preprocess(str(tmp_path / "missing.jpg"))
