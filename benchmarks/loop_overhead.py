@@ -106,10 +106,9 @@ def worker(args) -> dict:
 
     def write(self, step, scalars):
       super().write(step, scalars)
-      TimedWriter.stamps.append((time.perf_counter(), step))
+      TimedWriter.stamps.append((time.perf_counter(), time.thread_time(), step))
 
   trainer.MetricsWriter = TimedWriter
-  out = {"devices": jax.device_count(), "code": args.code or REPO, "loop": {}}
 
   # the step alone and the input alone, built as train_and_evaluate builds them
   config = tiny_config(1, args.steps, places)
@@ -126,39 +125,46 @@ def worker(args) -> dict:
   local.pop("corrupt")
   batch = sharding.global_batch(local, mesh)
 
-  def time_steps(n):
+  def timed(fn, n):
+    """(wall, this thread's CPU) seconds per call of fn, over n calls."""
+    t, c = time.perf_counter(), time.thread_time()
+    fn(n)
+    return (time.perf_counter() - t) / n, (time.thread_time() - c) / n
+
+  def run_steps(n):
+    """Back to back, at most 2 steps ahead of the devices (as the loop): unbounded dispatch of
+    hundreds of steps deadlocks XLA:CPU's collectives on 8 host devices (rendezvous timeout)."""
     nonlocal state
-    t = time.perf_counter()
+    flags = []
     for _ in range(n):
       state, m = step_fn(state, batch)
+      flags.append(m["finite"])
+      if len(flags) > 2:
+        jax.block_until_ready(flags.pop(0))
     jax.block_until_ready((state, m))
-    return (time.perf_counter() - t) / n
 
-  def time_input(n):
-    t = time.perf_counter()
+  def run_input(n):
     for _ in range(n):
       local = next(it)
       local.pop("corrupt")
       b = sharding.global_batch(local, mesh)
     jax.block_until_ready(b)
-    return (time.perf_counter() - t) / n
 
-  time_steps(20)
+  run_steps(20)
   chunk = max(args.steps // 3, 20)
-  steps_ms, input_ms, loop_ms = [], [], {le: [] for le in args.log_every}
+  times = {"step": [], "input": [], **{f"loop{le}": [] for le in args.log_every}}
   for _ in range(args.repeats):  # interleaved, best of each kept: the machine is shared
-    steps_ms.append(1e3 * time_steps(chunk))
-    input_ms.append(1e3 * time_input(chunk))
+    times["step"].append(timed(run_steps, chunk))
+    times["input"].append(timed(run_input, chunk))
     for log_every in args.log_every:
       TimedWriter.stamps = []
       with tempfile.TemporaryDirectory() as workdir:
         r = trainer.train_and_evaluate(tiny_config(log_every, args.steps, places), workdir)
-      (t0, s0), (t1, s1) = TimedWriter.stamps[0], TimedWriter.stamps[-1]
+      (t0, c0, s0), (t1, c1, s1) = TimedWriter.stamps[0], TimedWriter.stamps[-1]
       assert r["step"] == s1 == args.steps and s1 > s0, (r["step"], TimedWriter.stamps[:3])
-      loop_ms[log_every].append(1e3 * (t1 - t0) / (s1 - s0))
-  out.update(step_ms=min(steps_ms), input_ms=min(input_ms),
-             loop={le: min(v) for le, v in loop_ms.items()})
-  return out
+      times[f"loop{log_every}"].append(((t1 - t0) / (s1 - s0), (c1 - c0) / (s1 - s0)))
+  # best wall and best CPU figure of each, in ms
+  return {k: [1e3 * min(w for w, _ in v), 1e3 * min(c for _, c in v)] for k, v in times.items()}
 
 
 def main():
@@ -181,30 +187,29 @@ def main():
     return
 
   import common
-  print(f"loop overhead, {args.steps} steps at 28x28, ViT width 32 depth 2, a place of 4 images "
-        f"per device ({common.machine()})")
+  print(f"loop overhead: {args.steps} steps at 28x28, ViT width 32 depth 2, a place of 4 images "
+        f"per device; best of {args.rounds} rounds x {args.repeats} repeats ({common.machine()})\n"
+        "wall: ms per step; over = loop - max(step, input) (the input runs in grain's threads "
+        "while the step runs)\ncpu: ms of the loop's own thread per step; over = loop - step - "
+        "input (what the loop adds on the host)", flush=True)
   codes = [("this tree", "")] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
-  best = {}  # (devices, code label) -> the best of each figure over the rounds
+  print(f"{'devices':>7} {'code':<10} {'log_every':>9} | {'wall:':<5} {'step':>6} {'input':>6} "
+        f"{'loop':>6} {'over':>6} | {'cpu:':<4} {'step':>6} {'input':>6} {'loop':>6} {'over':>6}",
+        flush=True)
   with tempfile.TemporaryDirectory() as cache:
     for n in (int(x) for x in args.devices.split(",")):
+      runs = {label: [] for label, _ in codes}
       for _ in range(args.rounds):
         for label, code in codes:  # alternating, so slow drifts of the machine hit both alike
-          res = run_worker(args, n, code, cache, label)
-          b = best.setdefault((n, label), {"step_ms": [], "input_ms": [], "loop": {}})
-          b["step_ms"].append(res["step_ms"])
-          b["input_ms"].append(res["input_ms"])
-          for le, ms in res["loop"].items():
-            b["loop"].setdefault(int(le), []).append(ms)
-  print(f"best of {args.rounds} rounds x {args.repeats} repeats; over = loop - max(step, input): the input runs in grain "
-        "threads while the step runs")
-  print(f"{'devices':>7} {'code':<10} {'log_every':>9} {'step ms':>8} {'input ms':>8} "
-        f"{'loop ms':>8} {'loop-step':>9} {'over ms':>8}")
-  for (n, label), b in best.items():
-    s, i = min(b["step_ms"]), min(b["input_ms"])
-    for le, loops in b["loop"].items():
-      loop = min(loops)
-      print(f"{n:>7} {label:<10} {le:>9} {s:8.2f} {i:8.2f} {loop:8.2f} {loop - s:9.2f} "
-            f"{loop - max(s, i):8.2f}")
+          runs[label].append(run_worker(args, n, code, cache, label))
+      for label, res in runs.items():
+        best = {k: [min(r[k][i] for r in res) for i in (0, 1)] for k in res[0]}
+        (sw, sc), (iw, ic) = best["step"], best["input"]
+        for le in args.log_every:
+          lw, lc = best[f"loop{le}"]
+          print(f"{n:>7} {label:<10} {le:>9} | {'':<5} {sw:6.2f} {iw:6.2f} {lw:6.2f} "
+                f"{lw - max(sw, iw):6.2f} | {'':<4} {sc:6.2f} {ic:6.2f} {lc:6.2f} "
+                f"{lc - sc - ic:6.2f}", flush=True)
 
 
 def run_worker(args, n: int, code: str, cache: str, label: str) -> dict:

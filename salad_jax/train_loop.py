@@ -16,6 +16,8 @@ save always comes after a check, no state at or after a bad step is ever saved.
 
 The host runs at most `MAX_AHEAD` steps ahead of the device (it waits for step n-2 after
 dispatching step n; the device still has n-1 and n queued), so batches in flight stay bounded.
+(The bound also matters on XLA:CPU: hundreds of dispatched steps with collectives deadlock its
+8 host devices in a rendezvous timeout; 2 or 8 steps ahead ran fine.)
 `step_time` is the wall time between two log points over the steps between them, evaluation
 and checkpoint saves excluded.
 """
