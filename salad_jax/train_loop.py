@@ -187,8 +187,8 @@ def run(config, *, state: dict, step: int, step_fn, data_iter, mesh, checkpointe
         writer: MetricsWriter, mc, meta: Mapping[str, Any], steps_per_epoch: int, total_steps: int,
         global_images: int, last_saved: int | None, results: dict[str, Any]) -> dict[str, Any]:
   """Trains from `step` to `total_steps` (or `config.stop_after_steps`); fills and returns `results`:
-  step, state, corrupt_images, saved_step (the last checkpoint, None if none), checkpoint_dir,
-  metric_fetches (times metrics were read back from the devices), evals."""
+  step, state, corrupt_images, saved_step (the last checkpoint, None if none), best_step (by R@1,
+  with validation), checkpoint_dir, metric_fetches (times metrics were read back), evals."""
   pending = PendingMetrics(checkpointer.directory, last_saved)
   stop_after = config.get("stop_after_steps") or 0
   log_every, save_every = config.log_every_steps, config.checkpoint.every_steps
@@ -245,6 +245,7 @@ def run(config, *, state: dict, step: int, step_fn, data_iter, mesh, checkpointe
         excluded += time.perf_counter() - t
         if stop:
           break
+    results["best_step"] = checkpointer.best_step() if evaluator.enabled else None
   finally:
     bar.close()
     checkpointer.close()
@@ -278,12 +279,17 @@ def _summary(results: Mapping[str, Any], evaluator) -> None:
 
 
 def done_line(results: Mapping[str, Any]) -> str:
-  """train.py's last line: the step reached and what is actually on disk."""
-  saved, step = results.get("saved_step"), results["step"]
-  evals = results.get("evals") or {}
-  recall = ""
-  if saved is not None and evals.get(saved, {}).get("R@1") is not None:
-    recall = f" (R@1 {evals[saved]['R@1']:.2f})"
+  """train.py's last line: the step reached and what is actually on disk (and, with validation,
+  the best checkpoint by R@1, which `evaluate.py` and `salad_jax.load` pick from a workdir)."""
+  saved, step, evals = results.get("saved_step"), results["step"], results.get("evals") or {}
   if saved is None:
     return f"done: step {step}; no checkpoint saved"
-  return f"done: step {step}; checkpoint of step {saved}{recall} in {results['checkpoint_dir']}"
+
+  def recall(s):
+    r = evals.get(s, {}).get("R@1")
+    return f" (R@1 {r:.2f})" if r is not None else ""
+  line = f"done: step {step}; checkpoint of step {saved}{recall(saved)} in {results['checkpoint_dir']}"
+  best = results.get("best_step")
+  if best is not None and best != saved:
+    line += f"; best by R@1: step {best}{recall(best)}"
+  return line

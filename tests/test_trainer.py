@@ -168,6 +168,16 @@ def test_pending_metrics_name_the_first_non_finite_step():
   assert pending.fetch() == (8, {"loss": 2.0})
 
 
+def test_done_line_says_what_is_saved():
+  from salad_jax.train_loop import done_line
+  r = {"step": 2, "saved_step": None, "evals": {}}
+  assert done_line(r) == "done: step 2; no checkpoint saved"
+  r = {"step": 88, "saved_step": 88, "best_step": 77, "checkpoint_dir": "/w/checkpoints",
+       "evals": {77: {"R@1": 85.0}, 88: {"R@1": 76.666}}}
+  assert done_line(r) == ("done: step 88; checkpoint of step 88 (R@1 76.67) in /w/checkpoints; "
+                          "best by R@1: step 77 (R@1 85.00)")
+
+
 def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(gsv_root, tmp_path):
   """22 places / 8 = 3 steps an epoch. Steps 2, 5 and 7 run without any device-to-host read (the
   per-step path runs under a transfer guard that forbids them); metrics are read after the first
