@@ -19,11 +19,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from salad_jax import cli, sharding, trainer
+  from salad_jax import cli, sharding, train_loop, trainer
   sharding.maybe_initialize_distributed()  # before anything touches a device
   cli.quiet_logs()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print(f"done: step {result['step']}; checkpoints in {FLAGS.workdir}/checkpoints")
+  print(train_loop.done_line(result))  # what is actually saved, e.g. after stop_after_steps
 
 
 if __name__ == "__main__":

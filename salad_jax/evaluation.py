@@ -6,6 +6,7 @@ ground-truth positive among the top-K retrieved database images, in percent.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -14,7 +15,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from salad_jax import sharding
@@ -51,20 +51,39 @@ def extract(params, mc: ModelConfig, paths: Sequence[str], *, image_size: tuple[
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                num_workers=num_workers)
   total = -(-len(paths) // batch_size)
+  gather = _replicate(mesh)
   import sys
+  previous = None
   for local in tqdm(data, total=total, desc=desc or "descriptors", unit="batch", leave=False,
                     disable=jax.process_index() != 0 or not sys.stderr.isatty()):
+    # each process loads its share of the global batch; descriptors and image indices come back
+    # replicated, so every process fills the whole `out`. Batch i is dispatched before batch i-1
+    # is read back, so loading batch i+1 overlaps the devices' work.
     batch = sharding.global_batch({"images": local["images"], "index": local["index"]}, mesh)
-    d = np.asarray(describe(params, batch["images"]))
-    index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True)
-                       if jax.process_count() > 1 else batch["index"])
-    keep = index >= 0
-    out[index[keep]] = d[keep]
+    current = (describe(params, batch["images"]), gather(batch["index"]))
+    if previous is not None:
+      _store(out, *previous)
+    previous = current
+  if previous is not None:
+    _store(out, *previous)
   # grain's worker batches live in shared memory and sit in reference cycles: collect them now
   # so their segments are unlinked (else "leaked shared_memory objects" at exit, grain#398)
   del data
   gc.collect()
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _replicate(mesh):
+  """Jitted identity onto every device of `mesh` (an all-gather, across processes too)."""
+  return jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+
+
+def _store(out: np.ndarray, descriptors: jax.Array, index: jax.Array) -> None:
+  """Writes one global batch's descriptors into `out` at their image indices (-1 = padding)."""
+  d, index = np.asarray(descriptors), np.asarray(index)
+  keep = index >= 0
+  out[index[keep]] = d[keep]
 
 
 # ------------------------------------------------------------------------------ search

@@ -6,9 +6,7 @@ state = {"params": full nested params, "opt": optax state of the trainable param
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -18,13 +16,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from salad_jax import losses, optim, sharding
+from salad_jax import losses, optim, sharding, train_loop
 from salad_jax.data.pipeline import normalize_images
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
-
-
-class NonFiniteError(FloatingPointError):
-  """Raised when the loss or the gradients stop being finite."""
+from salad_jax.train_loop import MetricsWriter, NonFiniteError  # noqa: F401 (re-exported)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -113,35 +108,6 @@ def make_train_step(mc: ModelConfig, tx, freeze: str, loss_cfg: Mapping[str, flo
 
 
 # ------------------------------------------------------------------------------ the loop
-class MetricsWriter:
-  """Process 0 writes TensorBoard event files and a JSON-lines metrics file."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    for k, v in scalars.items():
-      self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-    self.jsonl.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self.tb.close()
-      self.jsonl.close()
-
-
-def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in metrics.items()}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can.
 
@@ -192,83 +158,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   results: dict[str, Any] = {"evals": {}}
   if step == 0 and config.eval.at_start and evaluator.enabled:
     results["evals"][0] = evaluator(state["params"], mc, step=0, writer=writer, label="untrained")
-  last_good = start
-  bar = _Progress(total_steps, step, config.log_every_steps)
-  corrupt_total = 0
-  try:
-    while step < total_steps:
-      t0 = time.perf_counter()
-      local = next(data_iter)
-      corrupt_total += int(local.pop("corrupt", 0))
-      batch = sharding.global_batch(local, mesh)
-      state, metrics = step_fn(state, batch)
-      m = host_metrics(metrics)
-      step += 1
-      if not m.pop("finite"):
-        checkpointer.wait()
-        raise NonFiniteError(
-            f"non-finite loss or gradients at step {step} (loss={m['loss']}); stopping. The last "
-            f"good checkpoint is step {last_good} in {checkpointer.directory}"
-            if last_good is not None else
-            f"non-finite loss or gradients at step {step} (loss={m['loss']}); stopping (no "
-            "checkpoint saved yet)")
-      dt = time.perf_counter() - t0
-      m.update(step_time=dt, images_per_s=global_images / dt, corrupt_images=corrupt_total)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        writer.write(step, m)
-      bar.update(m)
-      end_of_epoch = step % steps_per_epoch == 0
-      eval_metrics = None
-      if end_of_epoch and evaluator.enabled:
-        epoch = step // steps_per_epoch
-        eval_metrics = evaluator(state["params"], mc, step=step, writer=writer, label=f"epoch {epoch}")
-        results["evals"][step] = eval_metrics
-      if end_of_epoch or step % config.checkpoint.every_steps == 0 or step == total_steps:
-        sel = {evaluator.select_metric: eval_metrics[evaluator.select_metric]} if eval_metrics else None
-        checkpointer.save(step, state, {**meta, "step": step, "eval": eval_metrics or {}},
-                          data_iter, metrics=sel)
-        last_good = step
-      if config.get("stop_after_steps") and step >= config.stop_after_steps:
-        break  # for tests of interrupted runs: the state is checkpointed above
-  finally:
-    bar.close()
-    checkpointer.close()
-    writer.close()
-  results.update(step=step, state=state, corrupt_images=corrupt_total)
-  evals = results["evals"]
-  if 0 in evals and len(evals) > 1 and jax.process_index() == 0:
-    first, last = evals[0][evaluator.select_metric], evals[max(evals)][evaluator.select_metric]
-    ratio = f" ({last / first:.1f}x)" if first > 0 else ""
-    print(f"\nR@1 on {evaluator.sets[0].name}: untrained {first:.2f} -> trained {last:.2f}{ratio}")
-  if corrupt_total:
-    print(f"{corrupt_total} unreadable training images were replaced by black images (see log)")
-  return results
-
-
-class _Progress:
-  """tqdm bar on a terminal; a plain line every `every` steps otherwise (logs, CI)."""
-
-  def __init__(self, total: int, initial: int, every: int):
-    import sys
-    from tqdm import tqdm
-    self.main = jax.process_index() == 0
-    self.tty = sys.stderr.isatty()
-    self.total, self.step, self.every, self.t0, self.s0 = total, initial, every, time.time(), initial
-    self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not (self.main and self.tty))
-
-  def update(self, m: Mapping[str, float]) -> None:
-    self.step += 1
-    if self.tty:
-      self.bar.update(1)
-      self.bar.set_postfix(loss=f"{m['loss']:.4f}", b_acc=f"{m['b_acc']:.3f}", lr=f"{m['lr']:.2e}",
-                           img_s=f"{m['images_per_s']:.1f}")
-    elif self.main and (self.step % self.every == 0 or self.step == self.total):
-      rate = (self.step - self.s0) / max(time.time() - self.t0, 1e-9)
-      eta = (self.total - self.step) / max(rate, 1e-9)
-      print(f"step {self.step}/{self.total}  loss {m['loss']:.4f}  b_acc {m['b_acc']:.3f}  "
-            f"lr {m['lr']:.2e}  {m['step_time']:.2f} s/step  {m['images_per_s']:.1f} img/s  "
-            f"ETA {eta / 60:.1f} min", flush=True)
-
-  def close(self) -> None:
-    self.bar.close()
+  return train_loop.run(config, state=state, step=step, step_fn=step_fn, data_iter=data_iter,
+                        mesh=mesh, checkpointer=checkpointer, evaluator=evaluator, writer=writer,
+                        mc=mc, meta=meta, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                        global_images=global_images, last_saved=start, results=results)

@@ -1,4 +1,5 @@
-"""Two JAX processes x 2 CPU devices (jax.distributed, gloo) train like one process x 4 devices."""
+"""Two JAX processes x 2 CPU devices (jax.distributed, gloo) train and evaluate like one process x
+4 devices."""
 
 import json
 import os
@@ -16,6 +17,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITIES = {"Alpha": [4, 5, 6, 4, 4, 7, 4, 5, 4, 4, 6, 4], "Beta": [5, 4, 4, 6, 4, 4, 4, 5, 4, 4]}
 
 
+def make_eval_folder(root, places=5, db_per_place=2, size=(64, 48)):
+  """UTM-named database/queries folders: place p at east 1000 p, its images noisy views of it."""
+  from PIL import Image
+  rng = np.random.default_rng(1)
+  for sub in ("database", "queries"):
+    os.makedirs(os.path.join(root, sub))
+  for p in range(places):
+    base = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3)).repeat(8, 0).repeat(8, 1)
+    for k in range(db_per_place + 1):
+      view = np.clip(base + rng.integers(-60, 60, base.shape), 0, 255).astype(np.uint8)
+      sub, tag = ("queries", f"q{p}") if k == db_per_place else ("database", f"p{p}k{k}")
+      Image.fromarray(view).save(os.path.join(root, sub, f"@{1000 * p + k:.1f}@0.0@{tag}@.jpg"))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -26,10 +41,13 @@ def _free_port():
 def test_two_processes_match_one_process(tmp_path):
   root = str(tmp_path / "gsv")
   make_gsv(root, CITIES, size=(64, 48))
+  make_eval_folder(str(tmp_path / "eval"))  # 10 + 5 images: 4 batches of 4, the last one padded
   args = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/demo.py"),
           "--config.data.source=folder", f"--config.data.root={root}", "--config.data.cities=Alpha,Beta",
           "--config.data.places_per_batch=8", "--config.data.image_size=(56,56)",
-          "--config.data.num_workers=0", "--config.eval.sets=", "--config.eval.at_start=False",
+          "--config.data.num_workers=0", f"--config.eval.sets=folder:{tmp_path / 'eval'}",
+          "--config.eval.at_start=False", "--config.eval.image_size=(56,56)",
+          "--config.eval.batch_size=4", "--config.eval.num_workers=0",
           "--config.num_epochs=1", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
           "--config.model.variant=Nano/14", "--config.model.num_clusters=8",
           "--config.model.cluster_dim=16", "--config.model.token_dim=16", "--config.model.hidden_dim=32"]
@@ -49,9 +67,16 @@ def test_two_processes_match_one_process(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "4 device(s)" in outs[0][0]  # process 0 sees the global mesh
-  one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-  two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  logs = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+          for run in ("one", "two")}
+  one, two = ([x["loss"] for x in logs[run] if "loss" in x] for run in ("one", "two"))
   np.testing.assert_allclose(two, one, rtol=1e-6)
+  # evaluation: each process loads half of every batch; every process reports the recalls of one
+  (val_one,), (val_two,) = ([x for x in logs[run] if "val/R@1" in x] for run in ("one", "two"))
+  assert val_two == val_one and val_one["val/R@1"] > 0  # (R@1 = 0 could hide a shuffled order)
+  done = [out.strip().splitlines()[-1] for out, _ in [(single.stdout, "")] + outs]
+  assert len(set(d.split(" in ")[0] for d in done)) == 1, done
+  assert f"(R@1 {val_one['val/R@1']:.2f})" in done[1], done
   step_dir = tmp_path / "two" / "checkpoints" / str(len(one))
   assert sorted(os.listdir(step_dir / "data")) == ["commit_success.txt", "process_0-of-2.json",
                                                   "process_1-of-2.json"]  # each process's data state

@@ -130,7 +130,7 @@ def test_batch_layout_keeps_places_on_one_device():
     sharding.check_batch_layout(60 * 4, 4, mesh)
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tmp_path):
+def _tiny_config(gsv_root):
   import configs.demo as demo_cfg  # noqa: F401  (configs/ is importable from the repo root)
   cfg = demo_cfg.get_config()
   cfg.unlock()
@@ -139,6 +139,11 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tm
   cfg.data.source, cfg.data.root, cfg.data.cities = "folder", gsv_root, "Alpha,Beta"
   cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (56, 56), 0
   cfg.eval.sets, cfg.eval.at_start = "", False
+  return cfg
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tmp_path):
+  cfg = _tiny_config(gsv_root)
   cfg.checkpoint.every_steps = 1
   cfg.optim.lr = 1e38  # the first update sends params to ~1e38: the next forward overflows
   with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+).*last good checkpoint is step") as e:
@@ -148,6 +153,49 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tm
   assert ckpt.latest_step() == bad_step - 1  # nothing saved for the bad step
   params, _, _ = checkpoint.load_for_inference(str(tmp_path), which="latest")
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
+
+
+def test_pending_metrics_name_the_first_non_finite_step():
+  """Metrics are read back in batches: the error names the first bad step, not the one that read."""
+  from salad_jax import train_loop
+  pending = train_loop.PendingMetrics("/ckpt", last_saved=4)
+  for step, ok in [(5, True), (6, False), (7, False)]:
+    pending.add(step, {"loss": jax.numpy.float32(1.0 if ok else np.nan), "finite": jax.numpy.bool_(ok)})
+  with pytest.raises(trainer.NonFiniteError, match=r"at step 6 .*last good checkpoint is step 4 in /ckpt"):
+    pending.fetch()
+  assert len(pending) == 0 and pending.fetches == 1
+  pending.add(8, {"loss": jax.numpy.float32(2.0), "finite": jax.numpy.bool_(True)})
+  assert pending.fetch() == (8, {"loss": 2.0})
+
+
+def test_done_line_says_what_is_saved():
+  from salad_jax.train_loop import done_line
+  r = {"step": 2, "saved_step": None, "evals": {}}
+  assert done_line(r) == "done: step 2; no checkpoint saved"
+  r = {"step": 88, "saved_step": 88, "best_step": 77, "checkpoint_dir": "/w/checkpoints",
+       "evals": {77: {"R@1": 85.0}, 88: {"R@1": 76.666}}}
+  assert done_line(r) == ("done: step 88; checkpoint of step 88 (R@1 76.67) in /w/checkpoints; "
+                          "best by R@1: step 77 (R@1 85.00)")
+
+
+def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(gsv_root, tmp_path):
+  """22 places / 8 = 3 steps an epoch. Steps 2, 5 and 7 run without any device-to-host read (the
+  per-step path runs under a transfer guard that forbids them); metrics are read after the first
+  step, at the saves (epoch ends 3, 6) and logs (4), and at the stop step 8, which is saved."""
+  cfg = _tiny_config(gsv_root)
+  cfg.num_epochs, cfg.stop_after_steps, cfg.log_every_steps = 4, 8, 4
+  cfg.checkpoint.every_steps, cfg.checkpoint.keep_last = 100, 5
+  r = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert r["step"] == 8
+  assert checkpoint.TrainCheckpointer(str(tmp_path), read_only=True).manager.all_steps() == [3, 6, 8]
+  assert r["saved_step"] == 8 and r["metric_fetches"] == 5  # after steps 1, 3, 4, 6, 8
+  from salad_jax import train_loop
+  assert train_loop.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
+  logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in logged] == [4, 8]
+  for x in logged:
+    assert np.isfinite(x["loss"]) and x["step_time"] > 0
+    assert x["images_per_s"] == pytest.approx(32 / x["step_time"])
 
 
 def test_init_from_files_and_dirs(tmp_path):
