@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -58,8 +59,16 @@ class TrainCheckpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: dict, data_iter=None) -> tuple[dict, dict]:
-    """Restores onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct)."""
+  def restore(self, step: int, abstract_state: dict, data_iter=None,
+              model: dict | None = None) -> tuple[dict, dict]:
+    """Restores onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct).
+
+    Any saved layout restores onto any target layout (replicated or fsdp, other device counts).
+    A checkpoint of another model (other shapes or trainable set) is a UserError naming the
+    differing `config.model` fields (`model`: this run's ModelConfig dict), raised before
+    anything is read or written.
+    """
+    self.check_compatible(step, abstract_state, model)
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
              "train_state": ocp.args.StandardRestore(
                  {k: v for k, v in abstract_state.items() if k != "params"}),
@@ -71,12 +80,43 @@ class TrainCheckpointer:
     state["params"] = out["params"]
     return state, out["meta"]
 
+  def check_compatible(self, step: int, abstract_state: dict, model: dict | None = None) -> None:
+    meta = self.manager.item_metadata(step)
+    saved = {"params": _shapes(meta["params"]), "train_state": sorted(_shapes(meta["train_state"]).values())}
+    want = {"params": _shapes(abstract_state["params"]),
+            "train_state": sorted(_shapes({k: v for k, v in abstract_state.items() if k != "params"}).values())}
+    if saved == want:
+      return
+    saved_model = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"].get("model", {})
+    fields = [f"config.model.{k}={model[k]!r} (checkpoint: {saved_model[k]!r})"
+              for k in sorted(SHAPE_FIELDS) if model and k in saved_model and saved_model[k] != model[k]]
+    diff = sorted(set(saved["params"].items()) ^ set(want["params"].items()))[:3]
+    what = ("; ".join(fields) if fields else
+            "param shapes differ: " + ", ".join(f"{k} {v}" for k, v in diff) if diff else
+            "the trainable params differ (config.optim.freeze?)")
+    raise UserError(f"checkpoint step {step} in {self.directory} was saved for another model: {what}",
+                    "resume with the settings it was trained with (its meta/ holds them), or start "
+                    "a new run with another --workdir; the checkpoint is left as it is")
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ModelConfig fields that change the params or the optimizer state (dtype, remat, attention do not)
+SHAPE_FIELDS = ("variant", "registers", "num_trainable_blocks", "num_clusters", "cluster_dim",
+                "token_dim", "hidden_dim")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+          tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 def abstract_like(tree: Any) -> Any:
