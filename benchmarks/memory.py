@@ -51,8 +51,11 @@ def setup_devices(args):
     if "xla_force_host_platform_device_count" not in flags:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     import jax
-    jax.config.update("jax_platforms", "cpu")
-    return jax.devices("cpu")[:args.devices]
+    devices = jax.devices("cpu")
+    if len(devices) < args.devices:
+      sys.exit(f"{len(devices)} CPU devices, {args.devices} wanted: start a fresh process "
+               f"(XLA_FLAGS is read when jax starts)")
+    return devices[:args.devices]
   try:
     import libtpu  # noqa: F401
   except ImportError:

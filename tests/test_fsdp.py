@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import salad_jax
+from helpers import random_params
 from salad_jax import checkpoint, errors, optim, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def _batch(i, places=8, k=4, hw=56):
 def runs():
   """3 steps under fsdp = 1, 4, 8 from the same params: losses, final state per layout."""
   assert jax.device_count() == 8
-  params = salad_jax.init_params(salad_jax.ModelConfig(**TINY), jax.random.key(0), image_size=56)
+  params = random_params(salad_jax.ModelConfig(**TINY))
   out = {}
   for fsdp in (1, 4, 8):
     mesh, state, step = _setup(fsdp, params)
