@@ -2,7 +2,7 @@
 input pipeline's img/s with all host cores, and whether training is input-bound.
 
   python benchmarks/accelerator.py [--json accelerator.json] [--peak_tflops 989]
-  python benchmarks/accelerator.py --smoke        # tiny sizes, any machine (the test runs it)
+  python benchmarks/accelerator.py --smoke        # tiny sizes, bf16 only, any machine (tested)
 
 Full run (one device, aimed at < 5 minutes on one GPU): ViT-B/14 SALAD with random weights;
 describe at 322x322 (fp32 and bf16, batch 64 and 256); the train step at 60 places x 4 images
@@ -17,6 +17,7 @@ what would start after the time budget. Prints one summary block for the README 
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,13 +33,14 @@ PEAKS = (("H200", 989, 495), ("H100", 989, 495), ("A100", 312, 156), ("L40S", 36
          ("TPU v6", 918, 918), ("TPU v5p", 459, 459), ("TPU v5 lite", 197, 197),
          ("TPU v5e", 197, 197), ("TPU v4", 275, 275))
 DT = {"float32": "fp32", "bfloat16": "bf16"}
+DEFAULT_DTYPES = "bfloat16,float32"
 
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--smoke", action="store_true", help="tiny sizes (Nano/14), 1-2 timed steps")
   ap.add_argument("--variant", default="B/14")
-  ap.add_argument("--dtypes", default="bfloat16,float32")
+  ap.add_argument("--dtypes", default=DEFAULT_DTYPES)
   ap.add_argument("--describe_batches", default="64,256")
   ap.add_argument("--describe_size", type=int, default=322)
   ap.add_argument("--places", type=int, default=60)
@@ -49,13 +51,15 @@ def parse_args(argv=None):
   ap.add_argument("--pipeline_places", type=int, default=128)
   ap.add_argument("--workers", type=int, default=os.cpu_count(), help="grain workers (host cores)")
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 peak; default: by device kind")
-  ap.add_argument("--budget_s", type=float, default=290.0)
+  ap.add_argument("--budget_s", type=float, default=290.0, help="no section starts after this")
+  ap.add_argument("--section_s", type=float, default=150.0, help="time limit of one section")
   ap.add_argument("--json", default="accelerator.json")
   args = ap.parse_args(argv)
   if args.smoke:
     args.variant, args.describe_batches, args.describe_size = "Nano/14", "2", 70
     args.places, args.train_size, args.steps, args.describe_iters = 4, 56, 2, 2
     args.pipeline_places, args.workers = 8, 0
+    args.dtypes = "bfloat16" if args.dtypes == DEFAULT_DTYPES else args.dtypes
   return args
 
 
@@ -193,12 +197,22 @@ def bench_pipeline(args):
               jpeg="640x480", out=224, write_s=write_s)
 
 
-def section(name, fn, results, errors, t_end):
+class SectionTimeout(Exception):
+  pass
+
+
+def _alarm(signum, frame):
+  raise SectionTimeout("section ran past its time limit (--section_s)")
+
+
+def section(name, fn, results, errors, t_end, limit_s):
   if time.perf_counter() > t_end:
     errors.append(f"{name}: skipped (time budget)")
     print(f"[skip] {name}: time budget spent", flush=True)
     return None
   t = time.perf_counter()
+  signal.signal(signal.SIGALRM, _alarm)
+  signal.alarm(int(limit_s))  # a hung section (a stuck worker, a slow compile) does not hang the run
   try:
     r = fn()
   except Exception as e:  # report and go on: one failing section must not lose the others
@@ -206,6 +220,8 @@ def section(name, fn, results, errors, t_end):
     print(f"[error] {name}: {type(e).__name__}: {e}", flush=True)
     traceback.print_exc(limit=3)
     return None
+  finally:
+    signal.alarm(0)
   r["section_s"] = round(time.perf_counter() - t, 1)
   results.append({"section": name, **r})
   print(f"[done] {name} ({r['section_s']} s): " + ", ".join(
@@ -254,15 +270,20 @@ def main(argv=None):
   print(f"{info['kind']} ({info['platform']}); jax {info['jax']}; {info['host_cores']} host cores",
         flush=True)
   results, errors = [], []
+
+  def run(name, fn):
+    section(name, fn, results, errors, t_end, args.section_s)
+    if args.json:  # after every section: a run cut short keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump({"info": info, "results": results, "errors": errors}, f, indent=1)
+
   dtypes = args.dtypes.split(",")
   for dtype in dtypes:
     for b in (int(x) for x in args.describe_batches.split(",")):
-      section(f"describe {DT[dtype]} b{b}", lambda: bench_describe(args, mesh, dtype, b),
-              results, errors, t_end)
+      run(f"describe {DT[dtype]} b{b}", lambda: bench_describe(args, mesh, dtype, b))
   for dtype in dtypes:
-    section(f"train {DT[dtype]}", lambda: bench_train(args, mesh, dtype, info["kind"]),
-            results, errors, t_end)
-  section("pipeline", lambda: bench_pipeline(args), results, errors, t_end)
+    run(f"train {DT[dtype]}", lambda: bench_train(args, mesh, dtype, info["kind"]))
+  run("pipeline", lambda: bench_pipeline(args))
   text = summary(info, results, errors)
   print("\n" + text)
   if args.json:

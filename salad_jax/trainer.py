@@ -111,6 +111,11 @@ def make_train_step(mc: ModelConfig, tx, freeze: str, loss_cfg: Mapping[str, flo
   loss_fn = make_loss_fn(mc, loss_cfg)
 
   def step(state, batch):
+    # the model keeps activations batch-split under fsdp (vit.constrain_batch reads this mesh)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
     train, frozen = optim.split_trainable(state["params"], freeze)
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, (aux, desc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

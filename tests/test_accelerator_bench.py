@@ -21,14 +21,13 @@ def test_accelerator_benchmark_smoke(tmp_path):
   res = json.loads(out.read_text())
   assert res["errors"] == [], res["errors"]
   sections = {x["section"]: x for x in res["results"]}
-  assert set(sections) == {"describe bf16 b2", "describe fp32 b2", "train bf16", "train fp32", "pipeline"}
-  for dt in ("bf16", "fp32"):
-    t = sections[f"train {dt}"]
-    assert t["finite"] and t["img_s"] > 0 and t["gflop_per_image"] > 0
-    assert sections[f"describe {dt} b2"]["img_s"] > 0
+  assert set(sections) == {"describe bf16 b2", "train bf16", "pipeline"}  # --smoke: bf16 only
+  t = sections["train bf16"]
+  assert t["finite"] and t["img_s"] > 0 and t["gflop_per_image"] > 0
+  assert sections["describe bf16 b2"]["img_s"] > 0
   assert sections["pipeline"]["img_s"] > 0
   summary = r.stdout[r.stdout.index("accelerator benchmark:"):]
-  for words in ("describe 70x70 bf16", "train step 16 x 56x56 fp32", "input pipeline", "input-bound"):
+  for words in ("describe 70x70 bf16", "train step 16 x 56x56 bf16", "input pipeline", "input-bound"):
     assert words in summary, summary
 
 
@@ -42,15 +41,14 @@ def test_accelerator_peak_table():
 
 
 def test_memory_figures_add_up(capsys):
-  """Compiled for the 8 test devices: params bytes = count x 4 / shards, arguments = state + batch."""
+  """Compiled for the 8 test devices under fsdp=8: params bytes = count x 4 / ~8 (small leaves
+  stay replicated), arguments = state + batch shards (checked inside: no '!')."""
   import memory
-  memory.main(["--models", "Nano/14", "--fsdp", "1,8", "--remat", "none", "--dtypes", "float32",
+  memory.main(["--models", "Nano/14", "--fsdp", "8", "--remat", "none", "--dtypes", "float32",
                "--places", "8", "--size", "126", "--trainable_blocks", "2"])
   out = capsys.readouterr().out
   rows = [line for line in out.splitlines() if line.startswith("  Nano/14")]
-  assert len(rows) == 2 and "error" not in out and "!" not in out, out
-  repl, fsdp = rows
-  assert "/ 1.0)" in repl  # replicated: every device holds all the params
-  shards = float(fsdp.split(" x 4 B / ")[1].split(")")[0])
-  assert 4 < shards <= 8, fsdp  # most bytes sharded 8 ways; small leaves stay replicated
+  assert len(rows) == 1 and "error" not in out and "!" not in out, out
+  shards = float(rows[0].split(" x 4 B / ")[1].split(")")[0])
+  assert 4 < shards <= 8, rows[0]
   assert "| Nano/14 | fsdp=8 | none | fp32 |" in out and "v5e 16G" in out

@@ -105,6 +105,18 @@ def low_precision(fn, dtype, **checkpoint_kw):
   return jax.checkpoint(fn, **checkpoint_kw)
 
 
+def constrain_batch(x):
+  """Under a mesh with an `fsdp` axis (the train step sets it), keep an activation split on its
+  batch dim over every mesh axis. Without this, XLA propagates the fsdp-sharded weights' layout
+  into the activations (heads split over fsdp) and then replicates whole activations to switch
+  back ("involuntary full rematerialization"): FSDP must gather weights, never activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
+
+
 def _layer_norm(x, scale, bias, epsilon: float, dtype):
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -255,7 +267,7 @@ class Attention(nn.Module):
     b, t, d = x.shape
     # torch qkv output channels are laid out [3][heads][head_dim].
     qkv = Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, t, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (constrain_batch(qkv[:, :, i]) for i in range(3))
     kernel = attention_impl(self.attention, q.dtype, d // self.heads)
     if kernel == "chunked":
       out = chunked_attention(q, k, v, self.chunk)
@@ -263,7 +275,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
       out = xla_attention(q, k, v)
-    return Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, t, d))
+    return Dense(d, dtype=self.dtype, name="proj")(constrain_batch(out).reshape(b, t, d))
 
 
 class Mlp(nn.Module):
@@ -272,7 +284,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    h = constrain_batch(Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
     # torch nn.GELU() is the exact erf form. Torch keeps only its input for the backward pass;
     # autodiff of erf keeps four [B, T, 4D] tensors (low_precision: just the input)
     h = low_precision(functools.partial(jax.nn.gelu, approximate=False), self.dtype)(h)
@@ -285,7 +297,7 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    h = constrain_batch(Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x))
     h = jax.nn.silu(h[..., :self.hidden]) * h[..., self.hidden:]
     return Dense(x.shape[-1], dtype=self.dtype, name="w3")(h)
 
@@ -308,8 +320,8 @@ class Block(nn.Module):
     self.ls2 = LayerScale()
 
   def forward(self, x):
-    x = x + self.ls1(self.attn(self.norm1(x)))
-    return x + self.ls2(self.mlp(self.norm2(x)))
+    x = constrain_batch(x + self.ls1(self.attn(self.norm1(x))))
+    return constrain_batch(x + self.ls2(self.mlp(self.norm2(x))))
 
   def __call__(self, x):
     return self.forward(x)
