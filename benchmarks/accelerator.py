@@ -72,11 +72,27 @@ def peak_tflops(kind: str, dtype: str, override: float) -> float:
   return override
 
 
-def model_config(args, dtype):
+def model_config(args, dtype, attention="auto"):
   from salad_jax.models.vpr import ModelConfig
   head = dict(num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32) if args.smoke else {}
-  return ModelConfig(variant=args.variant, dtype=dtype, attention="auto", micro_batch=0,
+  return ModelConfig(variant=args.variant, dtype=dtype, attention=attention, micro_batch=0,
                      train_micro_batch=0, **head)
+
+
+def with_xla_fallback(fn):
+  """fn(attention) with 'auto'; if that fails where auto means cuDNN, once more with XLA."""
+  def run():
+    try:
+      return fn("auto")
+    except Exception as e:
+      if not getattr(fn, "cudnn", False):
+        raise
+      print(f"[retry] cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); with XLA attention",
+            flush=True)
+      r = fn("xla")
+      r["attention"] = f"xla (cudnn failed: {type(e).__name__})"
+      return r
+  return run
 
 
 def random_params(mc):
@@ -100,12 +116,12 @@ def timed(fn, iters: int) -> float:
   return statistics.median(times)
 
 
-def bench_describe(args, mesh, dtype, batch):
+def bench_describe(args, mesh, dtype, batch, attention="auto"):
   import jax
   import numpy as np
   from salad_jax import evaluation, sharding
   from salad_jax.models import vit
-  mc = model_config(args, dtype)
+  mc = model_config(args, dtype, attention)
   params = sharding.put_replicated(random_params(mc), mesh)
   images = np.random.default_rng(0).integers(0, 256, (batch, args.describe_size, args.describe_size, 3),
                                              dtype=np.uint8)
@@ -116,16 +132,16 @@ def bench_describe(args, mesh, dtype, batch):
   jax.block_until_ready(fn(params, x))
   s = timed(lambda: jax.block_until_ready(fn(params, x)), args.describe_iters)
   return dict(dtype=dtype, batch=batch, size=args.describe_size, img_s=batch / s, s_batch=s,
-              compile_s=compile_s, attention=vit.attention_impl("auto", getattr(jax.numpy, dtype), 64))
+              compile_s=compile_s, attention=vit.attention_impl(attention, getattr(jax.numpy, dtype), 64))
 
 
-def bench_train(args, mesh, dtype, kind):
+def bench_train(args, mesh, dtype, kind, attention="auto"):
   import jax
   import ml_collections
   import numpy as np
   from salad_jax import optim, sharding, trainer
   from salad_jax.models import vit
-  mc = model_config(args, dtype)
+  mc = model_config(args, dtype, attention)
   cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
                                        lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
                                        lightning_epoch_step=True, freeze="auto"))
@@ -165,7 +181,7 @@ def bench_train(args, mesh, dtype, kind):
               loss=float(m["loss"]), finite=bool(m["finite"]),
               temp_gib=mem.temp_size_in_bytes / 2 ** 30 if mem else None,
               args_gib=mem.argument_size_in_bytes / 2 ** 30 if mem else None,
-              attention=vit.attention_impl("auto", getattr(jax.numpy, dtype), 64))
+              attention=vit.attention_impl(attention, getattr(jax.numpy, dtype), 64))
 
 
 def bench_pipeline(args):
@@ -278,11 +294,17 @@ def main(argv=None):
         json.dump({"info": info, "results": results, "errors": errors}, f, indent=1)
 
   dtypes = args.dtypes.split(",")
+
+  def fallback(fn, dtype):
+    from salad_jax.models import vit
+    fn.cudnn = vit.attention_impl("auto", getattr(jax.numpy, dtype), 64) == "cudnn"
+    return with_xla_fallback(fn)
+
   for dtype in dtypes:
     for b in (int(x) for x in args.describe_batches.split(",")):
-      run(f"describe {DT[dtype]} b{b}", lambda: bench_describe(args, mesh, dtype, b))
+      run(f"describe {DT[dtype]} b{b}", fallback(lambda a: bench_describe(args, mesh, dtype, b, a), dtype))
   for dtype in dtypes:
-    run(f"train {DT[dtype]}", lambda: bench_train(args, mesh, dtype, info["kind"]))
+    run(f"train {DT[dtype]}", fallback(lambda a: bench_train(args, mesh, dtype, info["kind"], a), dtype))
   run("pipeline", lambda: bench_pipeline(args))
   text = summary(info, results, errors)
   print("\n" + text)

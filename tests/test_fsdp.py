@@ -152,3 +152,16 @@ def test_train_py_with_an_fsdp_that_does_not_divide_stops_before_compiling(tmp_p
   assert "Traceback" not in r.stderr
   assert "config.mesh.fsdp=3 does not divide the 8 device" in r.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_evaluation_takes_fsdp_sharded_params(runs):
+  """The epoch-end evaluator gets the train state's params as they are (sharded under fsdp)."""
+  from salad_jax import evaluation
+  mc = salad_jax.ModelConfig(**TINY)
+  images = _batch(5)["images"][:8]
+  out = {}
+  for fsdp in (1, 8):
+    _, state, mesh = runs[fsdp]
+    x = sharding.global_batch({"images": images}, mesh)["images"]
+    out[fsdp] = np.asarray(evaluation.make_describe(mc, mesh)(state["params"], x))
+  np.testing.assert_allclose(out[8], out[1], atol=1e-4)  # params equal up to AdamW float noise
