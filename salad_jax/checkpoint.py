@@ -138,8 +138,16 @@ class TrainCheckpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: dict, data_iter=None) -> tuple[dict, dict]:
-    """Restores onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct)."""
+  def restore(self, step: int, abstract_state: dict, data_iter=None,
+              model: dict | None = None) -> tuple[dict, dict]:
+    """Restores onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct).
+
+    Any saved layout restores onto any target layout (replicated or fsdp, other device counts).
+    A checkpoint of another model (other shapes or trainable set) is a UserError naming the
+    differing `config.model` fields (`model`: this run's ModelConfig dict), raised before
+    anything is read or written.
+    """
+    self.check_compatible(step, abstract_state, model)
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
              "train_state": ocp.args.StandardRestore(
                  {k: v for k, v in abstract_state.items() if k != "params"}),
@@ -151,7 +159,7 @@ class TrainCheckpointer:
     state["params"] = out["params"]
     return state, out["meta"]
 
-  def restore_latest(self, abstract_state: dict, data_iter=None):
+  def restore_latest(self, abstract_state: dict, data_iter=None, model: dict | None = None):
     """The newest checkpoint that restores and matches its checksum: (step, state, meta), or
     None without checkpoints.
 
@@ -164,18 +172,14 @@ class TrainCheckpointer:
     failed = []
     for step in steps:
       try:
-        saved = self.manager.item_metadata(step)["params"]
+        self.check_compatible(step, abstract_state, model)
+      except UserError:
+        raise
       except Exception:  # unreadable metadata: the restore below fails and says why
-        saved = None
-      diffs = _shape_diffs(saved, abstract_state["params"]) if saved is not None else []
-      if diffs:
-        raise UserError(f"checkpoint {self.directory}/{step} holds params of other shapes than "
-                        f"the model ({len(diffs)}): " + "; ".join(diffs[:5]),
-                        "resume with the config the checkpoints were trained with, or start a "
-                        "fresh run with another --workdir")
+        pass
       error = None
       try:
-        state, meta = self.restore(step, abstract_state, data_iter)
+        state, meta = self.restore(step, abstract_state, data_iter, model)
       except Exception as e:  # damaged: try the next older one
         error = e
       if _everywhere(error is None):  # all processes restored this step, or none goes on with it
@@ -210,12 +214,43 @@ class TrainCheckpointer:
       multihost_utils.sync_global_devices("salad_jax: damaged checkpoints moved")
     self.manager.reload()
 
+  def check_compatible(self, step: int, abstract_state: dict, model: dict | None = None) -> None:
+    """A checkpoint of another model (other param shapes, or another trainable set) is a
+    UserError naming the differing `config.model` fields (`model`: this run's ModelConfig dict)
+    and shapes; a config change, not damage: nothing is read, moved or written."""
+    meta = self.manager.item_metadata(step)
+    diffs = _shape_diffs(meta["params"], abstract_state["params"])
+    rest = lambda t: sorted(_shapes({k: v for k, v in t.items() if k != "params"}).values())  # noqa: E731
+    if not diffs and rest(meta["train_state"]) == rest(abstract_state):
+      return
+    saved_model = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"].get("model", {})
+    fields = [f"config.model.{k}={model[k]!r} (checkpoint: {saved_model[k]!r})"
+              for k in sorted(SHAPE_FIELDS) if model and k in saved_model and saved_model[k] != model[k]]
+    what = "; ".join(fields + [f"other shapes than the model ({len(diffs)}): " + "; ".join(diffs[:5])]
+                     if diffs else fields + ["the trainable params differ (config.optim.freeze?)"])
+    raise UserError(f"checkpoint step {step} in {self.directory} was saved for another model: {what}",
+                    "resume with the settings it was trained with (its meta/ holds them), or start "
+                    "a fresh run with another --workdir; the checkpoint is left as it is")
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ModelConfig fields that change the params or the optimizer state (dtype, remat, attention do not)
+SHAPE_FIELDS = ("variant", "registers", "num_trainable_blocks", "num_clusters", "cluster_dim",
+                "token_dim", "hidden_dim")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+          tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 def abstract_like(tree: Any) -> Any:

@@ -15,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (a DINOv2 hub .pth gives the backbone, the head starts fresh)
   c.init = ""
   c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+  # devices = data x fsdp: the batch is split over all of them; params and optimizer state are
+  # sharded over fsdp groups (1 = replicated, plain data parallelism)
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
 
   c.data = ml_collections.ConfigDict()
   # folder: the GSV-Cities JPEG files | tfds: a pack (python -m salad_jax.data.tfds_gsv), the

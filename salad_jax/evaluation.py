@@ -34,7 +34,8 @@ def make_describe(mc: ModelConfig, mesh):
   def fn(params, images):
     return model.apply({"params": params}, pipeline.normalize_images(images))
 
-  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+  # params: any layout (replicated, or the train state's fsdp shards: XLA gathers them)
+  return jax.jit(fn, in_shardings=(None, sharding.data_sharded(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 

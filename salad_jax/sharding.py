@@ -1,15 +1,31 @@
-"""Device mesh, shardings and global batches (data parallel; params replicated). No pmap."""
+"""Device mesh, shardings and global batches: data parallel with optional FSDP. No pmap.
+
+The mesh has two axes, `data` and `fsdp` (`config.mesh.fsdp`; `data` = devices / fsdp). A batch
+is split over both axes on its first dim (every device holds different images, whole places per
+device). Params and optimizer state are sharded over `fsdp` by rules on their paths (big_vision
+`sharding.py` style: (regex, spec) pairs, first match wins, "fsdp" = the largest dim the axis
+divides, else replicated), so fsdp=1 is plain data parallelism with replicated params. XLA adds
+the all-gathers of weights and reduce-scatters of gradients that FSDP needs.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA = "data"
+from salad_jax.errors import UserError
+
+DATA, FSDP = "data", "fsdp"
+# Arrays smaller than this stay replicated under "fsdp": gathering them costs more than they weigh.
+MIN_SHARD_ELEMENTS = 2 ** 14
+# (regex over 'params/backbone/blocks_3/attn/qkv/kernel'-style paths, spec): first match wins.
+# spec: "fsdp" (largest dim divisible by the fsdp axis), "replicate", or a PartitionSpec.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = ((r".*", "fsdp"),)
 
 
 def maybe_initialize_distributed() -> None:
@@ -29,9 +45,23 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA,))
+def check_fsdp(fsdp: int, num_devices: int) -> None:
+  if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or num_devices % fsdp:
+    ok = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    raise UserError(f"config.mesh.fsdp={fsdp!r} does not divide the {num_devices} device(s)",
+                    f"use one of {ok} (--config.mesh.fsdp=N; 1 = params replicated)")
+
+
+def make_mesh(devices: Sequence | None = None, fsdp: int = 1) -> Mesh:
+  """Mesh [data, fsdp] over `devices` (default: all). Consecutive devices share an fsdp group,
+  so with fsdp <= devices per host the weight all-gathers stay within a host."""
+  devices = jax.devices() if devices is None else list(devices)
+  check_fsdp(fsdp, len(devices))
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA, FSDP))
+
+
+def fsdp_size(mesh: Mesh) -> int:
+  return mesh.shape.get(FSDP, 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -39,7 +69,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA))
+  """First dim split over every mesh axis (each device its own slice of the batch)."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def check_batch_layout(global_images: int, img_per_place: int, mesh: Mesh) -> None:
@@ -47,23 +78,79 @@ def check_batch_layout(global_images: int, img_per_place: int, mesh: Mesh) -> No
   n = mesh.devices.size
   if global_images % n or (global_images // n) % img_per_place:
     places = global_images // img_per_place
-    raise ValueError(f"a batch of {places} places x {img_per_place} images cannot be split over "
-                     f"{n} devices with whole places per device; use a multiple of {n} places "
-                     f"(e.g. --config.data.places_per_batch={max(n, places // n * n)})")
+    layout = f" (mesh data={mesh.shape[DATA]} x fsdp={fsdp_size(mesh)})" if FSDP in mesh.shape else ""
+    raise UserError(f"a batch of {places} places x {img_per_place} images cannot be split over "
+                    f"{n} devices{layout} with whole places per device",
+                    f"use a multiple of {n} places, e.g. --config.data.places_per_batch="
+                    f"{max(n, places // n * n)}")
 
 
+# ------------------------------------------------------------------------------ params
+def path_name(path) -> str:
+  """'params/backbone/blocks_0/attn/qkv/kernel' for a jax tree path (dict keys, attrs, indices)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def fsdp_spec(shape: Sequence[int], n: int, min_elements: int = MIN_SHARD_ELEMENTS) -> P:
+  """Shard the largest dim that `n` divides over `fsdp`; replicate small or indivisible arrays."""
+  if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_elements:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+    if shape[dim] % n == 0:
+      spec = [None] * len(shape)
+      spec[dim] = FSDP
+      return P(*spec)
+  return P()
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
+             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+  for pattern, spec in rules:
+    if re.search(pattern, name):
+      if spec == "fsdp":
+        return fsdp_spec(shape, fsdp_size(mesh))
+      if spec == "replicate":
+        return P()
+      return spec
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """NamedSharding per leaf (arrays or jax.ShapeDtypeStruct) by `rules` over the leaf paths."""
+  def one(path, x):
+    return NamedSharding(mesh, spec_for(path_name(path), np.shape(x), mesh, rules))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+# ------------------------------------------------------------------------------ host -> devices
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local batch arrays -> global arrays sharded on the `data` axis."""
+  """Process-local batch arrays -> global arrays sharded on the batch dim over the mesh."""
   sharding = data_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items() if np.ndim(v) > 0}
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """Host values (identical on every process) -> global arrays with the given shardings.
+
+  Each process builds only its own devices' shards (`make_array_from_callback`), so this works
+  for any sharding and any number of processes.
+  """
+  def one(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
   """Host values (identical on every process) -> arrays replicated over the mesh."""
   sharding = replicated(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return jax.tree.map(put, tree)
+  return put(tree, jax.tree.map(lambda _: sharding, tree))

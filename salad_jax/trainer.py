@@ -57,12 +57,29 @@ def initial_params(config: ml_collections.ConfigDict, mc: ModelConfig, rng: jax.
   return jax.tree.map(np.asarray, dict(loaded.params))
 
 
+def abstract_state(mc: ModelConfig, tx, freeze: str) -> dict:
+  """The train state's shapes and dtypes (jax.ShapeDtypeStruct), without computing anything."""
+  params = jax.eval_shape(lambda r: VPRModel(mc).init(r, jnp.zeros((1, 224, 224, 3)))["params"],
+                          jax.random.key(0))
+  train, _ = optim.split_trainable(params, freeze)
+  return {"params": dict(params), "opt": jax.eval_shape(tx.init, train),
+          "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+
+
+def state_shardings(state: Any, mesh) -> dict:
+  """Params and optimizer state by the sharding rules (fsdp); step and rng replicated."""
+  return {"params": sharding.tree_shardings(state["params"], mesh),
+          "opt": sharding.tree_shardings(state["opt"], mesh),
+          "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh)}
+
+
 def create_state(params: Mapping, tx, freeze: str, mesh, rng: jax.Array) -> dict:
-  """The train state, replicated over `mesh`; optimizer state for the trainable params only."""
+  """The train state on `mesh` (replicated, or sharded over its `fsdp` axis); optimizer state
+  for the trainable params only."""
   train, _ = optim.split_trainable(params, freeze)
   state = {"params": jax.tree.map(np.asarray, dict(params)), "opt": tx.init(train),
            "step": np.int32(0), "rng": np.asarray(rng)}
-  return sharding.put_replicated(state, mesh)
+  return sharding.put(state, state_shardings(state, mesh))
 
 
 # ------------------------------------------------------------------------------ the step
@@ -81,10 +98,19 @@ def make_loss_fn(mc: ModelConfig, loss_cfg: Mapping[str, float]):
 
 def make_train_step(mc: ModelConfig, tx, freeze: str, loss_cfg: Mapping[str, float],
                     schedule: Callable, mesh, donate: bool = True):
-  """Returns jitted `step(state, batch) -> (state, metrics)`; batch {images u8, labels, valid}."""
+  """Returns jitted `step(state, batch) -> (state, metrics)`; batch {images u8, labels, valid}.
+
+  The state keeps the layout of `state_shardings` (params and optimizer state sharded over the
+  mesh's `fsdp` axis, if any); the batch is split over all devices.
+  """
   loss_fn = make_loss_fn(mc, loss_cfg)
 
   def step(state, batch):
+    # the model keeps activations batch-split under fsdp (vit.constrain_batch reads this mesh)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
     train, frozen = optim.split_trainable(state["params"], freeze)
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, (aux, desc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -103,7 +129,8 @@ def make_train_step(mc: ModelConfig, tx, freeze: str, loss_cfg: Mapping[str, flo
 
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   batch_sh = {"images": data, "labels": data, "valid": data}
-  return jax.jit(step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
+  state_sh = state_shardings(abstract_state(mc, tx, freeze), mesh)
+  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                  donate_argnums=(0,) if donate else ())
 
 
@@ -124,7 +151,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   from salad_jax.evaluation import EpochEvaluator
 
   sharding.maybe_initialize_distributed()
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(fsdp=config.mesh.fsdp)  # a bad fsdp is an error before anything runs
   mc = model_config(config)
   source = train_data.open_source(config)  # raises with instructions before anything compiles
   evaluator = EpochEvaluator(config, mesh)  # checks eval sets exist before anything compiles
@@ -142,7 +169,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, config.checkpoint.keep_last,
                                             config.checkpoint.keep_best, evaluator.select_metric)
   start = None
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iter)
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iter,
+                                         model=mc.to_dict())  # onto this run's layout
   if restored is not None:  # the newest checkpoint that restores; damaged newer ones set aside
     start, state, meta = restored
     logging.info("resumed from %s at step %d", checkpointer.directory, start)

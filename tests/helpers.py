@@ -88,3 +88,17 @@ def parity_diffs(tm, params, fwd, feats, batch):
           "features": np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max(),
           "token": np.abs(np.asarray(t_j) - t_t.numpy()).max(),
           "assignment": np.abs(p_j - p_t).max(), "shape": np.shape(d_j)}
+
+
+def random_params(mc, seed=0):
+  """Params of the shapes of ModelConfig `mc` without compiling an init (fast): normal(0.02)
+  weights, LayerNorm/LayerScale scales at 1, the dustbin at 1."""
+  from salad_jax import optim
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in convert.param_shapes(mc).items():
+    name = "/".join(path)
+    one = name.endswith(("/scale", "/gamma", "dust_bin"))
+    flat[name] = (np.ones(shape, np.float32) if one else
+                  (0.02 * rng.standard_normal(shape)).astype(np.float32))
+  return optim.unflatten(flat)

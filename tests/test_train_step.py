@@ -234,7 +234,7 @@ def test_frozen_params_have_no_optimizer_state(setup):
 def test_trainable_split_of_vit_b_matches_the_reference_counts():
   """reference.md §3: 29,770,177 trainable (blocks 8-11, norm, head) and 58,221,312 frozen."""
   config = salad_jax.ModelConfig()
-  shapes = {"/".join(k): np.empty(v, np.uint8) for k, v in convert._param_shapes(config).items()}
+  shapes = {"/".join(k): np.empty(v, np.uint8) for k, v in convert.param_shapes(config).items()}
   train, frozen = optim.split_trainable(optim.unflatten(shapes), optim.default_freeze_regex(config))
   assert sum(v.size for v in train.values()) == 29_770_177
   assert sum(v.size for v in frozen.values()) == 58_221_312

@@ -6,6 +6,7 @@ kernel`), so conversion is a rename + transpose table (`salad_jax.convert`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -92,8 +93,46 @@ class Dense(nn.Module):
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+def low_precision(fn, dtype, **checkpoint_kw):
+  """The bf16 activation policy: under a compute dtype below float32, `fn` (a norm, GELU or the
+  attention softmax, whose internals run in float32) keeps only its inputs, in the compute
+  dtype, for the backward pass and recomputes the rest there (elementwise work, ~1 % of a
+  block's FLOPs). Without it, a bf16 step keeps float32 copies of those activations and saves
+  only ~15 % of the fp32 step's memory. float32 compute keeps autodiff's plain residuals (same
+  program, bit for bit, as the torch-parity tests check)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return fn
+  return jax.checkpoint(fn, **checkpoint_kw)
+
+
+def constrain_batch(x):
+  """Under a mesh with an `fsdp` axis (the train step sets it), keep an activation split on its
+  batch dim over every mesh axis. Without this, XLA propagates the fsdp-sharded weights' layout
+  into the activations (heads split over fsdp) and then replicates whole activations to switch
+  back ("involuntary full rematerialization"): FSDP must gather weights, never activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
+
+
+def _layer_norm(x, scale, bias, epsilon: float, dtype):
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  centered = xf - mean
+  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(var + epsilon) * scale + bias
+  return y.astype(dtype)
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm with torch's two-pass variance, statistics in float32."""
+  """LayerNorm with torch's two-pass variance, statistics in float32.
+
+  Under a reduced compute dtype the backward pass recomputes the float32 internals from the
+  saved input (kept in the compute dtype), as torch saves only the input and the per-token
+  mean/rstd: autodiff would keep two float32 copies of every normed activation (`low_precision`).
+  """
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
 
@@ -101,12 +140,8 @@ class LayerNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+    return low_precision(_layer_norm, self.dtype, static_argnums=(3, 4))(
+        x, scale, bias, self.epsilon, self.dtype)
 
 
 class LayerScale(nn.Module):
@@ -142,17 +177,28 @@ def chunked_attention(q, k, v, chunk: int):
   return out.reshape(b, n, t, hd).transpose(0, 2, 1, 3)
 
 
-ATTENTION_IMPLS = ("auto", "chunked", "dot_product_attention")
-
-
-def check_micro_batch(setting: int | str) -> None:
-  if setting != "auto" and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0):
-    raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
+# auto: chunked on CPU; on accelerators jax.nn.dot_product_attention with the best kernel it has
+# there (cuDNN flash attention on a GPU for bf16/fp16, else XLA). xla / cudnn force one kernel.
+ATTENTION_IMPLS = ("auto", "chunked", "dot_product_attention", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+REMAT = ("none", "blocks", "dots")
 
 
 def check_attention(name: str) -> None:
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {name!r}")
+
+
+def check_remat(name: str) -> None:
+  if name not in REMAT:
+    raise ValueError(f"remat must be one of {REMAT} (none: keep activations; blocks: recompute "
+                     f"each trainable block in the backward pass; dots: keep only matmul "
+                     f"outputs), got {name!r}")
+
+
+def check_micro_batch(setting: int | str) -> None:
+  if setting != "auto" and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0):
+    raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
 
 
 def micro_batch_size(setting: int | str, batch: int, cpu_auto: int = 1) -> int:
@@ -170,12 +216,44 @@ def micro_batch_size(setting: int | str, batch: int, cpu_auto: int = 1) -> int:
   return setting
 
 
-def attention_impl(name: str) -> str:
-  """'auto' -> 'chunked' on CPU, 'dot_product_attention' on accelerators (at trace time)."""
+def cudnn_supports(dtype, head_dim: int) -> str:
+  """'' if cuDNN flash attention takes these inputs, else why not (jax's own checks)."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+    return f"cuDNN attention needs bf16 or fp16 inputs, got {jnp.dtype(dtype).name}"
+  if head_dim % 8 or head_dim > 128:
+    return f"cuDNN attention needs a head dim <= 128 and a multiple of 8, got {head_dim}"
+  return ""
+
+
+def attention_impl(name: str, dtype=jnp.float32, head_dim: int = 64,
+                   backend: str | None = None) -> str:
+  """The attention kernel to run: 'chunked', 'xla' or 'cudnn' (resolved at trace time).
+
+  auto -> chunked on CPU, else as dot_product_attention: cuDNN flash attention on a GPU when
+  the dtype and head dim allow it, else XLA (TPUs: XLA). A forced 'cudnn' that cannot run is
+  an error naming the reason.
+  """
   check_attention(name)
+  backend = backend or jax.default_backend()
   if name == "auto":
-    return "chunked" if jax.default_backend() == "cpu" else "dot_product_attention"
+    name = "chunked" if backend == "cpu" else "dot_product_attention"
+  if name == "dot_product_attention":
+    return "cudnn" if backend == "gpu" and not cudnn_supports(dtype, head_dim) else "xla"
+  if name == "cudnn":
+    why = cudnn_supports(dtype, head_dim) or ("" if backend == "gpu" else
+                                              f"cuDNN attention needs a GPU, this is {backend}")
+    if why:
+      raise ValueError(f"attention='cudnn': {why}; use attention='auto' or 'xla'")
   return name
+
+
+def xla_attention(q, k, v):
+  """jax.nn.dot_product_attention's XLA kernel, [B, T, N, hd]. It computes the logits and the
+  softmax in float32; under a bf16 compute dtype only q, k and v are kept for the backward
+  pass, which recomputes the [B, N, T, T] float32 probabilities (`low_precision`: the memory
+  behaviour of a flash kernel, for ~3 % more FLOPs in a ViT-B block)."""
+  return low_precision(functools.partial(jax.nn.dot_product_attention, implementation="xla"),
+                       q.dtype)(q, k, v)
 
 
 class Attention(nn.Module):
@@ -189,12 +267,15 @@ class Attention(nn.Module):
     b, t, d = x.shape
     # torch qkv output channels are laid out [3][heads][head_dim].
     qkv = Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, t, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if attention_impl(self.attention) == "chunked":
+    q, k, v = (constrain_batch(qkv[:, :, i]) for i in range(3))
+    kernel = attention_impl(self.attention, q.dtype, d // self.heads)
+    if kernel == "chunked":
       out = chunked_attention(q, k, v, self.chunk)
+    elif kernel == "cudnn":
+      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
-      out = jax.nn.dot_product_attention(q, k, v)
-    return Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, t, d))
+      out = xla_attention(q, k, v)
+    return Dense(d, dtype=self.dtype, name="proj")(constrain_batch(out).reshape(b, t, d))
 
 
 class Mlp(nn.Module):
@@ -203,8 +284,10 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() is the exact erf form
+    h = constrain_batch(Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    # torch nn.GELU() is the exact erf form. Torch keeps only its input for the backward pass;
+    # autodiff of erf keeps four [B, T, 4D] tensors (low_precision: just the input)
+    h = low_precision(functools.partial(jax.nn.gelu, approximate=False), self.dtype)(h)
     return Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
@@ -214,7 +297,7 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    h = constrain_batch(Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x))
     h = jax.nn.silu(h[..., :self.hidden]) * h[..., self.hidden:]
     return Dense(x.shape[-1], dtype=self.dtype, name="w3")(h)
 
@@ -237,8 +320,8 @@ class Block(nn.Module):
     self.ls2 = LayerScale()
 
   def forward(self, x):
-    x = x + self.ls1(self.attn(self.norm1(x)))
-    return x + self.ls2(self.mlp(self.norm2(x)))
+    x = constrain_batch(x + self.ls1(self.attn(self.norm1(x))))
+    return constrain_batch(x + self.ls2(self.mlp(self.norm2(x))))
 
   def __call__(self, x):
     return self.forward(x)
@@ -249,6 +332,17 @@ class ScanBlock(Block):
 
   def __call__(self, carry, x):
     return carry, self.forward(x)
+
+
+def remat_block(cls, remat: str):
+  """`cls` itself, or wrapped in nn.remat: 'blocks' keeps only the block input for the backward
+  pass, 'dots' also the outputs of its matmuls (not the attention's: those have batch dims)."""
+  check_remat(remat)
+  if remat == "none":
+    return cls
+  policy = (jax.checkpoint_policies.nothing_saveable if remat == "blocks"
+            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return nn.remat(cls, policy=policy, prevent_cse=cls is not ScanBlock)
 
 
 class PatchProj(nn.Module):
@@ -291,6 +385,7 @@ class DinoViT(nn.Module):
   attention: str = "auto"
   micro_batch: int | str = "auto"  # blocks run on micro-batches of this many images
   train_micro_batch: int | str = "auto"  # the same for the trainable blocks when `train`
+  remat: str = "none"  # none | blocks | dots: recompute in the backward pass (trainable blocks)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -320,18 +415,20 @@ class DinoViT(nn.Module):
     mb = micro_batch_size(self.micro_batch, b)
     mb_train = micro_batch_size(self.train_micro_batch, b, cpu_auto=4) if train else mb
     block_args = (width, spec["heads"], spec["ffn"], self.dtype, self.attention)
-    scan = nn.scan(ScanBlock, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=0, out_axes=0)
     for i in range(depth):
       # On CPU, micro-batches keep a block's activations in cache (train step, ViT-B, 32 images
       # at 224, interleaved A/B: trainable blocks per image 15.27 s, on 4 images 14.60 s, on 8
       # 14.72 s; README, Performance).
-      n = mb_train if (self.num_trainable_blocks is not None and i >= frozen) else mb
+      trained = self.num_trainable_blocks is not None and i >= frozen
+      n = mb_train if trained else mb
+      remat = self.remat if (train and trained) else "none"
       if n < b:
+        scan = nn.scan(remat_block(ScanBlock, remat), variable_broadcast="params",
+                       split_rngs={"params": False}, in_axes=0, out_axes=0)
         _, y = scan(*block_args, name=f"blocks_{i}")(None, x.reshape(b // n, n, *x.shape[1:]))
         x = y.reshape(x.shape)
       else:
-        x = Block(*block_args, name=f"blocks_{i}")(x)
+        x = remat_block(Block, remat)(*block_args, name=f"blocks_{i}")(x)
       if self.num_trainable_blocks is not None and i == frozen - 1:
         x = jax.lax.stop_gradient(x)
     return LayerNorm(dtype=self.dtype, name="norm")(x)

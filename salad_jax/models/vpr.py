@@ -27,9 +27,12 @@ class ModelConfig:
   hidden_dim: int = 512  # width of the head MLPs
   dropout: float = 0.3
   dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-  attention: str = "auto"  # auto (chunked on CPU, jax.nn.dot_product_attention elsewhere)
+  # auto: chunked on CPU; elsewhere jax.nn.dot_product_attention (cuDNN flash attention on GPUs
+  # for bf16/fp16, else XLA); chunked | dot_product_attention | xla | cudnn force one
+  attention: str = "auto"
   micro_batch: int | str = "auto"  # images per ViT block call; auto: 1 on CPU, all elsewhere
   train_micro_batch: int | str = "auto"  # the same for trainable blocks in training; auto: 4 on CPU
+  remat: str = "none"  # trainable blocks in training: none | blocks (recompute) | dots (keep matmuls)
 
   def __post_init__(self):
     vit.decode_variant(self.variant)
@@ -39,6 +42,7 @@ class ModelConfig:
     if not 0 <= self.num_trainable_blocks <= depth:
       raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
     vit.check_attention(self.attention)
+    vit.check_remat(self.remat)
     vit.check_micro_batch(self.micro_batch)
     vit.check_micro_batch(self.train_micro_batch)
 
@@ -73,7 +77,7 @@ class VPRModel(nn.Module):
     c = self.config
     dtype = DTYPES[c.dtype]
     self.backbone = vit.DinoViT(c.variant, c.registers, c.num_trainable_blocks, dtype, c.attention,
-                                 c.micro_batch, c.train_micro_batch)
+                                 c.micro_batch, c.train_micro_batch, c.remat)
     self.aggregator = SALAD(c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout,
                             dtype=dtype)
 
