@@ -102,6 +102,16 @@ def _shape_diffs(saved, abstract) -> list[str]:
   return out
 
 
+class _NoUntrackedMetricNotice:
+  """Saves between validations carry no metrics; Orbax warns about each one (nothing to act on)."""
+
+  def filter(self, record) -> bool:
+    return "did not provide metrics" not in str(record.getMessage())
+
+
+logging.get_absl_logger().addFilter(_NoUntrackedMetricNotice())
+
+
 class TrainCheckpointer:
   """One CheckpointManager for the train state and the data iterator state together."""
 
@@ -113,8 +123,11 @@ class TrainCheckpointer:
         LatestN(keep_last),
         BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
               keep_checkpoints_without_metrics=False)])
+    # best_fn makes Orbax write each save's metrics to disk: without it BestN only sees the
+    # metrics of this process's saves, and a resumed run could delete the best checkpoint.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                           read_only=read_only, enable_async_checkpointing=True)
+                                           read_only=read_only, enable_async_checkpointing=True,
+                                           best_fn=lambda m: m[best_metric], best_mode="max")
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
@@ -126,7 +139,12 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The kept checkpoint with the highest `best_metric` (ties: the later), as
+    `salad_jax.load(workdir)` picks it; None when no checkpoint has the metric (Orbax's own
+    `best_step()` falls back to the latest step)."""
+    scored = [(m[self.best_metric], s) for s in self.manager.all_steps()
+              for m in [self.manager.metrics(s) or {}] if self.best_metric in m]
+    return max(scored)[1] if scored else None
 
   def save(self, step: int, state: dict, meta: dict, data_iter=None,
            metrics: dict | None = None) -> None:

@@ -113,3 +113,17 @@ def test_inference_load_names_a_corrupt_or_damaged_step(tmp_path):
   with pytest.raises(UserError, match=r"checkpoints/1 cannot be read \(.*\): it is damaged") as e:
     checkpoint.load_for_inference(str(tmp_path / "checkpoints" / "1"))
   assert "checkpoints/2" in e.value.hint  # points to another step
+
+
+def test_the_best_checkpoint_survives_a_resume_and_is_named(tmp_path):
+  """Metrics are on disk: a resumed run still keeps (and names) the best checkpoint by R@1."""
+  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep_last=2, keep_best=1)
+  for s, r1 in [(1, 10.0), (2, 90.0), (3, 20.0)]:
+    ck.save(s, _state(s), {"step": s}, metrics={"R@1": r1})
+  ck.close()
+  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep_last=2, keep_best=1)  # the resume
+  for s, r1 in [(4, 30.0), (5, None), (6, 40.0)]:
+    ck.save(s, _state(s), {"step": s}, metrics=None if r1 is None else {"R@1": r1})
+  ck.wait()
+  assert ck.manager.all_steps() == [2, 5, 6] and ck.best_step() == 2
+  ck.close()
