@@ -8,13 +8,13 @@ GSV-Cities, 60 places x 4 images at 224x224, AdamW 6e-5, LinearLR to 0.2 over 40
 
 Which data source for which hardware (the batches are bit-identical either way):
   * the JPEG files (default, `data.source=folder`): CPU runs and small GPUs. One core decodes,
-    resizes and augments ~210 images/s through the pipeline (2-core AMD EPYC, loaded; see
-    benchmarks/pipeline_throughput.py), so a host feeds ~210 x (cores - 2) images/s.
+    resizes and augments ~230 images/s through the pipeline (2-core AMD EPYC, idle;
+    `python benchmarks/pipeline_throughput.py`), so a host feeds ~230 x (cores - 2) images/s.
   * the pre-resized pack (`:packed`): any host whose accelerators train faster than that, e.g.
-    one H200 (~5,000 images/s of this recipe: ~10 busy cores of the pack, ~24 of the files) or
-    a TPU host. One core then delivers ~500 images/s through the pipeline (3.2x today's
-    per-image CPU cost in one process, 2.4x with the worker hand-off), ~2,700 without
-    RandAugment. Pack once (all cores, resumable), then train from it:
+    one H200 (~5,000 images/s of this recipe, estimated: ~9 busy cores of the pack, ~22 of the
+    files) or a TPU host. One core then delivers ~590 images/s through the pipeline (3.2x the
+    files' rate per image in one process, 2.5x through grain's worker hand-off), ~3,200
+    without RandAugment. Pack once (all cores, resumable), then train from it:
 
       python -m salad_jax.data.tfds_gsv --manual_dir /data/GSVCities --data_dir /data/tfds \
           --image_size 224,224
