@@ -28,11 +28,12 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADi
                IsADirectoryError, PermissionError)
 
 
-def check_output_dir(path: str, what: str = "output directory") -> str:
+def check_output_dir(path: str, what: str = "output directory", create: bool = True) -> str:
   """Makes sure `path` is (or can become) a writable directory, before any compute.
 
-  Creates it if missing; a file in its place, or a directory that cannot be written, is a
-  `UserError` naming the path. Returns the absolute path.
+  Creates it if missing (unless `create=False`: then it only checks that the nearest existing
+  ancestor is a writable directory); a file in its place, or a directory that cannot be
+  written, is a `UserError` naming the path. Returns the absolute path.
   """
   path = os.path.abspath(os.fspath(path))
   probe = path
@@ -50,6 +51,8 @@ def check_output_dir(path: str, what: str = "output directory") -> str:
   if not os.access(probe, os.W_OK | os.X_OK):
     raise UserError(f"{what} {path} is not writable (no write permission on {probe})",
                     "choose a directory you can write to")
+  if not create:
+    return path
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:

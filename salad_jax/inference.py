@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from PIL import Image
 
 from salad_jax import convert, integrity, weights
@@ -262,23 +263,13 @@ def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
                       f"recorded in {cfg_path}", "convert the weights again (convert_weights.py)")
   params = weights.check_params(params, params_dir)
   want = convert.param_shapes(config)
-  got = {tuple(k.split("/")): np.shape(v) for k, v in _flat(params).items()}
+  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
   bad = [f"{'/'.join(k)}: checkpoint {got.get(k, 'absent')}, model {want.get(k, 'absent')}"
          for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
   if bad:
     raise UserError(f"{params_dir} does not match the model in {cfg_path} ({len(bad)}): "
                     + "; ".join(bad[:5]))
   return params, config, meta.get("source", {})
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> SaladModel:

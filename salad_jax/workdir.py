@@ -26,8 +26,9 @@ import time
 from typing import Any, Iterator, Mapping
 
 from absl import logging
+from flax import traverse_util
 
-from salad_jax.errors import UserError
+from salad_jax.errors import UserError, check_output_dir
 
 CONFIG = "config.json"
 HISTORY = "config_history"
@@ -50,19 +51,7 @@ WHY_FIXED = {"data.num_workers": "the saved data-loader position is per grain wo
 def check_location(path: str, what: str) -> str:
   """An output path, checked without creating anything: an existing directory, or a path whose
   nearest existing ancestor is a writable directory. Returns the absolute path."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"{what} {path} is a file, not a directory", "give a directory path")
-  probe = path
-  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise UserError(f"{what} {path}: {probe} is a file, not a directory",
-                    "give a path whose parents are directories")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise UserError(f"{what} {path} is not writable (no write permission on {probe})",
-                    "choose a directory you can write to")
-  return path
+  return check_output_dir(path, what, create=False)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -71,14 +60,8 @@ def config_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _flat(d: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.flatten_dict(dict(d), sep=".")
 
 
 def may_change(key: str) -> bool:

@@ -102,3 +102,34 @@ def random_params(mc, seed=0):
     flat[name] = (np.ones(shape, np.float32) if one else
                   (0.02 * rng.standard_normal(shape)).astype(np.float32))
   return optim.unflatten(flat)
+
+
+def tiny_train_setup(mc, params, mesh):
+  """(state, jitted step) of the paper's optimizer and loss on `mesh` (a 10-step schedule,
+  2 steps per epoch, so the Lightning epoch step shows within a few steps)."""
+  import jax
+  import ml_collections
+
+  from salad_jax import optim, trainer
+  cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
+                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=10,
+                                       lightning_epoch_step=True, freeze="auto"))
+  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=2)
+  freeze = optim.default_freeze_regex(mc)
+  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
+  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
+                                 schedule, mesh)
+  return state, step
+
+
+def place_batch(i, places=8, k=4, hw=56, padded_last=0):
+  """Batch i of `places` x `k` noisy images around a colour per place (uint8), labels, valid;
+  the last `padded_last` entries marked padding."""
+  rng = np.random.default_rng(i)
+  base = rng.integers(0, 256, (places, 1, hw, hw, 3))
+  imgs = np.clip(base + rng.integers(-30, 30, (places, k, hw, hw, 3)), 0, 255).astype(np.uint8)
+  valid = np.ones(places * k, bool)
+  if padded_last:
+    valid[-padded_last:] = False
+  return {"images": imgs.reshape(places * k, hw, hw, 3),
+          "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32), "valid": valid}

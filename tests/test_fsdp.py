@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import salad_jax
-from helpers import random_params
+from helpers import place_batch, random_params, tiny_train_setup
 from salad_jax import checkpoint, errors, optim, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,23 +28,12 @@ def _optimizer():
 
 
 def _setup(fsdp, params):
-  mc = salad_jax.ModelConfig(**TINY)
-  tx, schedule = _optimizer()
-  freeze = optim.default_freeze_regex(mc)
   mesh = sharding.make_mesh(fsdp=fsdp)
-  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
-  return mesh, state, step
+  return (mesh,) + tiny_train_setup(salad_jax.ModelConfig(**TINY), params, mesh)
 
 
-def _batch(i, places=8, k=4, hw=56):
-  rng = np.random.default_rng(i)
-  base = rng.integers(0, 256, (places, 1, hw, hw, 3))
-  imgs = np.clip(base + rng.integers(-30, 30, (places, k, hw, hw, 3)), 0, 255).astype(np.uint8)
-  return {"images": imgs.reshape(places * k, hw, hw, 3),
-          "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32),
-          "valid": np.ones(places * k, bool)}
+def _batch(i):
+  return place_batch(i)
 
 
 @pytest.fixture(scope="module")

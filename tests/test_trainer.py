@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import salad_jax
-from helpers import make_gsv
+from helpers import make_gsv, place_batch, tiny_train_setup
 from salad_jax import checkpoint, optim, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,27 +54,12 @@ def final_params(workdir):
 def _tiny_setup(devices, seed=0):
   mc = salad_jax.ModelConfig(**TINY, num_trainable_blocks=2, micro_batch=0, dropout=0.3)
   params = salad_jax.init_params(mc, jax.random.key(seed), image_size=56)
-  cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=10,
-                                       lightning_epoch_step=True, freeze="auto"))
-  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=2)
-  freeze = optim.default_freeze_regex(mc)
   mesh = sharding.make_mesh(devices)
-  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
-  return mesh, state, step
+  return (mesh,) + tiny_train_setup(mc, params, mesh)
 
 
-def _batch(i, places=8, k=4, hw=56):
-  rng = np.random.default_rng(i)
-  base = rng.integers(0, 256, (places, 1, hw, hw, 3))
-  imgs = np.clip(base + rng.integers(-30, 30, (places, k, hw, hw, 3)), 0, 255).astype(np.uint8)
-  valid = np.ones(places * k, bool)
-  if i == 2:
-    valid[-8:] = False  # a padded last batch of an epoch
-  return {"images": imgs.reshape(places * k, hw, hw, 3),
-          "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32), "valid": valid}
+def _batch(i):
+  return place_batch(i, padded_last=8 if i == 2 else 0)  # batch 2: a padded last batch of an epoch
 
 
 def test_eight_devices_match_one_device_after_three_steps_and_compile_once():
