@@ -154,7 +154,7 @@ def measure(mc, devices, fsdp: int, args) -> dict:
   row = dict(model=mc.variant, fsdp=fsdp, remat=mc.remat, dtype=mc.dtype, devices=len(devices),
              kept=kept_for_backward(mc, n_images // len(devices), args.size))
   if args.no_compile:
-    from salad_jax import optim, trainer
+    from salad_jax import optim
     tx, _ = optim.make_optimizer(_optim_cfg(), 1000)
     state, batch = train_step_inputs(mc, mesh, tx, optim.default_freeze_regex(mc), n_images, args.size)
     row.update(param_count=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
@@ -183,7 +183,7 @@ def measure(mc, devices, fsdp: int, args) -> dict:
 
 
 def table(rows, target: str) -> str:
-  head = (f"| model | layout | remat | compute | params | AdamW state | kept for backward | temporaries | total | "
+  head = ("| model | layout | remat | compute | params | AdamW state | kept for backward | temporaries | total | "
           + " | ".join(n for n, _ in CHIPS) + " |")
   lines = [head, "|" + "---|" * (9 + len(CHIPS))]
   for r in rows:

@@ -98,7 +98,7 @@ def test_partial_tree_names_what_is_missing_and_where_to_get_it(tmp_path):
   assert gsv.status == "partial" and gsv.database == "8/9" and gsv.queries == "1/2 cities"
   assert any("Dataframes/Beta.csv" in n for n in gsv.notes)
   text = check.format_reports(list(r.values()))
-  assert f"index files: copy the datasets/ folder of github.com/serizba/salad" in text
+  assert "index files: copy the datasets/ folder of github.com/serizba/salad" in text
 
 
 def test_misplaced_folders_and_index_files_and_nordland_variants(tmp_path):
