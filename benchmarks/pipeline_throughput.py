@@ -132,12 +132,13 @@ def cpu_seconds():
   return total
 
 
-def pipeline_rate(ds, workers, randaugment, places_per_batch, batches):
+def pipeline_rate(ds, workers, randaugment, places_per_batch, batches, fast_augment=True):
   """(img/s wall clock, img per CPU-second of all the pipeline's processes)."""
   from salad_jax.data import pipeline
   it, _ = pipeline.train_dataset(ds, places_per_batch=places_per_batch, img_per_place=4,
                                  image_size=(224, 224), num_epochs=1000, seed=0,
-                                 num_workers=workers, num_threads=1, randaugment=randaugment)
+                                 num_workers=workers, num_threads=1, randaugment=randaugment,
+                                 fast_augment=fast_augment)
   it = iter(it)
   for _ in range(2 * max(workers, 1)):  # worker start-up, one batch from each
     next(it)
@@ -233,20 +234,25 @@ def main():
       print("   img/s wall clock; and img per CPU-second of all its processes (workers + the "
             "consuming process), which load on the machine affects far less")
       rates = {}
-      for label, ds in (("JPEG files", ds_files), ("packed", ds_packed)):
-        for ra in (True, False):
-          for workers in (1, 2):
-            wall, per_cpu = pipeline_rate(ds, workers, ra, args.places_per_batch, args.batches)
-            rates[(label, ra, workers)] = per_cpu
-            print(f"   {label:10s} RandAugment {'on ' if ra else 'off'} {workers} worker(s): "
-                  f"{wall:7.0f} img/s wall   {per_cpu:7.0f} img per CPU-second")
-      print("   extrapolated to whole hosts (img per CPU-second with 1 worker x cores, i.e. every "
-            "core busy and linear scaling; not measured):")
-      for label in ("JPEG files", "packed"):
-        for ra in (True, False):
-          w1 = rates[(label, ra, 1)]
-          print(f"     {label:10s} RandAugment {'on ' if ra else 'off'}: {w1:6.0f} img/s per core "
-                f"-> 16 cores {16 * w1:8.0f}, 96 cores {96 * w1:9.0f} img/s")
+      variants = (("today: JPEG files, PIL RandAugment ops", ds_files, True, False),
+                  ("JPEG files, RandAugment on", ds_files, True, True),
+                  ("JPEG files, RandAugment off", ds_files, False, True),
+                  ("packed, RandAugment on", ds_packed, True, True),
+                  ("packed, RandAugment off", ds_packed, False, True))
+      for label, ds, ra, fast in variants:
+        for workers in (1, 2):
+          wall, per_cpu = pipeline_rate(ds, workers, ra, args.places_per_batch, args.batches, fast)
+          rates[(label, workers)] = per_cpu
+          print(f"   {label:38s} {workers} worker(s): {wall:7.0f} img/s wall   "
+                f"{per_cpu:7.0f} img per CPU-second")
+      today1 = rates[(variants[0][0], 1)]
+      print("   img per CPU-second with 1 worker against today's path through grain, and "
+            "extrapolated to whole hosts (x cores, i.e. every core busy and linear scaling; "
+            "not measured):")
+      for label, *_ in variants:
+        w1 = rates[(label, 1)]
+        print(f"     {label:38s} {w1:6.0f} img/s per core ({w1 / today1:4.2f}x today) -> "
+              f"16 cores {16 * w1:8.0f}, 96 cores {96 * w1:9.0f} img/s")
   load1 = os.getloadavg()
   print(f"\nload average {load1[0]:.1f} (1 min) at the end: figures taken with other work on the "
         "machine are noisy; the CPU-time figures of part 2 are the least affected.")

@@ -11,10 +11,10 @@ Which data source for which hardware (the batches are bit-identical either way):
     resizes and augments ~230 images/s through the pipeline (2-core AMD EPYC, idle;
     `python benchmarks/pipeline_throughput.py`), so a host feeds ~230 x (cores - 2) images/s.
   * the pre-resized pack (`:packed`): any host whose accelerators train faster than that, e.g.
-    one H200 (~5,000 images/s of this recipe, estimated: ~9 busy cores of the pack, ~22 of the
-    files) or a TPU host. One core then delivers ~590 images/s through the pipeline (3.2x the
-    files' rate per image in one process, 2.5x through grain's worker hand-off), ~3,200
-    without RandAugment. Pack once (all cores, resumable), then train from it:
+    one H200 (~5,000 images/s of this recipe, estimated: ~8 busy cores of the pack, ~22 of the
+    files) or a TPU host. One core then delivers ~610 images/s through the pipeline (3.0x the
+    JPEG path as it was, through grain; 3.3x per image in one process), ~3,200 without
+    RandAugment. Pack once (all cores, resumable), then train from it:
 
       python -m salad_jax.data.tfds_gsv --manual_dir /data/GSVCities --data_dir /data/tfds \
           --image_size 224,224

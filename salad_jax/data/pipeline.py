@@ -123,9 +123,11 @@ class PlaceRecords:
   """
 
   def __init__(self, ds: GSVCities, spec: TrainSpec, image_size: tuple[int, int], seed: int,
-               randaugment: bool = True, num_ops: int = 3, magnitude: int = 9):
+               randaugment: bool = True, num_ops: int = 3, magnitude: int = 9,
+               fast_augment: bool = True):
     self.ds, self.spec, self.image_size, self.seed = ds, spec, tuple(image_size), seed
     self.randaugment, self.num_ops, self.magnitude = randaugment, num_ops, magnitude
+    self.fast_augment = fast_augment
     self._order: tuple[int, np.ndarray] | None = None
 
   def order(self, epoch: int) -> np.ndarray:
@@ -149,7 +151,7 @@ class PlaceRecords:
       logging.info("unreadable training image %s: %s", self.ds.image_path(i), e)
       im, status = Image.new("RGB", (w, h)), UNREADABLE
     if self.randaugment:
-      im = augment.rand_augment(im, rng, self.num_ops, self.magnitude)
+      im = augment.rand_augment(im, rng, self.num_ops, self.magnitude, fast=self.fast_augment)
     return np.asarray(im, np.uint8), status
 
   def __call__(self, index: int, out: np.ndarray) -> dict[str, np.ndarray]:
@@ -206,13 +208,17 @@ def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 1) -> g
 def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
                   image_size: Sequence[int], num_epochs: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_workers: int = 0, num_threads: int = 8,
-                  randaugment: bool = True) -> tuple[grain.IterDataset, TrainSpec]:
+                  randaugment: bool = True, fast_augment: bool = True
+                  ) -> tuple[grain.IterDataset, TrainSpec]:
   """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}.
 
+  `fast_augment=False` runs RandAugment with the PIL reference ops: the same images, slower (for
+  benchmarks).
   `corrupt` counts the batch's damaged and unreadable images, each logged as a warning when
   the batch is consumed."""
   spec = TrainSpec(ds.num_places, places_per_batch, img_per_place, process_index, process_count)
-  records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment)
+  records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment,
+                         fast_augment=fast_augment)
   num_batches = num_epochs * spec.steps_per_epoch
   k, (h, w) = img_per_place, tuple(image_size)
   batches = Batches(records, spec.local_places, (k, h, w, 3), num_threads)
