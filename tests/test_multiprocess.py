@@ -37,6 +37,23 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _start_two(args):
+  port = _free_port()
+  return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                    JAX_PROCESS_ID=str(i)))
+          for i in range(2)]
+
+
+def _finish(procs):
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   root = str(tmp_path / "gsv")
@@ -55,17 +72,8 @@ def test_two_processes_match_one_process(tmp_path):
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
                           timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen(args + ["--workdir", str(tmp_path / "two")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  procs = _start_two(args + ["--workdir", str(tmp_path / "two")])
+  outs = _finish(procs)
   assert "4 device(s)" in outs[0][0]  # process 0 sees the global mesh
   logs = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
           for run in ("one", "two")}
@@ -90,3 +98,19 @@ def test_two_processes_match_one_process(tmp_path):
     total, noisy = total + d.size, noisy + int((d > 1e-6).sum())
     assert d.max() <= 2 * 1e-3 * len(one), k  # demo lr 1e-3
   assert noisy <= 1e-3 * total, (noisy, total)
+
+  # a damaged newest checkpoint: both processes agree to fall back to the previous step, process 0
+  # moves the damaged one aside (kept), and the resumed run retrains the step exactly
+  last = tmp_path / "two" / "checkpoints" / str(len(one))
+  params = [os.path.join(r, f) for r, _, fs in os.walk(last / "params") for f in fs]
+  os.remove(max(params, key=os.path.getsize))
+  again = _finish(_start_two(args + ["--workdir", str(tmp_path / "two")]))
+  moved = [ln for ln in again[0][0].splitlines() if "cannot be restored" in ln]
+  assert len(moved) == 1 and f"resuming from step {len(one) - 1}" in moved[0], again[0][0][-2000:]
+  aside = os.listdir(tmp_path / "two" / "damaged_checkpoints")
+  assert [a.split("-")[0] for a in aside] == [str(len(one))]
+  rerun = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  losses = [x["loss"] for x in rerun if "loss" in x]
+  assert len(losses) == len(one) + 1
+  np.testing.assert_allclose(losses[-1], one[-1], rtol=1e-6)
+  assert [out.strip().splitlines()[-1] for out, _ in again] == [d for d in done[1:]]
