@@ -50,7 +50,7 @@ flags.register_validator("positive_dist_threshold", lambda v: math.isfinite(v) a
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from salad_jax import argv_compat, cli, errors, evaluation, sharding
+  from salad_jax import argv_compat, cli, errors, evaluation
   from salad_jax.data import eval_sets
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)
@@ -61,31 +61,10 @@ def main(argv):
   output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint} does not exist")
-  if FLAGS.device:  # before the backend starts (and before jax.distributed, which starts it)
-    import jax
-    jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
-  sharding.maybe_initialize_distributed()
-  if FLAGS.device:
-    try:
-      jax.devices()
-    except Exception as e:  # RuntimeError, or an AssertionError when no such plugin is installed
-      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise errors.UserError(f"--device {FLAGS.device}: JAX has no such device here ({detail})",
-                             "omit --device to use what JAX finds (for GPUs: pip install "
-                             "'jax[cuda12]')") from None
-  sets = []
-  if FLAGS.database_folder or FLAGS.queries_folder:
-    if not (FLAGS.database_folder and FLAGS.queries_folder):
-      raise app.UsageError("--database_folder and --queries_folder go together")
-    sets.append(eval_sets.folder_set(FLAGS.database_folder, FLAGS.queries_folder,
-                                     FLAGS.positive_dist_threshold, use_labels=not FLAGS.no_labels))
-  for name in FLAGS.datasets:
-    if not FLAGS.data_root:
-      raise app.UsageError("--datasets needs --data_root")
-    sets.append(eval_sets.benchmark_set(name, FLAGS.data_root, FLAGS.index_root or None,
-                                        FLAGS.positive_dist_threshold))
-  if not sets:
-    raise app.UsageError("nothing to evaluate: give --database_folder/--queries_folder or --datasets")
+  cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
+  sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
+                                  FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,
+                                  use_labels=not FLAGS.no_labels)
   evaluation.evaluate_checkpoint(
       FLAGS.checkpoint, sets, output_dir, image_size=size, batch_size=FLAGS.batch_size,
       recall_values=recall_values, search_method=FLAGS.search,

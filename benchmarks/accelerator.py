@@ -120,7 +120,7 @@ def bench_describe(args, mesh, dtype, batch, attention="auto"):
   import jax
   import numpy as np
   from salad_jax import evaluation, sharding
-  from salad_jax.models import vit
+  from salad_jax.models import kernels
   mc = model_config(args, dtype, attention)
   params = sharding.put_replicated(random_params(mc), mesh)
   images = np.random.default_rng(0).integers(0, 256, (batch, args.describe_size, args.describe_size, 3),
@@ -132,7 +132,7 @@ def bench_describe(args, mesh, dtype, batch, attention="auto"):
   jax.block_until_ready(fn(params, x))
   s = timed(lambda: jax.block_until_ready(fn(params, x)), args.describe_iters)
   return dict(dtype=dtype, batch=batch, size=args.describe_size, img_s=batch / s, s_batch=s,
-              compile_s=compile_s, attention=vit.attention_impl(attention, getattr(jax.numpy, dtype), 64))
+              compile_s=compile_s, attention=kernels.attention_impl(attention, getattr(jax.numpy, dtype), 64))
 
 
 def bench_train(args, mesh, dtype, kind, attention="auto"):
@@ -140,7 +140,7 @@ def bench_train(args, mesh, dtype, kind, attention="auto"):
   import ml_collections
   import numpy as np
   from salad_jax import optim, sharding, trainer
-  from salad_jax.models import vit
+  from salad_jax.models import kernels
   mc = model_config(args, dtype, attention)
   cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
                                        lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
@@ -181,7 +181,7 @@ def bench_train(args, mesh, dtype, kind, attention="auto"):
               loss=float(m["loss"]), finite=bool(m["finite"]),
               temp_gib=mem.temp_size_in_bytes / 2 ** 30 if mem else None,
               args_gib=mem.argument_size_in_bytes / 2 ** 30 if mem else None,
-              attention=vit.attention_impl(attention, getattr(jax.numpy, dtype), 64))
+              attention=kernels.attention_impl(attention, getattr(jax.numpy, dtype), 64))
 
 
 def bench_pipeline(args):
@@ -296,8 +296,8 @@ def main(argv=None):
   dtypes = args.dtypes.split(",")
 
   def fallback(fn, dtype):
-    from salad_jax.models import vit
-    fn.cudnn = vit.attention_impl("auto", getattr(jax.numpy, dtype), 64) == "cudnn"
+    from salad_jax.models import kernels
+    fn.cudnn = kernels.attention_impl("auto", getattr(jax.numpy, dtype), 64) == "cudnn"
     return with_xla_fallback(fn)
 
   for dtype in dtypes:

@@ -26,6 +26,25 @@ def fail(message: str, hint: str = "") -> None:
   sys.exit(2)
 
 
+def start_jax(device: str | None = None) -> None:
+  """Forces a JAX platform (`--device cpu|cuda|gpu|tpu`) before the backend starts, then joins
+  jax.distributed when its environment is set; a platform JAX does not have is one line."""
+  import jax
+
+  from salad_jax import sharding
+  if device:
+    jax.config.update("jax_platforms", {"gpu": "cuda"}.get(device, device))
+  sharding.maybe_initialize_distributed()
+  if device:
+    try:
+      jax.devices()
+    except Exception as e:  # RuntimeError, or an AssertionError when no such plugin is installed
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise errors.UserError(f"--device {device}: JAX has no such device here ({detail})",
+                             "omit --device to use what JAX finds (for GPUs: pip install "
+                             "'jax[cuda12]')") from None
+
+
 def _one_line(text: str) -> str:
   """The informative line of an error text that may embed a traceback."""
   lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]

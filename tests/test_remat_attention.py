@@ -13,7 +13,7 @@ import pytest
 import salad_jax
 from helpers import random_params
 from salad_jax import optim, trainer
-from salad_jax.models import vit
+from salad_jax.models import kernels
 
 TINY = dict(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32,
             num_trainable_blocks=2, dropout=0.3, micro_batch=0, train_micro_batch=0)
@@ -90,18 +90,18 @@ def test_bf16_policy_keeps_activations_in_bf16(setup):
 
 def test_attention_kernel_choice():
   bf16, f32 = jnp.bfloat16, jnp.float32
-  assert vit.attention_impl("auto", bf16, 64, backend="cpu") == "chunked"
-  assert vit.attention_impl("auto", bf16, 64, backend="gpu") == "cudnn"
-  assert vit.attention_impl("auto", jnp.float16, 64, backend="gpu") == "cudnn"
-  assert vit.attention_impl("auto", f32, 64, backend="gpu") == "xla"  # cuDNN has no fp32 kernel
-  assert vit.attention_impl("auto", bf16, 100, backend="gpu") == "xla"  # head dim not a multiple of 8
-  assert vit.attention_impl("auto", bf16, 64, backend="tpu") == "xla"
-  assert vit.attention_impl("dot_product_attention", bf16, 64, backend="cpu") == "xla"
-  assert vit.attention_impl("xla", bf16, 64, backend="gpu") == "xla"
+  assert kernels.attention_impl("auto", bf16, 64, backend="cpu") == "chunked"
+  assert kernels.attention_impl("auto", bf16, 64, backend="gpu") == "cudnn"
+  assert kernels.attention_impl("auto", jnp.float16, 64, backend="gpu") == "cudnn"
+  assert kernels.attention_impl("auto", f32, 64, backend="gpu") == "xla"  # cuDNN has no fp32 kernel
+  assert kernels.attention_impl("auto", bf16, 100, backend="gpu") == "xla"  # head dim not a multiple of 8
+  assert kernels.attention_impl("auto", bf16, 64, backend="tpu") == "xla"
+  assert kernels.attention_impl("dot_product_attention", bf16, 64, backend="cpu") == "xla"
+  assert kernels.attention_impl("xla", bf16, 64, backend="gpu") == "xla"
   with pytest.raises(ValueError, match="needs a GPU"):
-    vit.attention_impl("cudnn", bf16, 64, backend="tpu")
+    kernels.attention_impl("cudnn", bf16, 64, backend="tpu")
   with pytest.raises(ValueError, match="bf16 or fp16"):
-    vit.attention_impl("cudnn", f32, 64, backend="gpu")
+    kernels.attention_impl("cudnn", f32, 64, backend="gpu")
   with pytest.raises(ValueError, match="remat must be one of"):
     salad_jax.ModelConfig(remat="all")
 
@@ -128,8 +128,8 @@ def test_xla_attention_matches_chunked(setup):
   def grads(f, dtype):
     loss = lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(x.astype(dtype) for x in (q, k, v)))
-  chunked = lambda q, k, v: vit.chunked_attention(q, k, v, 2)
-  for a, b in zip(grads(vit.xla_attention, jnp.float32), grads(chunked, jnp.float32)):
+  chunked = lambda q, k, v: kernels.chunked_attention(q, k, v, 2)
+  for a, b in zip(grads(kernels.xla_attention, jnp.float32), grads(chunked, jnp.float32)):
     np.testing.assert_allclose(a, b, atol=1e-5)
-  for a, b in zip(grads(vit.xla_attention, jnp.bfloat16), grads(chunked, jnp.float32)):
+  for a, b in zip(grads(kernels.xla_attention, jnp.bfloat16), grads(chunked, jnp.float32)):
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.05 * np.abs(b).max())

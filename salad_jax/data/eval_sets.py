@@ -239,6 +239,27 @@ def parse_set(spec: str, data_root: str = "", index_root: str | None = None,
   return benchmark_set(spec, data_root, index_root)
 
 
+def requested_sets(database_folder: str | None, queries_folder: str | None,
+                   datasets: Sequence[str], data_root: str, index_root: str | None,
+                   positive_dist_threshold: float, use_labels: bool = True) -> list[EvalSet]:
+  """evaluate.py's sets: the two folders (if given), then each benchmark under data_root."""
+  from salad_jax.errors import UserError
+  hint = "see --helpshort for the flags"
+  sets = []
+  if database_folder or queries_folder:
+    if not (database_folder and queries_folder):
+      raise UserError("--database_folder and --queries_folder go together", hint)
+    sets.append(folder_set(database_folder, queries_folder, positive_dist_threshold,
+                           use_labels=use_labels))
+  for name in datasets:
+    if not data_root:
+      raise UserError("--datasets needs --data_root", hint)
+    sets.append(benchmark_set(name, data_root, index_root or None, positive_dist_threshold))
+  if not sets:
+    raise UserError("nothing to evaluate: give --database_folder/--queries_folder or --datasets", hint)
+  return sets
+
+
 def write_msls_challenge(path: str, eval_set: EvalSet, predictions: np.ndarray) -> None:
   """One line per query: its file stem, then the stems of its predicted database images.
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salad_jax.models import vit
+from salad_jax.models import kernels, vit
 from salad_jax.models.salad import SALAD
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -41,7 +41,7 @@ class ModelConfig:
     depth = vit.VARIANTS[self.variant]["depth"]
     if not 0 <= self.num_trainable_blocks <= depth:
       raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
-    vit.check_attention(self.attention)
+    kernels.check_attention(self.attention)
     vit.check_remat(self.remat)
     vit.check_micro_batch(self.micro_batch)
     vit.check_micro_batch(self.train_micro_batch)
