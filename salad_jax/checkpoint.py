@@ -146,6 +146,11 @@ class TrainCheckpointer:
               for m in [self.manager.metrics(s) or {}] if self.best_metric in m]
     return max(scored)[1] if scored else None
 
+  def metric_of(self, step: int) -> float | None:
+    """The `best_metric` saved with `step` (also for checkpoints of an earlier run), or None."""
+    m = self.manager.metrics(step) if step in self.manager.all_steps() else None
+    return (m or {}).get(self.best_metric)
+
   def save(self, step: int, state: dict, meta: dict, data_iter=None,
            metrics: dict | None = None) -> None:
     meta = {**meta, "params_checksum": params_checksum(state["params"])}

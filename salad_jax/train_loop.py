@@ -253,6 +253,9 @@ def run(config, *, state: dict, step: int, step_fn, data_iter, mesh, checkpointe
         if stop:
           break
     results["best_step"] = checkpointer.best_step() if evaluator.enabled else None
+    # R@1 of the kept checkpoints, those saved before a resume included (for the last line)
+    results["saved_recalls"] = {s: checkpointer.metric_of(s) for s in
+                                {results["best_step"], pending.last_saved} if s is not None}
   finally:
     bar.close()
     checkpointer.close()
@@ -295,6 +298,8 @@ def done_line(results: Mapping[str, Any]) -> str:
 
   def recall(s):
     r = evals.get(s, {}).get("R@1")
+    if r is None:
+      r = (results.get("saved_recalls") or {}).get(s)
     return f" (R@1 {r:.2f})" if r is not None else ""
   line = f"done: step {step}; checkpoint of step {saved}{recall(saved)} in {results['checkpoint_dir']}"
   best = results.get("best_step")

@@ -140,7 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Holds the workdir's lock until it returns or raises (`salad_jax.workdir`).
   """
+  from salad_jax import config_check
   from salad_jax import workdir as workdir_lib
+  config_check.check(config)  # every setting, before anything is generated, written or compiled
   with workdir_lib.hold(workdir) as held:
     return _train_and_evaluate(config, workdir, held)
 
@@ -179,7 +181,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   writer = MetricsWriter(workdir)
   meta = {"model": mc.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
   step = int(np.asarray(state["step"]))
-  n_train = sum(x.size for x in optim.split_trainable(state["params"], freeze)[0].values())
+  train, frozen = optim.split_trainable(state["params"], freeze)
+  n_train = sum(x.size for x in train.values())
+  if config.optim.freeze != "auto" and freeze and not frozen:
+    print(f"note: config.optim.freeze={freeze!r} matches no parameter: every parameter trains "
+          "(use 'auto' for SALAD's frozen backbone part)", flush=True)
   print(f"training ViT-{mc.variant} SALAD: {spec.num_places} places, {steps_per_epoch} steps/epoch, "
         f"{config.num_epochs} epochs, {global_images} images/step, {n_train:,} trainable params, "
         f"{jax.device_count()} device(s)")

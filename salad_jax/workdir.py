@@ -48,6 +48,29 @@ WHY_FIXED = {"data.num_workers": "the saved data-loader position is per grain wo
              "init": "the params come from the checkpoint, not from config.init"}
 
 
+# what a run writes into its workdir: directory or file
+LAYOUT = {CHECKPOINTS: "dir", HISTORY: "dir", "tensorboard": "dir", "damaged_checkpoints": "dir",
+          CONFIG: "file", "metrics.jsonl": "file", LOCK: "file"}
+CONFIG_KEYS = ("model", "data", "optim", "checkpoint")  # a config.json salad_jax wrote has these
+
+
+def check_layout(workdir: str) -> None:
+  """Each name salad_jax writes in `workdir` is absent or of the kind it writes, and an existing
+  config.json is one salad_jax wrote (it is replaced at every start)."""
+  for name, kind in LAYOUT.items():
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and (os.path.isdir(path) if kind == "file" else not os.path.isdir(path)):
+      what = "a directory" if kind == "dir" else "a file"
+      raise UserError(f"{path} is in the way: train.py writes {what} there",
+                      "move it, or use another --workdir")
+  saved = read_saved_config(workdir)
+  if saved is not None and not all(k in saved for k in CONFIG_KEYS):
+    path = os.path.join(workdir, CONFIG)
+    raise UserError(f"{path} is not a salad_jax config (no {'/'.join(CONFIG_KEYS)} settings); "
+                    "train.py replaces the config.json of its own runs only",
+                    "move it, or use another --workdir")
+
+
 def check_location(path: str, what: str) -> str:
   """An output path, checked without creating anything: an existing directory, or a path whose
   nearest existing ancestor is a writable directory. Returns the absolute path."""
@@ -309,6 +332,7 @@ class Held:
     if jax.process_index() == 0:
       try:
         check_location(self.workdir, "--workdir")
+        check_layout(self.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.lock.acquire()
         record_config(config, self.workdir)
@@ -328,6 +352,8 @@ class Held:
 def hold(workdir: str) -> Iterator[Held]:
   """Checks `workdir` can be written (creating nothing); releases the lock on exit (errors
   included), if `start` took it."""
+  if not str(workdir).strip():
+    raise UserError("--workdir is empty", "give the directory of the run, e.g. --workdir runs/gsv")
   check_location(workdir, "--workdir")
   held = Held(workdir)
   try:

@@ -318,7 +318,7 @@ def convert_cli(c, *args, cwd=None):
 
 def train_cli(c, workdir_path, **overrides):
   o = {"data.source": "folder", "data.root": c.gsv_root, "data.cities": "Alpha,Beta",
-       "data.places_per_batch": 8, "data.image_size": "(56,56)", "data.num_workers": 0,
+       "data.places_per_batch": 8, "data.image_size": "(70,70)", "data.num_workers": 0,
        "eval.sets": "", "eval.at_start": False, "model.variant": "Nano/14", **overrides}
   return [sys.executable, os.path.join(REPO, "train.py"), "--config",
           os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir_path)] + \
@@ -341,7 +341,7 @@ def trained_looking_workdir(c):
   from salad_jax import workdir
   cfg = configs.demo.get_config()
   cfg.data.source, cfg.data.root, cfg.data.cities = "folder", c.gsv_root, "Alpha,Beta"
-  cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (56, 56), 0
+  cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (70, 70), 0
   cfg.eval.sets, cfg.eval.at_start, cfg.model.variant = "", False, "Nano/14"
   wd = c.tmp / "run"
   workdir.record_config(cfg, str(wd))
@@ -391,6 +391,15 @@ CLI = [
      ["cannot change when resuming", "data.places_per_batch: 8 -> 16", "seed: 0 -> 3", "another --workdir"]),
     ("train: a corrupt config.json",
      lambda c: train_cli(c, write(str(mkdir(c, "w")), "config.json", "{not json")), ["config.json is corrupt"]),
+    ("train: a config.json of another tool",
+     lambda c: train_cli(c, write(str(mkdir(c, "other")), "config.json", '{"my": "tool"}')),
+     ["config.json is not a salad_jax config", "another --workdir"]),
+    ("train: a workdir whose checkpoints is a file (Orbax hung on it)",
+     lambda c: train_cli(c, write(str(mkdir(c, "w2")), "checkpoints", "x")),
+     ["checkpoints is in the way", "writes a directory there"]),
+    ("train: --workdir ''", lambda c: train_cli(c, ""), ["--workdir is empty"]),
+    ("train: keep no checkpoint", lambda c: train_cli(c, c.tmp / "k", **{"checkpoint.keep_last": 0}),
+     ["config.checkpoint.keep_last = 0", "--config.checkpoint.keep_last="]),
 ]
 
 
@@ -425,6 +434,11 @@ def test_cli_bad_input(ctx, gsv_root, case, command, words):
     assert open(p, "rb").read() == data
   if "project folder" in case:
     assert_project_intact(ctx)
+  if "another tool" in case:  # refused before anything was written
+    assert os.listdir(ctx.tmp / "other") == ["config.json"]
+    assert open(ctx.tmp / "other" / "config.json").read() == '{"my": "tool"}'
+  if "keep no checkpoint" in case:
+    assert not (ctx.tmp / "k").exists()
   if "batch layout" in case:  # exactly the two settings changed, nothing else
     assert said.count(" -> ") == 2, said
   assert not (ctx.tmp / "ran").exists()

@@ -144,6 +144,11 @@ def _write_eval(root: str, seed: int) -> None:
 
 def ensure(gsv_root: str, seed: int = 0) -> str:
   """Generates the demo dataset next to `gsv_root` (= <base>/gsv) unless already there."""
+  from salad_jax.errors import UserError
+  if os.path.basename(os.path.normpath(gsv_root)) != "gsv":
+    raise UserError(f"config.data.root {gsv_root!r}: the demo's training set is the gsv/ folder "
+                    "of the demo dataset (it writes <dir>/gsv and <dir>/eval)",
+                    "use --config.data.root=<dir>/gsv, e.g. demo_data/gsv")
   base = os.path.dirname(os.path.abspath(gsv_root))
   marker = os.path.join(base, MARKER)
   want = {"version": VERSION, "seed": seed}
@@ -153,6 +158,9 @@ def ensure(gsv_root: str, seed: int = 0) -> str:
         return base
     raise FileExistsError(f"{base} holds a demo dataset of another version/seed; delete it or "
                           "choose another --config.data.root")
+  if os.path.isdir(base) and os.listdir(base):
+    raise FileExistsError(f"{base} exists and is not a demo dataset (no {MARKER}); choose another "
+                          "--config.data.root")
   os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".demo_tmp_", dir=os.path.dirname(base) or ".")
   try:

@@ -278,6 +278,11 @@ def main(argv) -> None:
       assert len(size) == 2 and min(size) > 0
     except (ValueError, AssertionError):
       raise UserError(f"--image_size {f.image_size!r}: expected H,W (e.g. 224,224)") from None
+    from salad_jax.models import vit
+    try:  # train.py refuses other sizes: do not pack hours of images it cannot use
+      vit.check_image_shape((1,) + size + (3,))
+    except ValueError as e:
+      raise UserError(f"--image_size {f.image_size}: {e}", "the paper trains at 224,224") from None
   build(f.manual_dir, f.data_dir, [c for c in f.cities.split(",") if c] or None, size,
         num_workers=f.num_workers, compression=f.compression, images_per_shard=f.images_per_shard)
 

@@ -52,14 +52,17 @@ def check_image_shape(shape: tuple[int, ...], min_patches: int = 0) -> tuple[int
   if c != 3:
     raise ValueError(f"images must have 3 channels last (NHWC RGB), got {c} channels in shape "
                      f"{tuple(shape)}; convert NCHW with x.transpose(0, 2, 3, 1)")
-  if h % PATCH or w % PATCH or h == 0 or w == 0:
+  side = PATCH * (int(min_patches ** 0.5) + 1)  # the smallest square with enough patches
+  if h % PATCH or w % PATCH or h <= 0 or w <= 0:
     def near(v):
       return max(PATCH, round(v / PATCH) * PATCH)
+    th, tw = near(h), near(w)
+    if (th // PATCH) * (tw // PATCH) <= min_patches:
+      th = tw = max(side, th, tw)
     raise ValueError(f"image {h}x{w}: height and width must be multiples of {PATCH} "
-                     f"(try {near(h)}x{near(w)})")
+                     f"(try {th}x{tw})")
   grid = (h // PATCH, w // PATCH)
   if grid[0] * grid[1] <= min_patches:
-    side = PATCH * (int(min_patches ** 0.5) + 1)
     raise ValueError(f"image {h}x{w} gives {grid[0] * grid[1]} patches, but SALAD needs more "
                      f"patches than its {min_patches} clusters (the dustbin marginal is "
                      f"log(n - m)); use a larger image, e.g. {side}x{side}")
