@@ -27,7 +27,7 @@ def main(argv):
   import jax
 
   import salad_jax
-  from salad_jax import cli, convert, inference
+  from salad_jax import cli, inference, weights
 
   cli.quiet_logs()
   src, dst = FLAGS.src, FLAGS.dst
@@ -38,7 +38,7 @@ def main(argv):
   inference.check_destination(dst, FLAGS.overwrite)
 
   model = salad_jax.load(src, rng=jax.random.key(FLAGS.seed))
-  if dst.endswith(convert.TORCH_SUFFIXES + (convert.SAFETENSORS_SUFFIX,)):
+  if weights.file_kind(dst):
     model.to_torch(dst, overwrite=FLAGS.overwrite)
     kind = "PyTorch state_dict"
   else:

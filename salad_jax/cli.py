@@ -85,6 +85,23 @@ def _load_config(name: str) -> None:
     fail(f"--{name}: {_one_line(text)}")
 
 
+def _os_error_line(exc: BaseException) -> str | None:
+  """One line for an exception caused by a full disk, a quota, a read-only file system or a
+  missing permission (an OSError anywhere in its __cause__/__context__ chain), else None."""
+  import errno
+  reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted"}
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in reasons:
+      where = f" {exc.filename}" if exc.filename else ""
+      return f"cannot write{where}: {reasons[exc.errno]}"
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
 def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ()) -> None:
   """`app.run(main)` where a user's mistake is one line on stderr (exit 2), not a traceback.
 
@@ -110,5 +127,10 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
+    except Exception as e:  # a full disk or a read-only file system is the user's to fix
+      line = _os_error_line(e)
+      if line is None or debug:
+        raise
+      fail(line, "free some space or choose a place you can write to")
 
   app.run(wrapped, flags_parser=_parse_flags)

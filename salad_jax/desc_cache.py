@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -86,16 +85,11 @@ def write_entry(path: str, key: dict, desc: np.ndarray) -> None:
   meta = {"key": key, "sha256": hashlib.sha256(desc.tobytes()).hexdigest(), "shape": list(desc.shape)}
   if os.path.lexists(path) and not os.path.isfile(path):
     raise UserError(f"cache entry {path} is not a regular file", "remove it or use another --cache_dir")
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, descriptors=desc, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  from salad_jax import atomic
+  with atomic.new_file(path) as tmp, open(tmp, "wb") as f:  # a fresh name beside it, then rename
+    np.savez(f, descriptors=desc, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _all_agree(hit: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -143,36 +144,87 @@ def _min_max(x):
 
 
 # ------------------------------------------------------------------------------ converted dirs
+FILES_KEY = "files"  # in salad_config.json: {path under the dir: size} of every params file
+# What Orbax's StandardCheckpointer writes (dirs saved before FILES_KEY was recorded are
+# replaced only if their params/ holds nothing else)
+_ORBAX_FILES = re.compile(r"(_CHECKPOINT_METADATA|_METADATA|_sharding|commit_success\.txt|"
+                          r"(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]{32}))")
+_ORBAX_DIRS = re.compile(r"(ocdbt\.process_\d+/)?d|ocdbt\.process_\d+")
+
+
 def check_destination(dst: str, overwrite: bool) -> None:
   """An output of `convert_weights.py` / `save` / `to_torch`, checked before any work.
 
-  A directory is replaced only if it is a salad_jax converted dir (its salad_config.json, its
-  params/, nothing else); a weight file only if salad_jax wrote it (`weights`).
+  A directory is replaced only if it is a salad_jax converted dir holding only what salad_jax
+  wrote; a weight file (suffix in any case) only if salad_jax wrote it (`weights`).
   """
-  if dst.endswith(convert.TORCH_SUFFIXES + (convert.SAFETENSORS_SUFFIX,)):
-    weights.check_file_destination(dst, overwrite)
+  if weights.file_kind(dst):
+    weights.check_file_destination(os.fspath(dst), overwrite)
   else:
-    _check_dir_destination(dst, overwrite)
+    _check_dir_destination(os.fspath(dst), overwrite)
 
 
 def _check_dir_destination(dst: str, overwrite: bool) -> None:
-  from salad_jax import workdir
+  from salad_jax import atomic, workdir
+  if not dst.strip():
+    raise UserError("the destination is an empty path",
+                    "give a directory (-> Orbax checkpoint) or a .pth/.ckpt/.safetensors file")
   directory = os.path.realpath(dst)
   workdir.check_location(directory, "--dst")
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    return
-  if not _is_converted_dir(directory):
-    raise UserError(f"refusing to write into {dst}: it exists and is not a salad_jax checkpoint "
-                    f"(no {CONFIG_FILE}); salad_jax only ever replaces its own checkpoints",
-                    "choose a new or empty --dst directory")
-  extra = sorted(set(os.listdir(directory)) - {CONFIG_FILE, PARAMS_DIR})
-  if extra:
-    raise UserError(f"refusing to replace {dst}: besides a salad_jax checkpoint it holds files "
-                    f"salad_jax did not write ({', '.join(extra[:5])})",
-                    "move them out, or choose another --dst")
-  if not overwrite:
-    raise FileExistsError(f"{dst} exists (a salad_jax checkpoint); pass --overwrite "
-                          "(overwrite=True) to replace it")
+  if os.path.isdir(directory) and os.listdir(directory):
+    if not _is_converted_dir(directory):
+      raise UserError(f"refusing to write into {dst}: it exists and is not a salad_jax checkpoint "
+                      f"(no {CONFIG_FILE}); salad_jax only ever replaces its own checkpoints",
+                      "choose a new or empty --dst directory")
+    extra = sorted(set(os.listdir(directory)) - {CONFIG_FILE, PARAMS_DIR})
+    foreign = ", ".join(extra[:5]) if extra else _foreign_file(directory)
+    if foreign:
+      raise UserError(f"refusing to replace {dst}: besides a salad_jax checkpoint it holds files "
+                      f"salad_jax did not write ({foreign})",
+                      "move them out, or choose another --dst")
+    if not overwrite:
+      raise FileExistsError(f"{dst} exists (a salad_jax checkpoint); pass --overwrite "
+                            "(overwrite=True) to replace it")
+  atomic.probe(directory)
+
+
+def _foreign_file(directory: str) -> str | None:
+  """The first entry of a converted dir's params/ that salad_jax did not write, or None.
+
+  Checked against the `files` record of salad_config.json (path and size); a dir saved before
+  that record existed may hold only Orbax's own file names."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    files = json.load(f).get(FILES_KEY)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if os.path.islink(params_dir) or not os.path.isdir(params_dir):
+    return f"{PARAMS_DIR} (not a directory)"
+  if isinstance(files, dict):
+    recorded_dirs = {os.path.dirname(p) for p in files}
+    recorded_dirs |= {d for p in recorded_dirs for d in _parents(p)}
+  for root, dirs, names in os.walk(params_dir):
+    for name in sorted(dirs) + sorted(names):
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, directory).replace(os.sep, "/")
+      sub = rel[len(PARAMS_DIR) + 1:]
+      if os.path.islink(full):
+        return f"{rel}, a symbolic link"
+      if name in dirs:
+        ok = rel in recorded_dirs if isinstance(files, dict) else _ORBAX_DIRS.fullmatch(sub)
+      elif isinstance(files, dict):
+        ok = files.get(rel) == os.path.getsize(full)
+      else:
+        ok = _ORBAX_FILES.fullmatch(sub)
+      if not ok:
+        return rel
+  return None
+
+
+def _parents(path: str) -> list[str]:
+  out = []
+  while "/" in path:
+    path = path.rsplit("/", 1)[0]
+    out.append(path)
+  return out
 
 
 def _is_converted_dir(directory: str) -> bool:
@@ -188,38 +240,43 @@ def save_converted(directory: str, params: Mapping, config: ModelConfig,
                    source: Mapping | None = None, overwrite: bool = False) -> None:
   """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically).
 
-  The params are checked (`weights.check_params`) and their checksum recorded. An existing
-  `directory` is replaced only if it is a salad_jax checkpoint (`check_destination`).
+  The params are checked (`weights.check_params`) and their checksum recorded, with the path and
+  size of every file written (so `overwrite` can tell them from a user's). An existing
+  `directory` is replaced only if it is a salad_jax checkpoint (`check_destination`). It is
+  written in a fresh temporary directory beside it (`atomic.new_dir`), then renamed.
   """
   import orbax.checkpoint as ocp
+
+  from salad_jax import atomic
   _check_dir_destination(os.fspath(directory), overwrite)
   directory = os.path.realpath(directory)
   params = weights.check_params(jax.tree.map(np.asarray, dict(params)), "params to save")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".salad_tmp_", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)
-  try:
+  atomic.remove_leftovers(directory)
+  atomic.check_space(directory, sum(x.nbytes for x in jax.tree.leaves(params)))
+  with atomic.new_dir(directory) as tmp:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+      ckptr.wait_until_finished()
+    finally:
+      ckptr.close()
+    files = {os.path.relpath(os.path.join(r, n), tmp).replace(os.sep, "/"):
+             os.path.getsize(os.path.join(r, n))
+             for r, _, names in os.walk(os.path.join(tmp, PARAMS_DIR)) for n in names}
     meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(), "source": dict(source or {}),
-            "params_checksum": integrity.params_checksum(params)}
+            "params_checksum": integrity.params_checksum(params), FILES_KEY: dict(sorted(files.items()))}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
+    atomic.unmark(tmp)
     if os.path.exists(directory):
-      old = tempfile.mkdtemp(prefix=".salad_old_", dir=parent)
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.salad_old_", dir=parent)
       os.replace(directory, os.path.join(old, "previous"))
       os.replace(tmp, directory)
       shutil.rmtree(old)
     else:
       os.replace(tmp, directory)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
 
 
 def restore_params(path: str) -> dict:

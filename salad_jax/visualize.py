@@ -202,8 +202,9 @@ def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = Fals
 def has_salad_head(path: str) -> bool:
   """Whether a torch/safetensors checkpoint file holds a SALAD head, from its keys alone (a
   DINOv2 backbone file would get a random head). Undecidable here: True, `load` will tell."""
+  from salad_jax import weights
   try:
-    if path.endswith(".safetensors"):
+    if weights.file_kind(path) == "safetensors":
       from safetensors import safe_open
       with safe_open(path, "np") as f:
         keys = list(f.keys())

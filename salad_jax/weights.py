@@ -122,7 +122,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       pass
   except OSError as e:
     raise PermissionError(f"cannot read {path}: {e.strerror}") from None
-  raw = _read_safetensors(path) if path.endswith(SAFETENSORS_SUFFIX) else _read_torch(path)
+  raw = _read_safetensors(path) if file_kind(path) == "safetensors" else _read_torch(path)
   return check_weights(raw, path)
 
 
@@ -185,9 +185,21 @@ def _refusal(path: str, error: Exception) -> UserError:
                      "nothing in it was executed",
                      "a checkpoint holds only tensors; get the weights from a source you trust, or "
                      "as .safetensors")
+  try:
+    with open(path, "rb") as f:
+      head = f.read(16)
+  except OSError:
+    head = b""
+  if not head.startswith((b"PK", b"\x80")):  # torch's zip format, or a pickle (protocol >= 2)
+    return UserError(f"{path} is not a PyTorch checkpoint: it is neither torch's zip format nor a "
+                     f"pickle (it starts with {head!r}); nothing in it was executed",
+                     "give a file saved with torch.save, or a .safetensors file")
   lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
   reason = next((ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln
-                 and "documentation" not in ln and "Please" not in ln), type(error).__name__)
+                 and "documentation" not in ln and "Please" not in ln), "")
+  if len(reason) < 20:  # e.g. KeyError('101'), an empty EOFError: name the error too
+    reason = f"{type(error).__name__} {reason}".strip() + (", the file is truncated"
+                                                        if isinstance(error, EOFError) else "")
   return UserError(f"{path} is not a PyTorch checkpoint torch can read safely ({reason}); "
                    "nothing in it was executed")
 
@@ -229,26 +241,42 @@ def _pickle_globals(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ writing
+def file_kind(path: str) -> str | None:
+  """'safetensors', 'torch' or None, from the suffix (any case: `X.PTH` is a .pth file)."""
+  low = os.fspath(path).lower()
+  if low.endswith(SAFETENSORS_SUFFIX):
+    return "safetensors"
+  return "torch" if low.endswith(TORCH_SUFFIXES) else None
+
+
 def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Writes a flat float32 state_dict (.pth/.ckpt via torch, or .safetensors) with the marker."""
-  from salad_jax import __version__
+  """Writes a flat float32 state_dict (.pth/.ckpt via torch, or .safetensors) with the marker.
+
+  Written under a fresh temporary name beside `path`, then renamed (`atomic.new_file`); a full
+  disk or a folder that cannot be written is one `UserError`, and nothing partial is left.
+  """
+  from salad_jax import __version__, atomic
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  if path.endswith(SAFETENSORS_SUFFIX):
-    from safetensors.numpy import save_file
-    save_file(dict(state_dict), tmp, metadata={"format": "pt", MARKER: __version__})
-  else:
-    torch = import_torch()
-    sd = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items())
-    sd._metadata = {MARKER: {"version": __version__}}  # torch ignores keys that name no module
-    torch.save(sd, tmp)
-  os.replace(tmp, path)
+  atomic.remove_leftovers(path)  # files of a killed run: only mentioned
+  atomic.check_space(path, sum(np.asarray(v).nbytes for v in state_dict.values()))
+  with atomic.new_file(path) as tmp:
+    if file_kind(path) == "safetensors":
+      from safetensors.numpy import save
+      data = save(dict(state_dict), metadata={"format": "pt", MARKER: __version__})
+      with open(tmp, "wb") as f:  # Python's write: a full disk is an OSError with its errno
+        f.write(data)
+    else:
+      torch = import_torch()
+      sd = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items())
+      sd._metadata = {MARKER: {"version": __version__}}  # torch ignores keys that name no module
+      with open(tmp, "wb") as f:
+        torch.save(sd, f)
 
 
 def written_by_us(path: str) -> bool:
   """True iff `path` is a weight file salad_jax wrote (it carries the marker)."""
   try:
-    if path.endswith(SAFETENSORS_SUFFIX):
+    if file_kind(path) == "safetensors":
       from safetensors import safe_open
       with safe_open(path, framework="numpy") as f:
         return MARKER in (f.metadata() or {})
@@ -260,17 +288,25 @@ def written_by_us(path: str) -> bool:
 
 
 def check_file_destination(path: str, overwrite: bool) -> None:
-  """An output weight file: refuse a directory, an existing file unless `overwrite`, and always
-  an existing file salad_jax did not write."""
-  from salad_jax import workdir
+  """An output weight file: refuse an unknown suffix, a directory, a link, an existing file
+  unless `overwrite`, and always an existing file salad_jax did not write."""
+  from salad_jax import atomic, workdir
+  if file_kind(path) is None:
+    raise UserError(f"{path}: a weight file must end in {', '.join(TORCH_SUFFIXES)} (PyTorch) or "
+                    f"{SAFETENSORS_SUFFIX}", f"e.g. {os.path.splitext(path)[0] or 'model'}.pth")
+  if os.path.islink(path):
+    raise UserError(f"refusing to overwrite {path}: it is a symbolic link (to "
+                    f"{os.readlink(path)}); salad_jax replaces only regular files it wrote",
+                    "give the link's target itself as the destination, or remove the link")
   if os.path.isdir(path):
     raise IsADirectoryError(f"--dst {path} is a directory; a .pth/.ckpt/.safetensors destination "
                             "must be a file")
   if os.path.lexists(path):
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    if os.path.islink(path) or not written_by_us(path):
+    if not os.path.isfile(path) or not written_by_us(path):
       raise UserError(f"refusing to overwrite {path}: salad_jax did not write it (it only ever "
                       "replaces weight files it wrote itself)",
                       "remove the file yourself, or choose another --dst")
   workdir.check_location(os.path.dirname(os.path.abspath(path)), "destination folder")
+  atomic.probe(path)

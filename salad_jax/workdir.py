@@ -180,10 +180,9 @@ def _utc(t: float) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  from salad_jax import atomic
+  with atomic.new_file(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the lock

@@ -22,6 +22,7 @@ import torch
 from safetensors.numpy import save_file
 
 import salad_jax
+import salad_jax.data.pack
 from helpers import make_gsv, state_dict_np, twin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,9 +188,128 @@ LIBRARY = [
      ["is a file, not a directory"]),
     ("load: a folder that holds no checkpoint", lambda c: salad_jax.load(str(mkdir(c, "empty"))),
      ["holds no salad_jax checkpoint"]),
+    ("load: a text file named .ckpt", lambda c: salad_jax.load(write_file(c, "text.ckpt", "hello")),
+     ["text.ckpt is not a PyTorch checkpoint", "neither torch's zip format nor a pickle", "b'hello'"]),
+    # overwriting (convert probe): a converted dir is replaced only if every file in it is ours
+    ("save(overwrite=True) over a checkpoint with a user's file in params/",
+     lambda c: c.model.save(user_file_in_params(c.converted()), overwrite=True),
+     ["did not write (params/NOTES.txt)"]),
+    ("save(overwrite=True) over a checkpoint with a user's folder in params/",
+     lambda c: c.model.save(user_folder_in_params(c.converted()), overwrite=True),
+     ["did not write (params/my_analysis)"]),
+    ("save(overwrite=True) over a checkpoint whose params file was replaced by a user's",
+     lambda c: c.model.save(corrupt(c.converted(), lambda p: open(p, "a").write("mine")), overwrite=True),
+     ["salad_jax did not write (params/"]),
+    ("save(overwrite=True) over an older checkpoint (no file record) with a user's file in params/",
+     lambda c: c.model.save(user_file_in_params(edit(c.converted(), lambda m: m.pop("files"))),
+                            overwrite=True),
+     ["did not write (params/NOTES.txt)"]),
+    ("save(''): an empty path", lambda c: c.model.save(""), ["empty path"]),
+    ("convert_weights --dst ''", lambda c: salad_jax.inference.check_destination("", False), ["empty path"]),
+    ("to_torch() to a .txt file", lambda c: c.model.to_torch(str(c.tmp / "x.txt")),
+     ["must end in .ckpt, .pth", ".safetensors"]),
+    ("to_torch(overwrite=True) over a link to a .pth salad_jax wrote",
+     lambda c: c.model.to_torch(link_to_own_pth(c), overwrite=True), ["is a symbolic link (to ours.pth)"]),
+    ("to_torch() onto a full disk", lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.pth"))),
+     ["cannot write", "full.pth: no space left on the device", "nothing was written"]),
+    ("to_torch() onto a full disk, .safetensors",
+     lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.safetensors"))),
+     ["full.safetensors: no space left on the device"]),
+    ("save() onto a disk that fills while Orbax writes",
+     lambda c: orbax_fails(c, lambda: c.model.save(str(c.tmp / "full"))),
+     ["cannot write", "full: no space left on the device"]),
+    ("save() onto a disk without room", lambda c: no_room(c, lambda: c.model.save(str(c.tmp / "full"))),
+     ["cannot write", "MiB are free there"]),
+    ("pack: a user's folder where the staging folder goes",
+     lambda c: salad_jax.data.pack._check_staging(write(str(mkdir(c, "2.0.0.partial")), "mine.txt", "x")),
+     ["is not an unfinished pack", "choose another --data_dir"]),
+    ("pack: a link where the staging folder goes",
+     lambda c: salad_jax.data.pack._check_staging(symlink(c, str(mkdir(c, "mine")), "2.0.0.partial")),
+     ["is not an unfinished pack"]),
 ]
 
+def user_file_in_params(d):
+  write(os.path.join(d, "params"), "NOTES.txt", "mine")
+  return d
+
+
+def user_folder_in_params(d):
+  os.mkdir(os.path.join(d, "params", "my_analysis"))
+  write(os.path.join(d, "params", "my_analysis"), "results.csv", "x")
+  return d
+
+
+def symlink(c, target, name):
+  os.symlink(target, c.tmp / name)
+  return str(c.tmp / name)
+
+
+def link_to_own_pth(c):
+  c.model.to_torch(str(c.tmp / "ours.pth"))
+  return symlink(c, "ours.pth", "link.pth")
+
+
+def full_disk(c, action):
+  """`action` on a disk that is full (Python's writes fail with ENOSPC, whatever the check said)."""
+  import builtins
+  import errno
+  real_open = builtins.open
+
+  class Full:
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, data):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *a):
+      self.f.close()
+
+  def fake_open(path, mode="r", *a, **k):
+    f = real_open(path, mode, *a, **k)
+    return Full(f) if "w" in mode and str(c.tmp) in str(path) else f
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(builtins, "open", fake_open)
+    action()
+
+
+def orbax_fails(c, action):
+  import orbax.checkpoint as ocp
+
+  def save(self, *a, **k):
+    raise ValueError("RESOURCE_EXHAUSTED: Failed writing ...: No space left on device [os_error_code='28']")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(ocp.StandardCheckpointer, "save", save)
+    action()
+
+
+def no_room(c, action):
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    action()
+
+
+def assert_nothing_left(c):
+  left = [n for n in os.listdir(c.tmp) if "tmp" in n or n.startswith("full")]
+  assert not left, left
+
+
 CHECKS = {  # what must still hold after the refusal
+    "save(overwrite=True) over a checkpoint with a user's file in params/":
+        lambda c: (c.tmp / "converted" / "params" / "NOTES.txt").read_text() == "mine" or pytest.fail(),
+    "save(overwrite=True) over a checkpoint with a user's folder in params/":
+        lambda c: (c.tmp / "converted/params/my_analysis/results.csv").read_text() == "x" or pytest.fail(),
+    "to_torch() onto a full disk": assert_nothing_left,
+    "to_torch() onto a full disk, .safetensors": assert_nothing_left,
+    "save() onto a disk that fills while Orbax writes": assert_nothing_left,
+    "pack: a user's folder where the staging folder goes":
+        lambda c: (c.tmp / "2.0.0.partial" / "mine.txt").read_text() == "x" or pytest.fail(),
     "save(overwrite=True) into a project folder": assert_project_intact,
     "to_torch(overwrite=True) over a user's .pth":
         lambda c: np.testing.assert_array_equal(
@@ -270,6 +390,90 @@ def test_own_outputs_are_replaced_with_overwrite(ctx):
   ctx.model.to_torch(pth)
   ctx.model.to_torch(pth, overwrite=True)
   assert set(torch.load(pth, weights_only=True)) == set(ctx.sd)
+
+
+def test_a_checkpoint_saved_before_file_records_is_replaced_if_it_holds_only_orbax_files(ctx):
+  d = edit(ctx.converted(), lambda m: m.pop("files"))
+  ctx.model.save(d, overwrite=True)
+  assert "files" in json.load(open(os.path.join(d, "salad_config.json")))
+
+
+# every writer: a fresh temporary name, never a user's file of the old fixed names, umask mode
+def _writers():
+  from salad_jax import desc_cache, workdir
+  return {
+      "to_torch .pth": lambda c, p: c.model.to_torch(p),
+      "to_torch .safetensors": lambda c, p: c.model.to_torch(p),
+      "save dir": lambda c, p: c.model.save(p),
+      "workdir json": lambda c, p: workdir._write_json(p, {"a": 1}),
+      "descriptor cache": lambda c, p: desc_cache.write_entry(p, {"k": 1}, np.zeros((2, 3), np.float32)),
+  }
+
+
+@pytest.mark.parametrize("writer,name", [("to_torch .pth", "out.pth"), ("to_torch .safetensors", "out.safetensors"),
+                                         ("save dir", "out"), ("workdir json", "config.json"),
+                                         ("descriptor cache", "entry.npz")])
+def test_writers_never_touch_files_beside_the_destination(ctx, writer, name):
+  (ctx.tmp / "thesis.txt").write_text("mine")
+  decoys = [f"{name}.tmp", f"{name}.tmp{os.getpid()}", f".tmp_{name}", f"{name}.partial", f".{name}.salad_tmp_"]
+  for i, decoy in enumerate(decoys):
+    if i % 2:
+      os.symlink("thesis.txt", ctx.tmp / decoy)
+    else:
+      (ctx.tmp / decoy).write_text("user tmp")
+  before = sorted(os.listdir(ctx.tmp))
+  old = os.umask(0o022)
+  try:
+    _writers()[writer](ctx, str(ctx.tmp / name))
+  finally:
+    os.umask(old)
+  assert (ctx.tmp / "thesis.txt").read_text() == "mine"
+  for i, decoy in enumerate(decoys):
+    assert os.path.islink(ctx.tmp / decoy) if i % 2 else (ctx.tmp / decoy).read_text() == "user tmp"
+  assert sorted(os.listdir(ctx.tmp)) == sorted(before + [name])  # no temporary left either
+  assert not os.path.islink(ctx.tmp / name)
+  mode = os.stat(ctx.tmp / name).st_mode & 0o777
+  assert mode == (0o755 if writer == "save dir" else 0o644), oct(mode)
+
+
+def test_suffixes_are_read_in_any_case(ctx):
+  for name in ("UP.PTH", "Up.SafeTensors"):
+    ctx.model.to_torch(str(ctx.tmp / name))
+    assert salad_jax.weights.written_by_us(str(ctx.tmp / name))
+    np.testing.assert_array_equal(salad_jax.load(str(ctx.tmp / name)).params["aggregator"]["score_3"]["kernel"],
+                                  ctx.model.params["aggregator"]["score_3"]["kernel"])
+  assert open(ctx.tmp / "UP.PTH", "rb").read(2) == b"PK"  # torch's format, not Orbax's directory
+  from safetensors import safe_open
+  with safe_open(str(ctx.tmp / "Up.SafeTensors"), "np") as f:  # not a torch file named so
+    assert "salad_jax" in f.metadata()
+  assert salad_jax.weights.file_kind("demo.PTH") == "torch"  # convert_weights --dst demo.PTH: a file
+
+
+def test_leftovers_of_a_killed_save_are_removed_only_if_provably_ours(ctx, capsys):
+  from salad_jax import atomic
+  ours = ctx.tmp / ".out.salad_tmp_killed"
+  (ours / "params").mkdir(parents=True)
+  (ours / atomic.MARKER).write_text(f"{__import__('socket').gethostname()} {2**22 + 7}")  # no such pid
+  unknown = ctx.tmp / ".out.salad_tmp_nomarker"
+  unknown.mkdir()
+  (unknown / "mine.txt").write_text("x")
+  ctx.model.save(str(ctx.tmp / "out"))
+  out = capsys.readouterr().out
+  assert not ours.exists() and "removed" in out
+  assert (unknown / "mine.txt").read_text() == "x" and "remove it if" in out
+
+
+def test_an_os_error_anywhere_in_the_chain_is_one_line():
+  import errno
+  from salad_jax import cli
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", "/data/x.npz")
+    except OSError as e:
+      raise RuntimeError("writer failed") from e
+  except RuntimeError as e:
+    assert cli._os_error_line(e) == "cannot write /data/x.npz: no space left on the device"
+  assert cli._os_error_line(RuntimeError("a bug")) is None
 
 
 def test_converted_dir_without_a_checksum_still_loads(ctx):
@@ -372,6 +576,8 @@ CLI = [
      ["refusing to write into", "not a salad_jax checkpoint"]),
     ("convert: --dst in an unwritable location",
      lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/sys/salad_out"), ["is not writable"]),
+    ("convert: --dst a file the OS will not create",
+     lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/salad_out.pth"), ["/proc", "writ"]),
     ("convert: --dst a user's .pth, --overwrite",
      lambda c: convert_cli(c, "--src", c.pth, "--dst", torch_file(c, "mine.pth", c.sd), "--overwrite"),
      ["refusing to overwrite", "did not write it"]),

@@ -177,6 +177,7 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
   job = {"source": os.path.abspath(manual_dir), "images": n, "images_per_shard": images_per_shard,
          "compression": compression, "metadata": metadata}
   staging = final + ".partial"
+  _check_staging(staging)
   os.makedirs(staging, exist_ok=True)
   lock = _lock(staging)
   try:
@@ -245,6 +246,20 @@ def _existing(final: str, metadata: dict) -> str:
   return final
 
 
+def _check_staging(staging: str) -> None:
+  """The staging directory has a fixed name (a rerun resumes it): an entry of that name that a
+  pack did not make (a file, a link, a directory without our job file) is refused, never used."""
+  if not os.path.lexists(staging):
+    return
+  ours = (not os.path.islink(staging) and os.path.isdir(staging)
+          and (not os.listdir(staging) or os.path.isfile(os.path.join(staging, JOB_FILE))
+               or os.path.isfile(os.path.join(staging, LOCK_FILE))))
+  if not ours:
+    raise UserError(f"{staging} exists and is not an unfinished pack (no {JOB_FILE}); salad_jax "
+                    "writes its staging files there and will not use a folder of yours",
+                    "move it away, or choose another --data_dir")
+
+
 def _reset_if_other_job(staging: str, job: dict) -> None:
   path = os.path.join(staging, JOB_FILE)
   if os.path.isfile(path):
@@ -261,9 +276,9 @@ def _reset_if_other_job(staging: str, job: dict) -> None:
   for f in os.listdir(staging):  # temporary files of killed writers
     if ".tmp-" in f:
       os.remove(os.path.join(staging, f))
-  with open(path + ".tmp", "w") as f:
+  from salad_jax import atomic
+  with atomic.new_file(path) as tmp, open(tmp, "w") as f:
     json.dump(job, f)
-  os.replace(path + ".tmp", path)
 
 
 def _remove_staging(staging: str, shards) -> None:
