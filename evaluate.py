@@ -51,13 +51,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from salad_jax import argv_compat, cli, errors, evaluation
-  from salad_jax.data import eval_sets
+  from salad_jax.data import eval_sets, images
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)
   if len(FLAGS.image_size) == 1:
     print(f"note: --image_size {size[0]} resizes to {size[0]}x{size[1]} (as SALAD's eval.py); "
           "VPR-methods-evaluation keeps the aspect ratio with one value", file=sys.stderr)
   recall_values = evaluation.check_recall_values(FLAGS.recall_values)
+  images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
   output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint} does not exist")
@@ -65,13 +66,14 @@ def main(argv):
   sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
                                   FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,
                                   use_labels=not FLAGS.no_labels)
-  evaluation.evaluate_checkpoint(
+  table = evaluation.evaluate_checkpoint(
       FLAGS.checkpoint, sets, output_dir, image_size=size, batch_size=FLAGS.batch_size,
       recall_values=recall_values, search_method=FLAGS.search,
       num_workers=FLAGS.num_workers, save_descriptors=FLAGS.save_descriptors,
       num_preds_to_save=FLAGS.num_preds_to_save, save_only_wrong_preds=FLAGS.save_only_wrong_preds,
       dtype=FLAGS.dtype, cache_dir=FLAGS.cache_dir)
-  print(f"wrote {output_dir}/recalls.json")
+  print(f"wrote {output_dir}/recalls.json" if table else
+        f"retrieval only, no recalls (no labels); outputs in {output_dir}")
 
 
 if __name__ == "__main__":

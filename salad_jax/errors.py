@@ -10,6 +10,17 @@ traceback. `SALAD_JAX_TRACEBACK=1` shows the traceback of user errors too.
 from __future__ import annotations
 
 import os
+import sys
+
+
+def note(text: str) -> None:
+  """One `note: ...` line on stderr: something the user may want to know; the result is right."""
+  print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def warning(text: str) -> None:
+  """One `warning: ...` line on stderr: the result may not mean what the user thinks."""
+  print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 class UserError(ValueError):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from salad_jax import sharding
-from salad_jax.data import eval_sets, pipeline
+from salad_jax.data import eval_sets, images, pipeline
 from salad_jax.errors import UserError
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel
@@ -291,6 +291,23 @@ class EpochEvaluator:
     return flat
 
 
+def planned_outputs(sets: Sequence[eval_sets.EvalSet], *, save_descriptors: bool,
+                    num_preds_to_save: int) -> list[str]:
+  """Every file `evaluate_checkpoint` may write, relative to its output_dir."""
+  from salad_jax import visualize
+  files = ["recalls.json"] if any(s.positives is not None for s in sets) else []
+  for s in sets:
+    sub = "" if len(sets) == 1 else s.name
+    if save_descriptors:
+      files += [os.path.join(sub, "database_descriptors.npy"),
+                os.path.join(sub, "queries_descriptors.npy")]
+    if s.challenge:
+      files.append(os.path.join(sub, "msls_challenge_preds.txt"))
+    if num_preds_to_save:
+      files += [os.path.join(sub, "preds", f) for f in visualize.prediction_files(s.num_queries)]
+  return files
+
+
 def write_recalls(path: str, results: Mapping[str, Mapping[str, float]]) -> None:
   if jax.process_index() == 0:
     with open(path, "w") as f:
@@ -311,12 +328,22 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
   """
   import salad_jax
   from salad_jax import desc_cache, errors, integrity
+  from salad_jax import outputs
   recall_values = check_recall_values(recall_values)
+  images.check_batch_memory(image_size, batch_size)
   errors.check_output_dir(output_dir, "output directory (--output_dir)")
   if cache_dir:
     errors.check_output_dir(cache_dir, "--cache_dir")
   for s in sets:  # missing images are reported before any compute
     s.check_files()
+  if all(s.positives is None and not s.challenge for s in sets) and not (
+      num_preds_to_save or save_descriptors):
+    errors.warning("no labels (--no_labels) and neither --num_preds_to_save nor "
+                   "--save_descriptors: retrieval only, nothing will be saved")
+  # files of yours in output_dir are never overwritten; an earlier run's outputs are removed
+  outputs.claim(output_dir, planned_outputs(sets, save_descriptors=save_descriptors,
+                                            num_preds_to_save=num_preds_to_save),
+                "evaluate.py", write=jax.process_index() == 0)
   model = salad_jax.load(checkpoint, **({"dtype": dtype} if dtype else {}))
   mc = model.config
   vit.check_image_shape((1, image_size[0], image_size[1], 3), mc.num_clusters)
@@ -346,5 +373,6 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
       table[s.name] = r["recalls"]
   if table and jax.process_index() == 0:
     print(f"\nRecall@K at {image_size[0]}x{image_size[1]} ({checkpoint}):\n{format_table(table)}")
-  write_recalls(os.path.join(output_dir, "recalls.json"), table)
+  if table:  # without labels there are no recalls: no empty recalls.json
+    write_recalls(os.path.join(output_dir, "recalls.json"), table)
   return table

@@ -16,8 +16,8 @@ from flax import traverse_util
 from PIL import Image
 
 from salad_jax import convert, integrity, weights
-from salad_jax.data.images import (IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize,
-                                   to_rgb)
+from salad_jax.data.images import (IMAGENET_MEAN, IMAGENET_STD, as_size, load_image, normalize,
+                                   resize, to_rgb)
 from salad_jax.errors import UserError
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
@@ -40,6 +40,11 @@ def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
   images gives a batch [B, H, W, 3]. `size=None` keeps the image's size.
   """
   if isinstance(image_or_path, (list, tuple)):
+    if not image_or_path:
+      raise UserError("preprocess: empty list of images",
+                      "give at least one image path, PIL image or uint8 [H, W, 3] array")
+    if size is not None:
+      as_size(size)  # a bad size is an error before any image is read
     return np.stack([preprocess(x, size) for x in image_or_path])
   if isinstance(image_or_path, (str, os.PathLike)):
     image = load_image(os.fspath(image_or_path))

@@ -60,6 +60,12 @@ def prediction_image(query: str, preds: list[str | None], correct: list[bool | N
   return canvas
 
 
+def prediction_files(num_queries: int) -> list[str]:
+  """Every name `save_predictions` may write for `num_queries` queries (relative to its folder)."""
+  digits = max(3, len(str(num_queries)))
+  return [f"{qi:0{digits}d}.{ext}" for qi in range(num_queries) for ext in ("jpg", "txt")]
+
+
 def save_predictions(eval_set, predictions: np.ndarray, out_dir: str,
                      only_wrong: bool = False) -> int:
   """Writes one image + one text file per query; returns how many were written.
@@ -177,24 +183,33 @@ def pair_picture(image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Imag
                   ("", _blend(image_b, _grid_rgb(cb, colors, shared), 0.6))], _scale(image_a))
 
 
+def _names(paths) -> list[str]:
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  return [stem if stems.count(stem) == 1 else f"{i:02d}_{stem}" for i, stem in enumerate(stems)]
+
+
+def assignment_files(paths, pair: bool = False) -> list[str]:
+  """The files `assignment_maps` writes for `paths`, relative to its output_dir."""
+  names = _names(paths)
+  return ([f"{name}_assignment.png" for name in names]
+          + ([f"pair_{names[0]}_{names[1]}.png"] if pair else []) + ["assignments.npz"])
+
+
 def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = False) -> list[str]:
   """Draws `model.assignment` for each image; returns the files written into `output_dir`."""
   from salad_jax.data.images import load_image, normalize, resize
-  images, assigns, names, written = [], [], [], []
-  for i, path in enumerate(paths):
+  if not paths:
+    raise ValueError("assignment_maps: no images given")
+  images, assigns, names = [], [], _names(paths)
+  for path in paths:
     im = resize(load_image(path), image_size)  # the pixels the model sees
     images.append(im)
     assigns.append(model.assignment(normalize(im)[None])[0])
-    stem = os.path.splitext(os.path.basename(path))[0]
-    names.append(stem if [os.path.splitext(os.path.basename(p))[0] for p in paths].count(stem) == 1
-                 else f"{i:02d}_{stem}")
-  for im, a, name in zip(images, assigns, names):
-    written.append(os.path.join(output_dir, f"{name}_assignment.png"))
-    assignment_picture(im, a).save(written[-1])
+  written = [os.path.join(output_dir, f) for f in assignment_files(paths, pair)]
+  for im, a, path in zip(images, assigns, written):
+    assignment_picture(im, a).save(path)
   if pair:
-    written.append(os.path.join(output_dir, f"pair_{names[0]}_{names[1]}.png"))
-    pair_picture(images[0], assigns[0], images[1], assigns[1]).save(written[-1])
-  written.append(os.path.join(output_dir, "assignments.npz"))
+    pair_picture(images[0], assigns[0], images[1], assigns[1]).save(written[-2])
   np.savez(written[-1], **dict(zip(names, assigns)))
   return written
 
@@ -221,13 +236,16 @@ def _main(argv) -> None:
   from absl import app, flags
 
   import salad_jax
-  from salad_jax import argv_compat, cli, errors
+  from salad_jax import argv_compat, cli, errors, outputs
+  from salad_jax.data import images
   from salad_jax.models import vit
   F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
   size = argv_compat.image_size(F.image_size)
+  if not F.images:
+    raise errors.UserError("--images is empty: no image files given", "e.g. --images a.jpg b.jpg")
   for p in F.images:
     if os.path.isdir(p):
       raise IsADirectoryError(f"--images {p} is a folder; give image files (e.g. {p}/*.jpg)")
@@ -236,6 +254,8 @@ def _main(argv) -> None:
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
   out = errors.check_output_dir(F.output_dir, "--output_dir")
+  images.check_batch_memory(size, 1)
+  outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
   if not os.path.exists(F.checkpoint):
     raise FileNotFoundError(f"--checkpoint {F.checkpoint} does not exist")
   no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)

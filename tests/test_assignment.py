@@ -97,8 +97,8 @@ def test_visualize_cli_writes_maps_and_refuses_what_it_cannot_show(tiny_model_di
   r = _run(["--checkpoint", tiny_model_dir, "--images", str(images / "q.jpg"), str(images / "db.png"),
             "--image_size", "56", "--output_dir", str(out), "--pair"])
   assert r.returncode == 0, r.stderr[-3000:]
-  assert sorted(os.listdir(out)) == ["assignments.npz", "db_assignment.png", "pair_q_db.png",
-                                     "q_assignment.png"]
+  assert sorted(os.listdir(out)) == [".salad_jax_outputs.json", "assignments.npz", "db_assignment.png",
+                                     "pair_q_db.png", "q_assignment.png"]  # and the list of them
   np.testing.assert_allclose(np.load(out / "assignments.npz")["q"], model_and_q[2][0], atol=1e-6)
   assert Image.open(out / "q_assignment.png").size[0] > 3 * 56
   # a DINOv2 backbone without a SALAD head; a size the model cannot take: one line each
@@ -108,3 +108,12 @@ def test_visualize_cli_writes_maps_and_refuses_what_it_cannot_show(tiny_model_di
       (["--checkpoint", tiny_model_dir, "--image_size", "28"], "more patches than its 8 clusters")):
     r = _run(args + ["--images", str(images / "q.jpg"), "--output_dir", str(out)])
     assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr[-2000:]
+  # no image (was rc 0 and an empty assignments.npz); a file of yours where a picture would go
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "assignments.npz").write_text("mine")
+  for args, words in ((["--images", ""], "--images is empty"),
+                      (["--images", str(images / "q.jpg"), "--output_dir", str(tmp_path / "mine")],
+                       "assignments.npz exists and was not written by salad_jax.visualize")):
+    r = _run(["--checkpoint", tiny_model_dir, "--image_size", "56"] + args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr[-2000:]
+  assert (tmp_path / "mine" / "assignments.npz").read_text() == "mine"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,104 @@ def test_folder_errors_are_clear(tmp_path):
     eval_sets.folder_set(str(tmp_path / "empty"), str(tmp_path / "q"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     eval_sets.folder_set(str(tmp_path / "nope"), str(tmp_path / "q"))
+
+
+def _layout(root, spec):
+  """spec: name -> None (an image), "->target" (a link), "text:..." (a text file)."""
+  for name, what in spec.items():
+    path = root / name
+    os.makedirs(path.parent, exist_ok=True)
+    if what is None:
+      Image.new("RGB", (8, 8)).save(path, format={"jpg": "JPEG", "tif": "TIFF"}.get(
+          name.rsplit(".", 1)[-1].lower(), None))
+    elif what.startswith("->"):
+      os.symlink(what[2:].replace("ROOT", str(root)), path)
+    else:
+      path.write_text(what[len("text:"):])
+
+
+@pytest.mark.parametrize("spec, want, words", [
+    # other image formats: not read (as VPR-methods-evaluation), but named in one warning
+    ({"db/@1@2@a.jpg": None, "db/@1@2@b.JPG": None, "db/@1@2@c.webp": None, "db/s/@1@2@d.tif": None},
+     2, "warning: .*2 image files not used \\(1 .tif, 1 .webp\\)"),
+    # a link loop: each image once (was 40 times), and a note
+    ({"db/@1@2@a.jpg": None, "db/@1@2@b.png": None, "db/sub/loop": "->ROOT/db"},
+     2, "note: .*1 linked folder.* not followed again.*loop"),
+    # two links to one folder: read once
+    ({"real/@1@2@a.jpg": None, "db/x": "->ROOT/real", "db/y": "->ROOT/real"}, 1, "not followed"),
+    # a dangling image link: an error naming it (was skipped silently)
+    ({"db/@1@2@a.jpg": None, "db/@3@4@b.jpg": "->ROOT/gone.jpg"}, FileNotFoundError, "@3@4@b.jpg is a link"),
+    # one file under two names: an error (the names may carry different coordinates)
+    ({"db/@1@2@a.jpg": None, "db/@9@9@b.jpg": "->ROOT/db/@1@2@a.jpg"}, errors.UserError,
+     "same image file twice"),
+    # a stale <folder>_images_paths.txt: used, as the reference does, with a note giving both counts
+    ({"db/@1@2@a.jpg": None, "db/@1@2@b.jpg": None, "db/@1@2@c.jpg": None, "db_images_paths.txt":
+      "text:@1@2@a.jpg\n"}, 1, "note: .*using the 1 images listed in .*db_images_paths.txt.*3 image files"),
+    ({"db/@1@2@a.jpg": None, "db_images_paths.txt": "text:@1@2@a.jpg\n./@1@2@a.jpg\n"},
+     errors.UserError, "same image file twice"),
+])
+def test_image_folders_are_read_once_each_and_what_is_left_out_is_said(tmp_path, capsys, spec, want, words):
+  _layout(tmp_path, spec)
+  if isinstance(want, int):
+    paths = eval_sets.read_image_paths(str(tmp_path / "db"))
+    assert len(paths) == want and len({os.path.realpath(p) for p in paths}) == want
+    err = capsys.readouterr().err
+    assert re.search(words, err) and len(err.strip().splitlines()) == 1, err
+  else:
+    with pytest.raises(want, match=words):
+      eval_sets.read_image_paths(str(tmp_path / "db"))
+
+
+@pytest.mark.parametrize("db, q, kw, want, words", [
+    # queries = the database (same real folder, through a link): every query finds itself
+    (["@0@0@a.jpg", "@500@0@b.jpg"], "->ROOT/db", {}, errors.UserError, "same folder .*find itself"),
+    (["@0@0@a.jpg", "@500@0@b.jpg"], ["@500@0@b.jpg->ROOT/db/@500@0@b.jpg", "@0@300@c.jpg"], {},
+     errors.UserError, "1 of 2 queries are also database images"),
+    (["@0@0@a.jpg", "@500@0@b.jpg"], "->ROOT/db", {"use_labels": False}, "warning",
+     "same folder .*retrieval only"),
+    # latitude/longitude degrees instead of UTM metres: a warning
+    (["@45.1@7.4@a.jpg", "@45.2@7.5@b.jpg"], ["@45.1@7.4@q.jpg"], {}, "warning", "look like degrees"),
+    (["@0@0@a.jpg", "@500@0@b.jpg"], ["@10@0@q.jpg"], {}, "", ""),  # metres: nothing said
+    # NaN / inf in a name: an error naming the file (was scipy's "data must be finite")
+    (["@0@0@a.jpg", "@nan@0@b.jpg"], ["@10@0@q.jpg"], {}, errors.UserError, "@nan@0@b.jpg: its UTM"),
+    (["@0@0@a.jpg"], ["@10@inf@q.jpg"], {}, errors.UserError, "@10@inf@q.jpg: its UTM"),
+])
+def test_folder_sets_whose_recalls_would_mean_nothing(tmp_path, capsys, db, q, kw, want, words):
+  spec = {f"db/{n}": None for n in db}
+  if isinstance(q, str):
+    spec["q"] = q
+  else:
+    spec.update({f"q/{n.split('->')[0]}": ("->" + n.split("->")[1]) if "->" in n else None for n in q})
+  _layout(tmp_path, spec)
+  if isinstance(want, type):
+    with pytest.raises(want, match=words):
+      eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), **kw)
+    return
+  eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), **kw)
+  err = capsys.readouterr().err
+  assert (re.search(f"{want}: .*{words}", err) and len(err.splitlines()) == 1) if want else not err, err
+
+
+def test_outputs_are_claimed_before_compute_and_an_earlier_runs_are_removed(tmp_path, capsys):
+  from salad_jax import outputs
+  out = str(tmp_path / "out")
+  os.makedirs(tmp_path / "out" / "preds")
+  (tmp_path / "out" / "recalls.json").write_text("mine")
+  with pytest.raises(errors.UserError, match="recalls.json exists and was not written by evaluate.py"):
+    outputs.claim(out, ["recalls.json", "preds/000.jpg"], "evaluate.py")
+  assert (tmp_path / "out" / "recalls.json").read_text() == "mine"
+  os.remove(tmp_path / "out" / "recalls.json")
+  outputs.claim(out, ["recalls.json", "preds/000.jpg", "preds/001.jpg"], "evaluate.py")
+  for f in ("recalls.json", "preds/000.jpg", "preds/001.jpg"):
+    (tmp_path / "out" / f).write_text("run 1")
+  (tmp_path / "out" / "notes.txt").write_text("mine")
+  outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # run 2: only query 1 (--save_only_wrong_preds)
+  assert "removed 3 files of an earlier evaluate.py run" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "out" / "preds")) == [] and not os.path.exists(tmp_path / "out" / "recalls.json")
+  assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # never listed: never touched
+  os.symlink(tmp_path / "out" / "notes.txt", tmp_path / "out" / "preds" / "001.jpg")  # not a file we wrote
+  with pytest.raises(errors.UserError, match="preds/001.jpg exists"):
+    outputs.claim(out, ["preds/001.jpg"], "evaluate.py")
 
 
 def test_missing_eval_image_is_named_before_any_compute(tmp_path):

@@ -110,3 +110,13 @@ def test_nan_input_is_an_error_not_a_silent_nan(s14):
   x[1, 5, 5, 0] = np.nan
   with pytest.raises(ValueError, match="NaN or Inf"):
     model.describe(x)
+
+
+@pytest.mark.parametrize("images, size, words", [
+    ([], (56, 56), "empty list of images"),  # was numpy's "need at least one array to stack"
+    (np.zeros((20, 20, 3), np.uint8), (112.5, 112), r"image size \(112.5, 112\)"),  # was 112x112
+    ([np.zeros((20, 20, 3), np.uint8)], (0, 28), "positive integers"),
+])
+def test_preprocess_refuses_empty_lists_and_sizes_that_are_not_positive_integers(images, size, words):
+  with pytest.raises(salad_jax.errors.UserError, match=words):
+    salad_jax.preprocess(images, size=size)

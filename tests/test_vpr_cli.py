@@ -145,6 +145,36 @@ def test_their_flags_we_do_not_have_and_bad_values_are_one_line(tiny, tmp_path):
   (tmp_path / "afile").write_text("")
   base = ["--checkpoint", str(tiny / "model"), "--queries_folder", str(tiny / "queries")]
   _one_line_error(_run(base + ["--database_folder", str(tmp_path / "afile")]), "is a file, not a folder")
+  # a size whose batch alone cannot fit in memory: one line before loading (was numpy's
+  # _ArrayMemoryError traceback)
+  _one_line_error(_run(base + ["--database_folder", str(tiny / "database"), "--image_size", "100002", "100002",
+                               "--output_dir", str(tmp_path / "o")]),
+                  "--image_size 100002 100002 with --batch_size 32: one batch of images is")
+
+
+def test_output_dir_holds_one_runs_outputs_and_never_replaces_yours(tiny, tmp_path):
+  out = tmp_path / "out"
+  base = ["--checkpoint", str(tiny / "model"), "--database_folder", str(tiny / "database"),
+          "--queries_folder", str(tiny / "queries"), "--image_size", "56", "56", "--num_workers", "0",
+          "--output_dir", str(out)]
+  os.makedirs(out / "preds")
+  (out / "preds" / "000.jpg").write_text("mine")  # a file of yours where a picture would go
+  _one_line_error(_run(base + ["--num_preds_to_save", "1"]),
+                  "preds/000.jpg exists and was not written by evaluate.py", "hint: choose another")
+  assert (out / "preds" / "000.jpg").read_text() == "mine"
+  os.rename(out / "preds" / "000.jpg", tmp_path / "moved.jpg")
+  r = _run(base + ["--num_preds_to_save", "1"])
+  assert r.returncode == 0 and len(os.listdir(out / "preds")) == 12, r.stderr[-3000:]
+  # only the wrong queries now: the first run's pictures are removed, not mixed with these
+  r = _run(base + ["--num_preds_to_save", "1", "--save_only_wrong_preds"])
+  assert r.returncode == 0 and "note: " in r.stderr and "removed 13 files" in r.stderr, r.stderr[-3000:]
+  r1 = next(iter(json.loads((out / "recalls.json").read_text()).values()))["R@1"]
+  assert len(os.listdir(out / "preds")) == 2 * round(6 * (1 - r1 / 100))
+  # no labels: says it is retrieval only and leaves no recalls.json (the earlier one is removed)
+  r = _run(base + ["--no_labels"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "retrieval only" in r.stdout and "UTM folders" not in r.stdout
+  assert "warning: no labels" in r.stderr and not os.path.exists(out / "recalls.json")
 
 
 # ------------------------------------------------------------------------------ the cache itself

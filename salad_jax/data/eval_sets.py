@@ -12,8 +12,8 @@ rebuilds numpy arrays, never arbitrary objects.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import glob
 import io
 import os
 import pickle
@@ -21,7 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from salad_jax.errors import UserError, note, warning
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # VPR-methods-evaluation's read_images_paths
+# image files it does not read: named in a warning, never used silently
+OTHER_IMAGE_EXTENSIONS = (".webp", ".tif", ".tiff", ".bmp", ".gif", ".jp2", ".ppm", ".pgm", ".pbm",
+                          ".heic", ".heif", ".avif")
 
 
 @dataclasses.dataclass
@@ -55,8 +60,57 @@ class EvalSet:
 
 
 # ------------------------------------------------------------------------------ folders
+def _image_files(folder: str) -> tuple[list[str], collections.Counter, list[str]]:
+  """(image paths, other image files per extension, symlinked folders not followed) under `folder`.
+
+  As VPR-methods-evaluation's `glob(folder/**/*)`: recursive, hidden names skipped, symlinked
+  folders followed, but a folder already read (a link loop, two links to one folder) only once.
+  A dangling link with an image extension is an error naming it.
+  """
+  paths, others, skipped = [], collections.Counter(), []
+  seen = {os.path.realpath(folder)}
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs.sort()
+    for d in list(dirs):
+      real = os.path.realpath(os.path.join(root, d))
+      if d.startswith(".") or real in seen:
+        dirs.remove(d)
+        if not d.startswith("."):
+          skipped.append(f"{os.path.join(root, d)} -> {real}")
+      seen.add(real)
+    for f in files:
+      ext = os.path.splitext(f)[1].lower()
+      p = os.path.join(root, f)
+      if f.startswith(".") or not (ext in IMAGE_EXTENSIONS or ext in OTHER_IMAGE_EXTENSIONS):
+        continue
+      if not os.path.exists(p):
+        raise FileNotFoundError(f"image {p} is a link to {os.path.realpath(p)}, which does not exist")
+      if os.path.isfile(p):
+        if ext in IMAGE_EXTENSIONS:
+          paths.append(p)
+        else:
+          others[ext] += 1
+  return sorted(paths), others, skipped
+
+
+def _check_no_duplicates(paths: Sequence[str], where: str) -> None:
+  """The same real file under two names is an error: they may carry different coordinates and
+  would take two of the top-K places."""
+  first: dict[str, str] = {}
+  for p in paths:
+    real = os.path.realpath(p)
+    if real in first:
+      raise UserError(f"{where} lists the same image file twice: {first[real]} and {p} (both {real})",
+                      "remove one of them (links to one file count as one image)")
+    first[real] = p
+
+
 def read_image_paths(folder: str) -> list[str]:
-  """Images under `folder` (recursive, sorted), or the list in `<folder>_images_paths.txt`."""
+  """Images under `folder` (recursive, sorted), or the list in `<folder>_images_paths.txt`.
+
+  The extensions VPR-methods-evaluation reads (.jpg, .jpeg, .png, any case), so both tools rank
+  the same images; other image files found are named in one warning line.
+  """
   if os.path.isfile(folder):
     raise NotADirectoryError(f"{folder} is a file, not a folder of images")
   if not os.path.isdir(folder):
@@ -64,11 +118,25 @@ def read_image_paths(folder: str) -> list[str]:
   listing = folder.rstrip("/") + "_images_paths.txt"
   if os.path.isfile(listing):
     with open(listing) as f:
-      return [os.path.join(folder, line) for line in f.read().splitlines() if line]
-  paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                 if os.path.isfile(p) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+      paths = [os.path.join(folder, line) for line in f.read().splitlines() if line]
+    in_folder = sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+                    for _, _, fs in os.walk(folder) for f in fs)
+    note(f"{folder}: using the {len(paths)} images listed in {listing}, not a search of the folder "
+         f"({in_folder} image files there); delete or rename the list to use the folder")
+    _check_no_duplicates(paths, listing)
+    return paths
+  paths, others, skipped = _image_files(folder)
+  if skipped:
+    note(f"{folder}: {len(skipped)} linked folder(s) already read not followed again (a link "
+         f"loop or a second link to one folder), e.g. {skipped[0]}")
+  if others:
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items()))
+    warning(f"{folder}: {sum(others.values())} image files not used ({kinds}): evaluation reads "
+            f"{'/'.join(IMAGE_EXTENSIONS)} as VPR-methods-evaluation does; convert them to .jpg to "
+            "include them")
   if not paths:
     raise FileNotFoundError(f"folder {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+  _check_no_duplicates(paths, folder)
   return paths
 
 
@@ -82,6 +150,10 @@ def utm_of(paths: Sequence[str]) -> np.ndarray:
     except (IndexError, ValueError):
       raise ValueError(f"image path {p} has no UTM coordinates: names must look like "
                        "path/to/@utm_east@utm_north@...@.jpg (or pass --no_labels)") from None
+    if not np.isfinite(out[i]).all():
+      raise UserError(f"image path {p}: its UTM coordinates ({parts[1]}, {parts[2]}) are not "
+                      "finite numbers", "names must look like path/to/@utm_east@utm_north@...@.jpg "
+                      "with coordinates in metres")
   return out
 
 
@@ -91,16 +163,45 @@ def positives_within(db_utm: np.ndarray, q_utm: np.ndarray, radius: float) -> li
   return [np.asarray(sorted(ix), np.int64) for ix in tree.query_ball_point(q_utm, r=radius)]
 
 
+def _check_queries_not_in_database(db: Sequence[str], q: Sequence[str], database_folder: str,
+                                   queries_folder: str, use_labels: bool) -> None:
+  """A query that is also a database image finds itself: R@1 100 that means nothing."""
+  if os.path.realpath(database_folder) == os.path.realpath(queries_folder):
+    what = (f"--queries_folder and --database_folder are the same folder "
+            f"({os.path.realpath(queries_folder)}): every query would find itself")
+  else:
+    db_real = {os.path.realpath(p): p for p in db}
+    both = [(p, db_real[os.path.realpath(p)]) for p in q if os.path.realpath(p) in db_real]
+    if not both:
+      return
+    what = (f"{len(both)} of {len(q)} queries are also database images (e.g. {both[0][0]} is "
+            f"{both[0][1]}): each would find itself")
+  if not use_labels:
+    warning(what + " (retrieval only: their first prediction is themselves)")
+    return
+  raise UserError(what + " (R@1 100 that means nothing)",
+                  "give a database and a query folder with different images")
+
+
 def folder_set(database_folder: str, queries_folder: str, positive_dist_threshold: float = 25.0,
                use_labels: bool = True, name: str | None = None) -> EvalSet:
   db = read_image_paths(database_folder)
   q = read_image_paths(queries_folder)
+  _check_queries_not_in_database(db, q, database_folder, queries_folder, use_labels)
   positives = None
   if use_labels:
-    positives = positives_within(utm_of(db), utm_of(q), positive_dist_threshold)
+    db_utm, q_utm = utm_of(db), utm_of(q)
+    both = np.concatenate([db_utm, q_utm])
+    if (np.abs(both[:, 0]) <= 180).all() and (np.abs(both[:, 1]) <= 90).all():
+      warning(f"the coordinates in the file names under {database_folder} and {queries_folder} "
+              "all lie within +-180 / +-90: they look like degrees (latitude/longitude), not UTM "
+              f"metres; positives are database images within {positive_dist_threshold:g} of a "
+              "query in those units")
+    positives = positives_within(db_utm, q_utm, positive_dist_threshold)
   name = name or os.path.basename(os.path.dirname(os.path.abspath(database_folder))) or "folder"
-  return EvalSet(name, db, q, positives,
-                 protocol=f"UTM folders, positives within {positive_dist_threshold:g} m")
+  protocol = (f"UTM folders, positives within {positive_dist_threshold:g} m" if use_labels
+              else "no labels (--no_labels): retrieval only, no recalls")
+  return EvalSet(name, db, q, positives, protocol=protocol)
 
 
 # ------------------------------------------------------------------------------ safe .npy
@@ -243,7 +344,6 @@ def requested_sets(database_folder: str | None, queries_folder: str | None,
                    datasets: Sequence[str], data_root: str, index_root: str | None,
                    positive_dist_threshold: float, use_labels: bool = True) -> list[EvalSet]:
   """evaluate.py's sets: the two folders (if given), then each benchmark under data_root."""
-  from salad_jax.errors import UserError
   hint = "see --helpshort for the flags"
   sets = []
   if database_folder or queries_folder:

@@ -14,9 +14,12 @@ is dropped, as the reference's `convert("RGB")` does), 16-bit grayscale keeps it
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
+
+from salad_jax.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -37,10 +40,15 @@ _SIXTEEN_BIT_I = {"PNG", "PPM"}  # formats whose mode "I" holds 16-bit samples (
 
 def as_size(size) -> tuple[int, int]:
   """An int (square) or (h, w) -> (h, w)."""
-  if isinstance(size, int):
-    return size, size
-  h, w = size
-  return int(h), int(w)
+  values = (size, size) if np.ndim(size) == 0 else tuple(np.ravel(size))
+  try:
+    ok = len(values) == 2 and all(int(v) == v and int(v) > 0 for v in values)
+  except (TypeError, ValueError, OverflowError):
+    ok = False
+  if not ok:
+    raise UserError(f"image size {size!r}: height and width must be positive integers",
+                    "give (height, width), or one integer for a square, e.g. size=(322, 322)")
+  return int(values[0]), int(values[1])
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -130,3 +138,31 @@ def normalize(image) -> np.ndarray:
   """uint8 HWC RGB -> float32 HWC: ToTensor (/255) then Normalize(ImageNet mean, std)."""
   x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def available_memory() -> int | None:
+  """Bytes of memory available to a new allocation (Linux MemAvailable, else physical), or None."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_batch_memory(image_size, batch_size: int, flag: str = "--image_size") -> None:
+  """A batch of images (float32, as the model takes it) that alone would not fit in memory is an
+  error before loading anything (at 322x322 a batch of 32 is 40 MB)."""
+  h, w = image_size
+  need = batch_size * h * w * 3 * 4
+  have = available_memory()
+  if have is not None and need > have:
+    raise UserError(f"{flag} {h} {w} with --batch_size {batch_size}: one batch of images is "
+                    f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of memory "
+                    "available here", "the paper evaluates at 322 322; use a smaller --image_size "
+                    "(or --batch_size)")
