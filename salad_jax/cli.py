@@ -85,6 +85,11 @@ def _load_config(name: str) -> None:
     fail(f"--{name}: {_one_line(text)}")
 
 
+MEMORY_HINT = ("evaluate.py: a smaller --batch_size or --image_size; train.py: "
+               "--config.model.remat=blocks, --config.model.dtype=bfloat16, --config.mesh.fsdp=N or "
+               "fewer --config.data.places_per_batch (README: Memory per device)")
+
+
 def _os_error_line(exc: BaseException) -> str | None:
   """One line for an exception caused by a full disk, a quota, a read-only file system or a
   missing permission (an OSError anywhere in its __cause__/__context__ chain), else None."""
@@ -127,7 +132,13 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
+    except MemoryError as e:  # host memory: numpy could not allocate a batch or an array
+      if debug:
+        raise
+      fail(f"out of host memory: {_one_line(str(e)) or type(e).__name__}", MEMORY_HINT)
     except Exception as e:  # a full disk or a read-only file system is the user's to fix
+      if not debug and "RESOURCE_EXHAUSTED" in str(e):  # XLA: the device's memory
+        fail(f"out of device memory: {_one_line(str(e))[:300]}", MEMORY_HINT)
       line = _os_error_line(e)
       if line is None or debug:
         raise

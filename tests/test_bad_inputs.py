@@ -476,6 +476,19 @@ def test_an_os_error_anywhere_in_the_chain_is_one_line():
   assert cli._os_error_line(RuntimeError("a bug")) is None
 
 
+@pytest.mark.parametrize("statement,words", [
+    ("np.empty((10**7, 10**7), np.float32)", ["error: out of host memory: Unable to allocate"]),
+    ("jnp.zeros((10**6, 10**6)).block_until_ready()", ["error: out of device memory: RESOURCE_EXHAUSTED"]),
+], ids=["host", "device"])
+def test_running_out_of_memory_is_one_line_with_the_settings_to_change(statement, words):
+  code = ("import numpy as np, jax.numpy as jnp\nfrom salad_jax import cli\n"
+          f"def main(argv):\n  {statement}\ncli.run(main)\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  for w in words + ["hint: ", "--batch_size", "remat"]:
+    assert w in r.stderr, (w, r.stderr)
+
+
 def test_converted_dir_without_a_checksum_still_loads(ctx):
   d = edit(ctx.converted(), lambda m: m.pop("params_checksum"))
   got = salad_jax.load(d).params
