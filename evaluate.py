@@ -61,7 +61,9 @@ def main(argv):
   images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
   output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
   if not os.path.exists(FLAGS.checkpoint):
-    raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint} does not exist")
+    raise errors.UserError(f"--checkpoint {FLAGS.checkpoint} does not exist",
+                           "give a converted dir (convert_weights.py), a train.py workdir, or a "
+                           ".ckpt/.pth/.safetensors file")
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
                                   FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,

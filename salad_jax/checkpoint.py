@@ -290,6 +290,10 @@ def _resolve(path: str) -> tuple[str, int]:
     path = os.path.join(path, CHECKPOINTS)
   steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
   if not steps:
+    if os.path.basename(path) == CHECKPOINTS:
+      raise UserError(f"{os.path.dirname(path)} is a train.py workdir without a checkpoint yet",
+                      "train.py saves one every --config.checkpoint.every_steps steps, at every "
+                      "epoch end and at stop_after_steps")
     raise FileNotFoundError(f"{path} holds no salad_jax checkpoint: expected a converted directory "
                             "(with salad_config.json), a train.py workdir or a checkpoint step dir")
   return path, steps[-1]

@@ -253,11 +253,13 @@ def _main(argv) -> None:
       raise FileNotFoundError(f"--images: image not found: {p}")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
+  if not os.path.exists(F.checkpoint):
+    raise errors.UserError(f"--checkpoint {F.checkpoint} does not exist",
+                           "give a converted dir (convert_weights.py), a train.py workdir, or a "
+                           ".ckpt/.pth/.safetensors file")
   out = errors.check_output_dir(F.output_dir, "--output_dir")
   images.check_batch_memory(size, 1)
   outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
-  if not os.path.exists(F.checkpoint):
-    raise FileNotFoundError(f"--checkpoint {F.checkpoint} does not exist")
   no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
   model = None if no_head else salad_jax.load(F.checkpoint)
   if no_head or model.source.get("kind") == "dinov2":

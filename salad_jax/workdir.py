@@ -131,9 +131,10 @@ def read_saved_config(workdir: str) -> dict | None:
     if not isinstance(saved, dict):
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (ValueError, UnicodeDecodeError) as e:
+    history = os.path.join(workdir, HISTORY)
+    copies = f" (earlier copies are in {history})" if os.path.isdir(history) else ""
     raise UserError(f"{path} is corrupt ({e}); it records the settings of the run in {workdir}",
-                    f"restore it (earlier copies are in {os.path.join(workdir, HISTORY)}), or "
-                    "start a fresh run with another --workdir") from None
+                    f"restore it{copies}, or start a fresh run with another --workdir") from None
   return saved
 
 

@@ -489,6 +489,27 @@ def test_running_out_of_memory_is_one_line_with_the_settings_to_change(statement
     assert w in r.stderr, (w, r.stderr)
 
 
+def test_sigterm_runs_the_cleanups_and_says_so(tmp_path):
+  """A scheduler's SIGTERM used to kill train.py at once (rc -15, silent, the lock left behind)."""
+  import signal
+  import time
+  code = ("import sys, time\nfrom salad_jax import cli, workdir\n"
+          "def main(argv):\n  with workdir.hold(sys.argv[1]) as held:\n"
+          "    held.lock.acquire()\n    print('held', flush=True)\n    time.sleep(60)\n"
+          "cli.run(main)\n")
+  wd = tmp_path / "run"
+  wd.mkdir()
+  p = subprocess.Popen([sys.executable, "-c", code, str(wd)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, cwd=REPO)
+  assert p.stdout.readline().strip() == "held" and (wd / ".lock").exists()
+  time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=30)
+  assert p.returncode == 143, err
+  assert "terminated (SIGTERM)" in err and "Traceback" not in err
+  assert not (wd / ".lock").exists()
+
+
 def test_converted_dir_without_a_checksum_still_loads(ctx):
   d = edit(ctx.converted(), lambda m: m.pop("params_checksum"))
   got = salad_jax.load(d).params

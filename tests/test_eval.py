@@ -61,8 +61,9 @@ def test_folder_errors_are_clear(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="contains no images"):
     eval_sets.folder_set(str(tmp_path / "empty"), str(tmp_path / "q"))
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(errors.UserError, match="does not exist") as e:
     eval_sets.folder_set(str(tmp_path / "nope"), str(tmp_path / "q"))
+  assert "check the path" in e.value.hint
 
 
 def _layout(root, spec):

@@ -114,7 +114,9 @@ def read_image_paths(folder: str) -> list[str]:
   if os.path.isfile(folder):
     raise NotADirectoryError(f"{folder} is a file, not a folder of images")
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"folder {folder} does not exist")
+    from salad_jax.errors import UserError
+    raise UserError(f"folder {folder} does not exist", "check the path (relative paths start at "
+                    "the current directory); `python -m salad_jax.data.check` checks benchmarks")
   listing = folder.rstrip("/") + "_images_paths.txt"
   if os.path.isfile(listing):
     with open(listing) as f:
