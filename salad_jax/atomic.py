@@ -4,8 +4,8 @@ Every file or directory salad_jax writes next to a path a user chose is first wr
 name created exclusively for it (`tempfile.mkstemp`/`mkdtemp` in the destination's folder: O_EXCL,
 never an existing name, never through a link), `.<name>.salad_tmp_<random>`, with the mode a new
 file gets under the umask, and then renamed onto the destination. If anything fails, the
-temporary is removed. A temporary directory holds a marker file (host and pid) until the rename,
-so a leftover of a killed run is provably ours and `remove_leftovers` may delete it.
+temporary is removed. A temporary directory holds a marker file (host and pid) until the rename;
+a leftover of a killed run is mentioned (`remove_leftovers`), never deleted.
 
 Write failures (full disk, quota, read-only file system, no permission) are one `UserError`
 naming the destination and the reason (`write_error`).
@@ -144,35 +144,16 @@ def unmark(tmp: str) -> None:
 
 
 def remove_leftovers(path: str) -> None:
-  """Deletes temporaries of `path` left by killed runs on this host (their marker names a pid
-  that is gone); any other entry with our prefix is only mentioned."""
+  """Mentions temporaries of `path` left by killed runs, never deletes them: a marker naming a
+  dead pid is not proof (it can be copied or forged, and a pid of another PID namespace sharing
+  the disk looks dead here), so the user decides, once, per destination."""
   parent = os.path.dirname(os.path.abspath(path))
   prefix = f".{os.path.basename(path)}{TAG}"
   try:
-    names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    names = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
   except OSError:
     return
-  for name in names:
-    tmp = os.path.join(parent, name)
-    if _dead_and_ours(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-      print(f"removed {tmp}, left by an interrupted salad_jax run")
-    else:
-      print(f"note: {tmp} looks like a leftover of an interrupted salad_jax run; remove it if "
-            "no salad_jax run is writing it")
-
-
-def _dead_and_ours(tmp: str) -> bool:
-  if os.path.islink(tmp) or not os.path.isdir(tmp):
-    return False
-  try:
-    with open(os.path.join(tmp, MARKER)) as f:
-      host, pid = f.read().split()
-    if host != socket.gethostname():
-      return False
-    os.kill(int(pid), 0)
-    return False  # alive (or pid reused): leave it
-  except ProcessLookupError:
-    return True
-  except (OSError, ValueError):
-    return False
+  if names:
+    where = os.path.join(parent, names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    print(f"note: {where} look(s) like leftovers of an interrupted salad_jax save of {path}; "
+          "delete them if no salad_jax run is writing there", flush=True)

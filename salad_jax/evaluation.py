@@ -71,7 +71,21 @@ def extract(params, mc: ModelConfig, paths: Sequence[str], *, image_size: tuple[
   # so their segments are unlinked (else "leaked shared_memory objects" at exit, grain#398)
   del data
   gc.collect()
+  _wait_for_shm_unlinks()
   return out
+
+
+def _wait_for_shm_unlinks() -> None:
+  """grain unlinks those segments on a one-thread pool (`SharedMemoryArray.enable_async_del`); a
+  process that exits right after evaluating could leave some behind. A no-op through the same
+  pool returns once every unlink queued before it has run."""
+  try:
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+  except ImportError:  # another grain layout: nothing to wait for that we know of
+    return
+  pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.apply(int)
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,7 +355,7 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
     errors.warning("no labels (--no_labels) and neither --num_preds_to_save nor "
                    "--save_descriptors: retrieval only, nothing will be saved")
   # files of yours in output_dir are never overwritten; an earlier run's outputs are removed
-  outputs.claim(output_dir, planned_outputs(sets, save_descriptors=save_descriptors,
+  claimed = outputs.claim(output_dir, planned_outputs(sets, save_descriptors=save_descriptors,
                                             num_preds_to_save=num_preds_to_save),
                 "evaluate.py", write=jax.process_index() == 0)
   model = salad_jax.load(checkpoint, **({"dtype": dtype} if dtype else {}))
@@ -375,4 +389,5 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
     print(f"\nRecall@K at {image_size[0]}x{image_size[1]} ({checkpoint}):\n{format_table(table)}")
   if table:  # without labels there are no recalls: no empty recalls.json
     write_recalls(os.path.join(output_dir, "recalls.json"), table)
+  claimed.finish()  # records what this run wrote; removes what an earlier run left, not rewritten
   return table

@@ -1,18 +1,21 @@
 """Output folders that hold only what salad_jax wrote: a manifest, so nothing of yours is replaced.
 
 `evaluate.py` and `python -m salad_jax.visualize` write fixed names (`recalls.json`,
-`preds/000.jpg`, ...) into a fixed `--output_dir`. Before any compute, `claim` checks every file
-a run may write: one that exists and is not listed in `<output_dir>/.salad_jax_outputs.json` is
-someone else's, and an error names it. The files an earlier run of the same tool listed there
-are removed (one note line), so a run's outputs are never mixed with an earlier run's. The
-manifest then lists every file this run may write, before it writes any, so a run that stops
-half-way still owns what it left.
+`preds/000.jpg`, ...) into a fixed `--output_dir`. `<output_dir>/.salad_jax_outputs.json` records,
+per tool, each file a run wrote with its size and modification time. Before any compute, `claim`
+checks every file the run may write: one that exists is replaced only if the manifest records it
+with the size and time it still has (or it was left by a run that stopped half-way, which
+announced it as pending); anything else is someone else's and an error names it. `Claim.finish`,
+after a run succeeded, records what it wrote and removes the files of the tool's earlier run that
+this run did not rewrite, so one run's outputs never mix with another's; a failed run removes
+nothing. Only paths inside the folder, never through a link, are read from the manifest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Sequence
 
 from salad_jax.errors import UserError, note
@@ -20,15 +23,46 @@ from salad_jax.errors import UserError, note
 MANIFEST = ".salad_jax_outputs.json"
 
 
-def _read(output_dir: str) -> dict[str, list[str]]:
+def _safe(output_dir: str, rel) -> bool:
+  """A plain relative path below output_dir that passes through no link."""
+  if not isinstance(rel, str) or not rel or os.path.isabs(rel) or os.path.normpath(rel) != rel:
+    return False
+  parts = rel.split(os.sep)
+  if ".." in parts:
+    return False
+  path = output_dir
+  for part in parts[:-1]:
+    path = os.path.join(path, part)
+    if os.path.islink(path):
+      return False
+  return True
+
+
+def _stat(path: str) -> list[int] | None:
+  try:
+    st = os.lstat(path)
+  except OSError:
+    return None
+  return [st.st_size, st.st_mtime_ns] if os.path.isfile(path) and not os.path.islink(path) else None
+
+
+def _read(output_dir: str) -> dict:
   path = os.path.join(output_dir, MANIFEST)
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return {}
   try:
+    if os.path.islink(path) or not os.path.isfile(path):
+      raise ValueError("not a regular file")
     with open(path) as f:
       data = json.load(f)
-    if not (isinstance(data, dict) and all(isinstance(v, list) for v in data.values())):
-      raise ValueError("not a {tool: [files]} object")
+    ok = isinstance(data, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("files", {}), dict)
+        and all(_safe(output_dir, k) and isinstance(s, list) and len(s) == 2
+                for k, s in v.get("files", {}).items())
+        and all(_safe(output_dir, k) for k in v.get("pending", {}).get("files", []))
+        for v in data.values())
+    if not ok:
+      raise ValueError("not a manifest salad_jax wrote")
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is unreadable ({e}): cannot tell which files in {output_dir} "
                     "salad_jax wrote", "choose another --output_dir, or delete that file if the "
@@ -36,36 +70,80 @@ def _read(output_dir: str) -> dict[str, list[str]]:
   return data
 
 
-def claim(output_dir: str, files: Sequence[str], tool: str, flag: str = "--output_dir",
-          write: bool = True) -> None:
-  """Makes `files` (paths relative to `output_dir`) this run's outputs of `tool`, before compute.
+def _write(output_dir: str, manifest: dict) -> None:
+  from salad_jax import atomic
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, MANIFEST)
+  with atomic.new_file(path) as tmp:
+    with open(tmp, "w") as f:
+      json.dump(manifest, f, indent=1)
 
-  Raises `UserError` naming the first of `files` that exists but no salad_jax tool wrote; then
-  removes the files the previous run of `tool` wrote (said in one note) and records `files`.
-  `write=False` only checks (the processes of a multi-process run other than process 0).
-  """
+
+class Claim:
+  """This run's right to write `files` in `output_dir`; `finish()` once they are written."""
+
+  def __init__(self, output_dir: str, files: Sequence[str], tool: str, write: bool,
+               before: dict, earlier: dict):
+    self.output_dir, self.files, self.tool, self.write = output_dir, list(files), tool, write
+    self.before = before  # planned file -> its stat when claimed (None: absent)
+    self.earlier = earlier  # the tool's manifest entry when claimed
+
+  def finish(self) -> None:
+    """Records the files this run wrote; removes the earlier run's files it did not rewrite."""
+    if not self.write:
+      return
+    written = {}
+    for rel in self.files:
+      st = _stat(os.path.join(self.output_dir, rel))
+      if st is not None and st != self.before.get(rel):
+        written[rel] = st
+    stale = [rel for rel, st in self.earlier.get("files", {}).items() if rel not in written and
+             _stat(os.path.join(self.output_dir, rel)) == st]  # unchanged since that run wrote it
+    crashed = self.earlier.get("pending", {})
+    stale += [rel for rel in crashed.get("files", []) if rel not in written and rel not in stale
+              and _left_by(os.path.join(self.output_dir, rel), crashed)]
+    for rel in stale:
+      os.remove(os.path.join(self.output_dir, rel))
+    manifest = _read(self.output_dir)
+    manifest[self.tool] = {"files": written}
+    _write(self.output_dir, manifest)
+    if stale:
+      note(f"{self.output_dir}: removed {len(stale)} file(s) of an earlier {self.tool} run that "
+           "this run did not rewrite, so its outputs do not mix with this run's")
+
+
+def _left_by(path: str, pending: dict) -> bool:
+  """Written after a run announced it as pending (a run that stopped half-way); 1 s of slack
+  for the file system's coarse clock."""
+  st, start = _stat(path), pending.get("start")
+  return st is not None and isinstance(start, int) and st[1] >= start - 1_000_000_000
+
+
+def claim(output_dir: str, files: Sequence[str], tool: str, flag: str = "--output_dir",
+          write: bool = True) -> Claim:
+  """Checks, before any compute, that this run of `tool` may write `files` (paths relative to
+  `output_dir`); raises `UserError` naming the first that exists and salad_jax did not write.
+  `write=False` only checks (the processes of a multi-process run other than process 0)."""
   manifest = _read(output_dir)
-  ours = {f for listed in manifest.values() for f in listed}
+  recorded = {k: s for v in manifest.values() for k, s in v.get("files", {}).items()}
+  pending = [v["pending"] for v in manifest.values() if "pending" in v]
+  before = {}
   for rel in files:
     path = os.path.join(output_dir, rel)
-    if os.path.lexists(path) and (rel not in ours or os.path.islink(path) or not os.path.isfile(path)):
+    if not _safe(output_dir, rel):
+      raise UserError(f"{flag} {output_dir}: the path to {rel} passes through a link",
+                      f"choose another {flag}, or replace the link by a folder")
+    if not os.path.lexists(path):
+      continue
+    st = before[rel] = _stat(path)
+    ours = st is not None and (recorded.get(rel) == st or any(
+        rel in p.get("files", []) and _left_by(path, p) for p in pending))
+    if not ours:
       raise UserError(f"{flag} {output_dir}: {rel} exists and was not written by {tool} "
-                      f"(not listed in {MANIFEST}); it would be overwritten",
+                      f"(not recorded, as it is now, in {MANIFEST}); it would be overwritten",
                       f"choose another {flag}, or move the file away")
-  if not write:
-    return
-  removed = 0
-  for rel in manifest.get(tool, []):
-    path = os.path.join(output_dir, rel)
-    if os.path.isfile(path) and not os.path.islink(path):
-      os.remove(path)
-      removed += 1
-  if removed:
-    note(f"{output_dir}: removed {removed} files of an earlier {tool} run (listed in {MANIFEST}), "
-         "so its outputs do not mix with this run's")
-  manifest[tool] = sorted(set(files))
-  tmp = os.path.join(output_dir, f".{MANIFEST}.tmp")
-  os.makedirs(output_dir, exist_ok=True)
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(output_dir, MANIFEST))
+  earlier = dict(manifest.get(tool, {}))
+  if write:  # announce the outputs, so a run that stops half-way still owns what it left
+    manifest[tool] = {**earlier, "pending": {"start": time.time_ns(), "files": sorted(set(files))}}
+    _write(output_dir, manifest)
+  return Claim(output_dir, files, tool, write, before, earlier)

@@ -18,6 +18,7 @@ from absl import logging
 
 from salad_jax import losses, optim, sharding, train_loop
 from salad_jax.data.pipeline import normalize_images
+from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 from salad_jax.train_loop import MetricsWriter, NonFiniteError  # noqa: F401 (re-exported)
 
@@ -183,6 +184,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   step = int(np.asarray(state["step"]))
   train, frozen = optim.split_trainable(state["params"], freeze)
   n_train = sum(x.size for x in train.values())
+  if not train:
+    raise UserError(f"config.optim.freeze={config.optim.freeze!r} freezes every parameter: "
+                    "nothing would train", "use 'auto' (SALAD's frozen backbone part) or a regex "
+                    "that leaves the head trainable")
   if config.optim.freeze != "auto" and freeze and not frozen:
     print(f"note: config.optim.freeze={freeze!r} matches no parameter: every parameter trains "
           "(use 'auto' for SALAD's frozen backbone part)", flush=True)

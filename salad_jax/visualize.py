@@ -259,7 +259,7 @@ def _main(argv) -> None:
                            ".ckpt/.pth/.safetensors file")
   out = errors.check_output_dir(F.output_dir, "--output_dir")
   images.check_batch_memory(size, 1)
-  outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
+  claimed = outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
   no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
   model = None if no_head else salad_jax.load(F.checkpoint)
   if no_head or model.source.get("kind") == "dinov2":
@@ -269,6 +269,7 @@ def _main(argv) -> None:
   vit.check_image_shape((1, size[0], size[1], 3), model.config.num_clusters)
   for path in assignment_maps(model, F.images, size, out, F.pair):
     print(f"wrote {path}")
+  claimed.finish()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ def check_layout(workdir: str) -> None:
       what = "a directory" if kind == "dir" else "a file"
       raise UserError(f"{path} is in the way: train.py writes {what} there",
                       "move it, or use another --workdir")
+  lock = os.path.join(workdir, LOCK)
+  if os.path.islink(lock) or (os.path.isfile(lock) and os.path.getsize(lock) and not (
+      {"host", "pid"} <= set(Lock.read_file(lock)))):
+    raise UserError(f"{lock} is not a train.py lock (a link, or a file of yours); train.py takes "
+                    "over and deletes stale locks of its own only", "move it, or use another --workdir")
   saved = read_saved_config(workdir)
   if saved is not None and not all(k in saved for k in CONFIG_KEYS):
     path = os.path.join(workdir, CONFIG)
@@ -226,7 +231,7 @@ class Lock:
   def acquire(self) -> None:
     import fcntl
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         flocked = True
@@ -289,6 +294,18 @@ class Lock:
                      f"{self.path}",
                      "wait for that run to finish or stop it, or use another --workdir; if no run "
                      f"is using it (e.g. it ran on another machine), delete {self.path}")
+
+  @staticmethod
+  def read_file(path: str) -> dict:
+    """The holder recorded in a lock file ({} if it is not one)."""
+    try:
+      fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+      return {}
+    try:
+      return Lock._read(fd)
+    finally:
+      os.close(fd)
 
   @staticmethod
   def _read(fd: int) -> dict:

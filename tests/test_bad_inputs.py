@@ -449,18 +449,19 @@ def test_suffixes_are_read_in_any_case(ctx):
   assert salad_jax.weights.file_kind("demo.PTH") == "torch"  # convert_weights --dst demo.PTH: a file
 
 
-def test_leftovers_of_a_killed_save_are_removed_only_if_provably_ours(ctx, capsys):
+def test_leftovers_of_a_killed_save_are_mentioned_never_deleted(ctx, capsys):
+  """A marker naming a dead pid is no proof (copied, forged, another PID namespace)."""
   from salad_jax import atomic
-  ours = ctx.tmp / ".out.salad_tmp_killed"
-  (ours / "params").mkdir(parents=True)
-  (ours / atomic.MARKER).write_text(f"{__import__('socket').gethostname()} {2**22 + 7}")  # no such pid
+  killed = ctx.tmp / ".out.salad_tmp_killed"
+  (killed / "params").mkdir(parents=True)
+  (killed / atomic.MARKER).write_text(f"{__import__('socket').gethostname()} {2**22 + 7}")  # no such pid
+  (killed / "thesis.txt").write_text("x")
   unknown = ctx.tmp / ".out.salad_tmp_nomarker"
   unknown.mkdir()
-  (unknown / "mine.txt").write_text("x")
   ctx.model.save(str(ctx.tmp / "out"))
   out = capsys.readouterr().out
-  assert not ours.exists() and "removed" in out
-  assert (unknown / "mine.txt").read_text() == "x" and "remove it if" in out
+  assert (killed / "thesis.txt").read_text() == "x" and unknown.exists()
+  assert "look(s) like leftovers" in out and "and 1 more" in out and "delete them if" in out
 
 
 def test_an_os_error_anywhere_in_the_chain_is_one_line():
@@ -638,6 +639,8 @@ CLI = [
      lambda c: train_cli(c, write(str(mkdir(c, "w2")), "checkpoints", "x")),
      ["checkpoints is in the way", "writes a directory there"]),
     ("train: --workdir ''", lambda c: train_cli(c, ""), ["--workdir is empty"]),
+    ("train: a .lock of yours in the workdir (it was overwritten, then deleted)",
+     lambda c: train_cli(c, write(str(mkdir(c, "w3")), ".lock", "USER LOCK")), [".lock is not a train.py lock"]),
     ("train: keep no checkpoint", lambda c: train_cli(c, c.tmp / "k", **{"checkpoint.keep_last": 0}),
      ["config.checkpoint.keep_last = 0", "--config.checkpoint.keep_last="]),
 ]
@@ -677,6 +680,8 @@ def test_cli_bad_input(ctx, gsv_root, case, command, words):
   if "another tool" in case:  # refused before anything was written
     assert os.listdir(ctx.tmp / "other") == ["config.json"]
     assert open(ctx.tmp / "other" / "config.json").read() == '{"my": "tool"}'
+  if ".lock of yours" in case:
+    assert open(ctx.tmp / "w3" / ".lock").read() == "USER LOCK"
   if "keep no checkpoint" in case:
     assert not (ctx.tmp / "k").exists()
   if "batch layout" in case:  # exactly the two settings changed, nothing else

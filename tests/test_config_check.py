@@ -45,6 +45,8 @@ BAD = [
     ("checkpoint.keep_last", 0, ["config.checkpoint.keep_last = 0", "resumes from"]),
     ("checkpoint.keep_best", -1, ["config.checkpoint.keep_best = -1"]),
     ("num_epochs", True, ["config.num_epochs = True"]),
+    ("seed", -1, ["config.seed = -1"]),
+    ("data.cities", "DemoNorth,DemoNorth", ["lists DemoNorth more than once"]),
 ]
 
 

@@ -144,24 +144,56 @@ def test_folder_sets_whose_recalls_would_mean_nothing(tmp_path, capsys, db, q, k
 
 def test_outputs_are_claimed_before_compute_and_an_earlier_runs_are_removed(tmp_path, capsys):
   from salad_jax import outputs
-  out = str(tmp_path / "out")
-  os.makedirs(tmp_path / "out" / "preds")
-  (tmp_path / "out" / "recalls.json").write_text("mine")
+  out, o = str(tmp_path / "out"), tmp_path / "out"
+  os.makedirs(o / "preds")
+  (o / "recalls.json").write_text("mine")
   with pytest.raises(errors.UserError, match="recalls.json exists and was not written by evaluate.py"):
     outputs.claim(out, ["recalls.json", "preds/000.jpg"], "evaluate.py")
-  assert (tmp_path / "out" / "recalls.json").read_text() == "mine"
-  os.remove(tmp_path / "out" / "recalls.json")
-  outputs.claim(out, ["recalls.json", "preds/000.jpg", "preds/001.jpg"], "evaluate.py")
+  assert (o / "recalls.json").read_text() == "mine"
+  os.remove(o / "recalls.json")
+  run1 = outputs.claim(out, ["recalls.json", "preds/000.jpg", "preds/001.jpg"], "evaluate.py")
   for f in ("recalls.json", "preds/000.jpg", "preds/001.jpg"):
-    (tmp_path / "out" / f).write_text("run 1")
-  (tmp_path / "out" / "notes.txt").write_text("mine")
-  outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # run 2: only query 1 (--save_only_wrong_preds)
-  assert "removed 3 files of an earlier evaluate.py run" in capsys.readouterr().err
-  assert sorted(os.listdir(tmp_path / "out" / "preds")) == [] and not os.path.exists(tmp_path / "out" / "recalls.json")
-  assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # never listed: never touched
-  os.symlink(tmp_path / "out" / "notes.txt", tmp_path / "out" / "preds" / "001.jpg")  # not a file we wrote
+    (o / f).write_text("run 1")
+  run1.finish()
+  (o / "notes.txt").write_text("mine")
+  failed = outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # a run that fails: removes nothing
+  del failed
+  assert sorted(os.listdir(o / "preds")) == ["000.jpg", "001.jpg"] and (o / "recalls.json").exists()
+  run2 = outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # only query 1 (--save_only_wrong_preds)
+  (o / "preds" / "001.jpg").write_text("run 2")
+  run2.finish()
+  assert "removed 2 file(s) of an earlier evaluate.py run" in capsys.readouterr().err
+  assert os.listdir(o / "preds") == ["001.jpg"] and not (o / "recalls.json").exists()
+  assert (o / "notes.txt").read_text() == "mine"  # never recorded: never touched
+  (o / "preds" / "001.jpg").write_text("edited by you")  # recorded, but no longer as we wrote it
   with pytest.raises(errors.UserError, match="preds/001.jpg exists"):
     outputs.claim(out, ["preds/001.jpg"], "evaluate.py")
+  os.remove(o / "preds" / "001.jpg")
+  os.symlink(o / "notes.txt", o / "preds" / "001.jpg")  # not a file we wrote
+  with pytest.raises(errors.UserError, match="preds/001.jpg exists"):
+    outputs.claim(out, ["preds/001.jpg"], "evaluate.py")
+
+
+def test_a_manifest_never_reaches_outside_the_folder_or_through_links(tmp_path):
+  from salad_jax import outputs
+  out, o = str(tmp_path / "out"), tmp_path / "out"
+  o.mkdir()
+  (tmp_path / "important.txt").write_text("precious")
+  for forged in ('{"evaluate.py": {"files": {"../important.txt": [8, 0]}}}',
+                 f'{{"evaluate.py": {{"files": {{"{tmp_path / "important.txt"}": [8, 0]}}}}}}',
+                 '{"evaluate.py": {"files": {"1": 1}}}', '{"evaluate.py": ["recalls.json"]}', "[1]"):
+    (o / outputs.MANIFEST).write_text(forged)
+    with pytest.raises(errors.UserError, match="is unreadable"):
+      outputs.claim(out, ["recalls.json"], "evaluate.py")
+  assert (tmp_path / "important.txt").read_text() == "precious"
+  os.remove(o / outputs.MANIFEST)
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  (photos / "000.jpg").write_text("my photo")
+  os.symlink(photos, o / "preds")  # a linked subfolder: neither written into nor cleaned
+  with pytest.raises(errors.UserError, match="passes through a link"):
+    outputs.claim(out, ["preds/000.jpg"], "evaluate.py")
+  assert (photos / "000.jpg").read_text() == "my photo"
 
 
 def test_missing_eval_image_is_named_before_any_compute(tmp_path):
@@ -431,3 +463,17 @@ def test_bad_values_and_output_dirs_fail_before_any_compute(tmp_path):
     os.chmod(tmp_path / "ro", 0o500)
     with pytest.raises(errors.UserError, match="not writable"):
       evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "ro" / "out"))
+
+
+def test_a_hard_link_counts_as_the_same_image(tmp_path):
+  """Two names of one file (a hard link: same inode, different real paths) find each other."""
+  for sub in ("db", "q"):
+    os.makedirs(tmp_path / sub)
+  _write(str(tmp_path / "db" / "@0.0@0.0@a@.jpg"))
+  _write(str(tmp_path / "db" / "@500.0@0.0@b@.jpg"))
+  os.link(tmp_path / "db" / "@0.0@0.0@a@.jpg", tmp_path / "q" / "@0.0@0.0@qa@.jpg")
+  with pytest.raises(errors.UserError, match="1 of 1 queries are also database images"):
+    eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"))
+  os.link(tmp_path / "db" / "@0.0@0.0@a@.jpg", tmp_path / "db" / "@9.0@0.0@c@.jpg")
+  with pytest.raises(errors.UserError, match="lists the same image file twice"):
+    eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), use_labels=False)

@@ -93,16 +93,26 @@ def _image_files(folder: str) -> tuple[list[str], collections.Counter, list[str]
   return sorted(paths), others, skipped
 
 
+def _identity(path: str):
+  """What makes two names one file: its device and inode (links, hard links), else its real path."""
+  try:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+  except OSError:
+    return os.path.realpath(path)
+
+
 def _check_no_duplicates(paths: Sequence[str], where: str) -> None:
-  """The same real file under two names is an error: they may carry different coordinates and
-  would take two of the top-K places."""
-  first: dict[str, str] = {}
+  """The same file under two names (links, hard links) is an error: they may carry different
+  coordinates and would take two of the top-K places."""
+  first: dict = {}
   for p in paths:
-    real = os.path.realpath(p)
-    if real in first:
-      raise UserError(f"{where} lists the same image file twice: {first[real]} and {p} (both {real})",
-                      "remove one of them (links to one file count as one image)")
-    first[real] = p
+    key = _identity(p)
+    if key in first:
+      raise UserError(f"{where} lists the same image file twice: {first[key]} and {p} (both "
+                      f"{os.path.realpath(p)})", "remove one of them (links and hard links to one "
+                      "file count as one image)")
+    first[key] = p
 
 
 def read_image_paths(folder: str) -> list[str]:
@@ -172,12 +182,14 @@ def _check_queries_not_in_database(db: Sequence[str], q: Sequence[str], database
     what = (f"--queries_folder and --database_folder are the same folder "
             f"({os.path.realpath(queries_folder)}): every query would find itself")
   else:
-    db_real = {os.path.realpath(p): p for p in db}
-    both = [(p, db_real[os.path.realpath(p)]) for p in q if os.path.realpath(p) in db_real]
+    db_ids = {_identity(p): p for p in db}
+    both = [(p, db_ids[_identity(p)]) for p in q if _identity(p) in db_ids]
     if not both:
       return
-    what = (f"{len(both)} of {len(q)} queries are also database images (e.g. {both[0][0]} is "
-            f"{both[0][1]}): each would find itself")
+    same = (f"{both[0][0]} is also in the database" if both[0][0] == both[0][1]
+            else f"{both[0][0]} is {both[0][1]}")
+    what = (f"{len(both)} of {len(q)} queries are also database images (e.g. {same}): each "
+            "would find itself")
   if not use_labels:
     warning(what + " (retrieval only: their first prediction is themselves)")
     return
