@@ -67,7 +67,7 @@ def main(argv):
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
                                   FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,
-                                  use_labels=not FLAGS.no_labels)
+                                  use_labels=not FLAGS.no_labels, output_dir=FLAGS.output_dir)
   table = evaluation.evaluate_checkpoint(
       FLAGS.checkpoint, sets, output_dir, image_size=size, batch_size=FLAGS.batch_size,
       recall_values=recall_values, search_method=FLAGS.search,

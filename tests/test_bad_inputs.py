@@ -226,6 +226,11 @@ LIBRARY = [
     ("pack: a link where the staging folder goes",
      lambda c: salad_jax.data.pack._check_staging(symlink(c, str(mkdir(c, "mine")), "2.0.0.partial")),
      ["is not an unfinished pack"]),
+    ("pack: another job's staging folder that also holds a file of yours",
+     lambda c: salad_jax.data.pack._reset_if_other_job(
+         write(write(str(mkdir(c, "other.partial")), "job.json", '{"x": 1}'), "thesis.txt", "mine"),
+         {"job": 2}),
+     ["another job and thesis.txt, which a pack does not write"]),
 ]
 
 def user_file_in_params(d):
@@ -310,6 +315,8 @@ CHECKS = {  # what must still hold after the refusal
     "save() onto a disk that fills while Orbax writes": assert_nothing_left,
     "pack: a user's folder where the staging folder goes":
         lambda c: (c.tmp / "2.0.0.partial" / "mine.txt").read_text() == "x" or pytest.fail(),
+    "pack: another job's staging folder that also holds a file of yours":
+        lambda c: (c.tmp / "other.partial" / "thesis.txt").read_text() == "mine" or pytest.fail(),
     "save(overwrite=True) into a project folder": assert_project_intact,
     "to_torch(overwrite=True) over a user's .pth":
         lambda c: np.testing.assert_array_equal(

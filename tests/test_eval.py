@@ -477,3 +477,14 @@ def test_a_hard_link_counts_as_the_same_image(tmp_path):
   os.link(tmp_path / "db" / "@0.0@0.0@a@.jpg", tmp_path / "db" / "@9.0@0.0@c@.jpg")
   with pytest.raises(errors.UserError, match="lists the same image file twice"):
     eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), use_labels=False)
+
+
+def test_an_output_dir_inside_an_image_folder_is_refused(tmp_path):
+  for sub in ("db", "q"):
+    _write(str(tmp_path / sub / f"@0.0@0.0@{sub}@.jpg"))
+  for out in (tmp_path / "q" / "out", tmp_path / "db"):
+    with pytest.raises(errors.UserError, match="is inside --(queries|database)_folder"):
+      eval_sets.requested_sets(str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0,
+                               output_dir=str(out))
+  assert eval_sets.requested_sets(str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0,
+                                  output_dir=str(tmp_path / "out"))

@@ -356,13 +356,22 @@ def parse_set(spec: str, data_root: str = "", index_root: str | None = None,
 
 def requested_sets(database_folder: str | None, queries_folder: str | None,
                    datasets: Sequence[str], data_root: str, index_root: str | None,
-                   positive_dist_threshold: float, use_labels: bool = True) -> list[EvalSet]:
-  """evaluate.py's sets: the two folders (if given), then each benchmark under data_root."""
+                   positive_dist_threshold: float, use_labels: bool = True,
+                   output_dir: str | None = None) -> list[EvalSet]:
+  """evaluate.py's sets: the two folders (if given), then each benchmark under data_root.
+  `output_dir` may not lie inside an image folder (a rerun would read its pictures as images)."""
   hint = "see --helpshort for the flags"
   sets = []
   if database_folder or queries_folder:
     if not (database_folder and queries_folder):
       raise UserError("--database_folder and --queries_folder go together", hint)
+    for flag, folder in (("--database_folder", database_folder), ("--queries_folder", queries_folder)):
+      real = os.path.realpath(folder)
+      out = os.path.realpath(output_dir) if output_dir else None
+      if out is not None and (out == real or out.startswith(real + os.sep)):
+        raise UserError(f"--output_dir {output_dir} is inside {flag} {folder}: its prediction "
+                        "pictures would be read as images by the next run",
+                        "choose an --output_dir outside the image folders")
     sets.append(folder_set(database_folder, queries_folder, positive_dist_threshold,
                            use_labels=use_labels))
   for name in datasets:

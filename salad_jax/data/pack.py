@@ -260,6 +260,16 @@ def _check_staging(staging: str) -> None:
                     "move it away, or choose another --data_dir")
 
 
+def _pack_file(staging: str, name: str) -> bool:
+  """A name the pack writes in its staging folder: the job and lock files, its shards (and
+  their summaries and temporaries), each a regular file."""
+  from salad_jax.data import tfds_gsv
+  path = os.path.join(staging, name)
+  if os.path.islink(path) or not os.path.isfile(path):
+    return False
+  return name in (JOB_FILE, LOCK_FILE) or name.startswith(f"{tfds_gsv.NAME}-train.array_record-")
+
+
 def _reset_if_other_job(staging: str, job: dict) -> None:
   path = os.path.join(staging, JOB_FILE)
   if os.path.isfile(path):
@@ -268,13 +278,17 @@ def _reset_if_other_job(staging: str, job: dict) -> None:
         same = json.load(f) == job
     except (OSError, ValueError):
       same = False
+    foreign = [f for f in os.listdir(staging) if not _pack_file(staging, f)]
+    if not same and foreign:  # only files a pack writes are ever deleted
+      raise UserError(f"{staging} holds an unfinished pack of another job and {foreign[0]}, which "
+                      "a pack does not write", "move that file away (or the whole folder), then rerun")
     if not same:
       print(f"{staging} holds an unfinished pack of another job: starting from scratch")
       for f in os.listdir(staging):
         if f != LOCK_FILE:
           os.remove(os.path.join(staging, f))
   for f in os.listdir(staging):  # temporary files of killed writers
-    if ".tmp-" in f:
+    if ".tmp-" in f and _pack_file(staging, f):
       os.remove(os.path.join(staging, f))
   from salad_jax import atomic
   with atomic.new_file(path) as tmp, open(tmp, "w") as f:
