@@ -157,6 +157,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
   mesh = sharding.make_mesh(fsdp=config.mesh.fsdp)  # a bad fsdp is an error before anything runs
   mc = model_config(config)
   source = train_data.open_source(config)  # raises with instructions before anything compiles
+  if config.data.places_per_batch > source.num_places:  # one batch, padded far past the data
+    raise UserError(f"config.data.places_per_batch = {config.data.places_per_batch}: more than the "
+                    f"{source.num_places} places of the training data",
+                    f"use at most {source.num_places} (the paper: 60 of GSV-Cities' ~62,000)")
   evaluator = EpochEvaluator(config, mesh)  # checks eval sets exist before anything compiles
   held.start(config)  # lock; compare with the saved config.json before writing anything
 

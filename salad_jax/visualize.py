@@ -184,8 +184,12 @@ def pair_picture(image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Imag
 
 
 def _names(paths) -> list[str]:
+  """File stems, unique: when two images share one, every name gets its position as a prefix
+  (prefixing only the repeated ones could meet another image's own name, e.g. 00_x)."""
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  return [stem if stems.count(stem) == 1 else f"{i:02d}_{stem}" for i, stem in enumerate(stems)]
+  if len(set(stems)) == len(stems):
+    return stems
+  return [f"{i:02d}_{stem}" for i, stem in enumerate(stems)]
 
 
 def assignment_files(paths, pair: bool = False) -> list[str]:

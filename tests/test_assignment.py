@@ -117,3 +117,12 @@ def test_visualize_cli_writes_maps_and_refuses_what_it_cannot_show(tiny_model_di
     r = _run(["--checkpoint", tiny_model_dir, "--image_size", "56"] + args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr[-2000:]
   assert (tmp_path / "mine" / "assignments.npz").read_text() == "mine"
+
+
+def test_pictures_of_images_with_one_name_never_replace_each_other():
+  from salad_jax import visualize
+  for paths in (["a/x.jpg", "b/x.jpg", "00_x.jpg"], ["x.jpg", "x.png"], ["a.jpg", "b.jpg"]):
+    files = visualize.assignment_files(paths)
+    assert len(set(files)) == len(files) == len(paths) + 1, files
+  assert visualize.assignment_files(["a.jpg", "b.jpg"]) == ["a_assignment.png", "b_assignment.png",
+                                                            "assignments.npz"]
