@@ -1,8 +1,8 @@
 """Writing beside a user's files: a name of our own, one rename, nothing else touched.
 
 Every file or directory salad_jax writes next to a path a user chose is first written under a
-name created exclusively for it (`tempfile.mkstemp`/`mkdtemp` in the destination's folder: O_EXCL,
-never an existing name, never through a link), `.<name>.salad_tmp_<random>`, with the mode a new
+name created exclusively for it in the destination's folder (O_EXCL or mkdir: never an existing
+name, never through a link), `.<name>.salad_tmp_<random>`, with the mode a new
 file gets under the umask, and then renamed onto the destination. If anything fails, the
 temporary is removed. A temporary directory holds a marker file (host and pid) until the rename;
 a leftover of a killed run is mentioned (`remove_leftovers`), never deleted.
@@ -17,9 +17,9 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 from typing import Iterator
 
 from salad_jax.errors import UserError
@@ -33,24 +33,24 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on the device",
                errno.EPERM: "operation not permitted"}
 
 
-def _mode(base: int) -> int:
-  umask = os.umask(0)
-  os.umask(umask)
-  return base & ~umask
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+  """`exc`, then what caused it (`__cause__`, else `__context__`), each once."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
 
 
 def os_errno(exc: BaseException) -> int | None:
   """The errno behind an exception: an OSError in its cause/context chain, or tensorstore's
   `[os_error_code='28']` in a message (Orbax wraps those in ValueError)."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno:
-      return exc.errno
-    m = re.search(r"os_error_code='?(\d+)", str(exc))
+  for e in exception_chain(exc):
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    m = re.search(r"os_error_code='?(\d+)", str(e))
     if m:
       return int(m.group(1))
-    exc = exc.__cause__ or exc.__context__
   return None
 
 
@@ -85,21 +85,36 @@ def probe(path: str) -> None:
   if not os.path.isdir(parent):
     return  # created later; errors.check_output_dir checked its nearest existing ancestor
   try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TAG}", dir=parent)
-    os.close(fd)
-    os.remove(tmp)
+    os.remove(_fresh(path, _make_file))
   except OSError as e:
     raise write_error(path, e) or UserError(f"cannot write {path}: {e}") from None
+
+
+def _fresh(path: str, make) -> str:
+  """A new name `.<name>.salad_tmp_<random>` beside `path`, created by `make(name)` exclusively
+  (O_EXCL / mkdir: never an existing name, never through a link). The kernel applies the umask
+  to the mode `make` asks for, as for any new file: no process-wide umask change."""
+  parent = os.path.dirname(os.path.abspath(path))
+  prefix = os.path.join(parent, f".{os.path.basename(path)}{TAG}")
+  for _ in range(100):
+    tmp = prefix + secrets.token_hex(4)
+    try:
+      make(tmp)
+      return tmp
+    except FileExistsError:
+      continue
+  raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _make_file(tmp: str) -> None:
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
 
 
 @contextlib.contextmanager
 def new_file(path: str) -> Iterator[str]:
   """Yields a fresh temporary file beside `path`; renamed onto `path` when the block succeeds."""
-  parent = os.path.dirname(os.path.abspath(path))
   try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TAG}", dir=parent)
-    os.fchmod(fd, _mode(0o666))
-    os.close(fd)
+    tmp = _fresh(path, _make_file)
   except OSError as e:
     raise write_error(path, e) or e from None
   try:
@@ -118,10 +133,8 @@ def new_file(path: str) -> Iterator[str]:
 def new_dir(path: str) -> Iterator[str]:
   """Yields a fresh temporary directory beside `path` (marked as ours until the rename); the
   caller renames it into place (`os.replace`) before the block ends, else it is removed."""
-  parent = os.path.dirname(os.path.abspath(path))
   try:
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{TAG}", dir=parent)
-    os.chmod(tmp, _mode(0o777))
+    tmp = _fresh(path, lambda t: os.mkdir(t, 0o777))
     with open(os.path.join(tmp, MARKER), "w") as f:
       f.write(f"{socket.gethostname()} {os.getpid()}")
   except OSError as e:

@@ -93,17 +93,11 @@ MEMORY_HINT = ("evaluate.py: a smaller --batch_size or --image_size; train.py: "
 def _os_error_line(exc: BaseException) -> str | None:
   """One line for an exception caused by a full disk, a quota, a read-only file system or a
   missing permission (an OSError anywhere in its __cause__/__context__ chain), else None."""
-  import errno
-  reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-             errno.EPERM: "operation not permitted"}
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in reasons:
-      where = f" {exc.filename}" if exc.filename else ""
-      return f"cannot write{where}: {reasons[exc.errno]}"
-    exc = exc.__cause__ or exc.__context__
+  from salad_jax.atomic import DISK_ERRNOS, exception_chain
+  for e in exception_chain(exc):
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      where = f" {e.filename}" if e.filename else ""
+      return f"cannot write{where}: {DISK_ERRNOS[e.errno]}"
   return None
 
 
