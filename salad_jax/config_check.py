@@ -61,6 +61,7 @@ def _size(c, key: str, min_patches: int = 0) -> tuple[int, int]:
 def check(config) -> None:
   """Raises a `UserError` for the first setting that cannot train or evaluate as asked."""
   from salad_jax.evaluation import check_recall_values
+  from salad_jax.train_data import city_names
   _int(config, "seed", 0)
   _int(config, "num_epochs", 1)
   _int(config, "log_every_steps", 1)
@@ -76,11 +77,10 @@ def check(config) -> None:
                                             "places are drawn from those with enough images")
   clusters = _int(config, "model.num_clusters", 1)
   _size(config, "data.image_size", clusters)
-  cities = _get(config, "data.cities")
-  names = [c.strip() for c in cities.split(",")] if isinstance(cities, str) else list(cities)
+  names = city_names(config.data)
   repeated = sorted({c for c in names if names.count(c) > 1})
   if repeated:  # each place would be in the data twice, as two places: its own images as negatives
-    raise _fail("data.cities", cities, f"lists {', '.join(repeated)} more than once")
+    raise _fail("data.cities", config.data.cities, f"lists {', '.join(repeated)} more than once")
   _int(config, "data.num_workers", 0)
   _int(config, "data.num_threads", 1)
   # model shape fields the ModelConfig itself does not bound

@@ -9,7 +9,7 @@ from salad_jax.data import gsv_cities, pipeline
 from salad_jax.errors import UserError
 
 
-def _cities(d) -> tuple[str, ...]:
+def city_names(d) -> tuple[str, ...]:
   return tuple(c.strip() for c in d.cities.split(",")) if isinstance(d.cities, str) else tuple(d.cities)
 
 
@@ -20,7 +20,7 @@ def open_source(config) -> gsv_cities.GSVCities:
     from salad_jax.data import demo
     demo.ensure(d.root, seed=d.demo_seed)
   if d.source in ("folder", "demo"):
-    cities = _cities(d)
+    cities = city_names(d)
     if not os.path.isdir(d.root):
       raise FileNotFoundError(f"GSV-Cities root {d.root!r} does not exist. {gsv_cities.HOW_TO_GET}")
     return gsv_cities.read_gsv_cities(d.root, cities, d.min_img_per_place)
@@ -32,9 +32,9 @@ def open_source(config) -> gsv_cities.GSVCities:
                       "<GSVCities> --data_dir <dir> --image_size 224,224` and pass "
                       "--config.data.tfds_data_dir=<dir>")
     ds = tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place, tuple(d.image_size))
-    if ds.cities != _cities(d):
+    if ds.cities != city_names(d):
       raise UserError(f"the pack {ds.root} holds the cities {','.join(ds.cities)}, but "
-                      f"config.data.cities lists {','.join(_cities(d))}",
+                      f"config.data.cities lists {','.join(city_names(d))}",
                       "set --config.data.cities to the packed cities, or pack the cities you "
                       "train on (--cities)")
     return ds

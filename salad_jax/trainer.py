@@ -18,7 +18,7 @@ from absl import logging
 
 from salad_jax import losses, optim, sharding, train_loop
 from salad_jax.data.pipeline import normalize_images
-from salad_jax.errors import UserError
+from salad_jax.errors import UserError, note
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 from salad_jax.train_loop import MetricsWriter, NonFiniteError  # noqa: F401 (re-exported)
 
@@ -193,8 +193,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held) -
                     "nothing would train", "use 'auto' (SALAD's frozen backbone part) or a regex "
                     "that leaves the head trainable")
   if config.optim.freeze != "auto" and freeze and not frozen:
-    print(f"note: config.optim.freeze={freeze!r} matches no parameter: every parameter trains "
-          "(use 'auto' for SALAD's frozen backbone part)", flush=True)
+    note(f"config.optim.freeze={freeze!r} matches no parameter: every parameter trains (use "
+         "'auto' for SALAD's frozen backbone part)")
   print(f"training ViT-{mc.variant} SALAD: {spec.num_places} places, {steps_per_epoch} steps/epoch, "
         f"{config.num_epochs} epochs, {global_images} images/step, {n_train:,} trainable params, "
         f"{jax.device_count()} device(s)")
