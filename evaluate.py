@@ -12,7 +12,6 @@ Lists take spaces (VPR-methods-evaluation, SALAD's eval.py) or commas (--image_s
 """
 
 import math
-import os
 import sys
 
 from absl import app, flags
@@ -55,15 +54,12 @@ def main(argv):
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)
   if len(FLAGS.image_size) == 1:
-    print(f"note: --image_size {size[0]} resizes to {size[0]}x{size[1]} (as SALAD's eval.py); "
-          "VPR-methods-evaluation keeps the aspect ratio with one value", file=sys.stderr)
+    errors.note(f"--image_size {size[0]} resizes to {size[0]}x{size[1]} (as SALAD's eval.py); "
+                "VPR-methods-evaluation keeps the aspect ratio with one value")
   recall_values = evaluation.check_recall_values(FLAGS.recall_values)
   images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
   output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
-  if not os.path.exists(FLAGS.checkpoint):
-    raise errors.UserError(f"--checkpoint {FLAGS.checkpoint} does not exist",
-                           "give a converted dir (convert_weights.py), a train.py workdir, or a "
-                           ".ckpt/.pth/.safetensors file")
+  errors.check_checkpoint_exists(FLAGS.checkpoint)
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
                                   FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,
@@ -86,5 +82,5 @@ if __name__ == "__main__":
   except errors.UserError as e:
     cli.fail(e.message, e.hint)
   for note in notes:
-    print(f"note: {note}", file=sys.stderr)
+    errors.note(note)
   cli.run(main)

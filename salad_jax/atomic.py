@@ -22,7 +22,7 @@ import shutil
 import socket
 from typing import Iterator
 
-from salad_jax.errors import UserError
+from salad_jax.errors import UserError, note
 
 TAG = ".salad_tmp_"
 MARKER = ".salad_jax_tmp"  # inside a temporary directory: "<host> <pid>"
@@ -168,5 +168,5 @@ def remove_leftovers(path: str) -> None:
     return
   if names:
     where = os.path.join(parent, names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-    print(f"note: {where} look(s) like leftovers of an interrupted salad_jax save of {path}; "
-          "delete them if no salad_jax run is writing there", flush=True)
+    note(f"{where} look(s) like leftovers of an interrupted salad_jax save of {path}; delete them "
+         "if no salad_jax run is writing there")

@@ -23,6 +23,14 @@ def warning(text: str) -> None:
   print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
+  """A checkpoint argument that names nothing is one line saying what it may name."""
+  import os
+  if not os.path.exists(path):
+    raise UserError(f"{flag} {path} does not exist", "give a converted dir (convert_weights.py), "
+                    "a train.py workdir, or a .ckpt/.pth/.safetensors file")
+
+
 class UserError(ValueError):
   """A mistake the user can fix: `message` says what is wrong, `hint` how to fix it."""
 

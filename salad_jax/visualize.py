@@ -257,10 +257,7 @@ def _main(argv) -> None:
       raise FileNotFoundError(f"--images: image not found: {p}")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
-  if not os.path.exists(F.checkpoint):
-    raise errors.UserError(f"--checkpoint {F.checkpoint} does not exist",
-                           "give a converted dir (convert_weights.py), a train.py workdir, or a "
-                           ".ckpt/.pth/.safetensors file")
+  errors.check_checkpoint_exists(F.checkpoint)
   out = errors.check_output_dir(F.output_dir, "--output_dir")
   images.check_batch_memory(size, 1)
   claimed = outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")

@@ -466,7 +466,7 @@ def test_leftovers_of_a_killed_save_are_mentioned_never_deleted(ctx, capsys):
   unknown = ctx.tmp / ".out.salad_tmp_nomarker"
   unknown.mkdir()
   ctx.model.save(str(ctx.tmp / "out"))
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert (killed / "thesis.txt").read_text() == "x" and unknown.exists()
   assert "look(s) like leftovers" in out and "and 1 more" in out and "delete them if" in out
 
