@@ -124,7 +124,6 @@ def read_image_paths(folder: str) -> list[str]:
   if os.path.isfile(folder):
     raise NotADirectoryError(f"{folder} is a file, not a folder of images")
   if not os.path.isdir(folder):
-    from salad_jax.errors import UserError
     raise UserError(f"folder {folder} does not exist", "check the path (relative paths start at "
                     "the current directory); `python -m salad_jax.data.check` checks benchmarks")
   listing = folder.rstrip("/") + "_images_paths.txt"
@@ -183,7 +182,7 @@ def _check_queries_not_in_database(db: Sequence[str], q: Sequence[str], database
             f"({os.path.realpath(queries_folder)}): every query would find itself")
   else:
     db_ids = {_identity(p): p for p in db}
-    both = [(p, db_ids[_identity(p)]) for p in q if _identity(p) in db_ids]
+    both = [(p, db_ids[key]) for p in q if (key := _identity(p)) in db_ids]
     if not both:
       return
     same = (f"{both[0][0]} is also in the database" if both[0][0] == both[0][1]
