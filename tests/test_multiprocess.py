@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -37,18 +38,26 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_two(args):
+def _run_two(args):
+  """Both processes to completion: (stdout, stderr) of each. Their output goes to files, not pipes: a pipe read only after the other process ends could fill, block its writer
+  and leave the other process waiting for it at a collective (jax.distributed's shutdown barrier
+  then times out after 300 s and aborts both)."""
   port = _free_port()
-  return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                    JAX_PROCESS_ID=str(i)))
-          for i in range(2)]
-
-
-def _finish(procs):
-  outs = [p.communicate(timeout=600) for p in procs]
+  files, procs = [], []
+  for i in range(2):
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    files.append((out, err))
+    procs.append(subprocess.Popen(
+        args, stdout=out, stderr=err, text=True,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                 JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
+  outs = []
+  for p, (out, err) in zip(procs, files):
+    p.wait(timeout=600)
+    with out, err:
+      out.seek(0), err.seek(0)
+      outs.append((out.read(), err.read()))
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return outs
@@ -72,8 +81,7 @@ def test_two_processes_match_one_process(tmp_path):
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
                           timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  procs = _start_two(args + ["--workdir", str(tmp_path / "two")])
-  outs = _finish(procs)
+  outs = _run_two(args + ["--workdir", str(tmp_path / "two")])
   assert "4 device(s)" in outs[0][0]  # process 0 sees the global mesh
   logs = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
           for run in ("one", "two")}
@@ -104,7 +112,7 @@ def test_two_processes_match_one_process(tmp_path):
   last = tmp_path / "two" / "checkpoints" / str(len(one))
   params = [os.path.join(r, f) for r, _, fs in os.walk(last / "params") for f in fs]
   os.remove(max(params, key=os.path.getsize))
-  again = _finish(_start_two(args + ["--workdir", str(tmp_path / "two")]))
+  again = _run_two(args + ["--workdir", str(tmp_path / "two")])
   moved = [ln for ln in again[0][0].splitlines() if "cannot be restored" in ln]
   assert len(moved) == 1 and f"resuming from step {len(one) - 1}" in moved[0], again[0][0][-2000:]
   aside = os.listdir(tmp_path / "two" / "damaged_checkpoints")
@@ -114,3 +122,15 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(losses) == len(one) + 1
   np.testing.assert_allclose(losses[-1], one[-1], rtol=1e-6)
   assert [out.strip().splitlines()[-1] for out, _ in again] == [d for d in done[1:]]
+
+  # one process cannot take over the two processes' input positions: a one-line launch error
+  # that names what to do, and the checkpoints are left as they are
+  before = sorted(os.listdir(tmp_path / "two" / "checkpoints"))
+  alone = subprocess.run(args + ["--workdir", str(tmp_path / "two")], capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                         timeout=600)
+  assert alone.returncode == 2, alone.stderr[-3000:]
+  assert alone.stderr.startswith("error: checkpoint step ") and "saved by 2 process(es) and this run has 1" \
+      in alone.stderr and "JAX_NUM_PROCESSES=2" in alone.stderr, alone.stderr
+  assert len(alone.stderr.splitlines()) == 2 and "Traceback" not in alone.stderr
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == before
