@@ -222,7 +222,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
   want, last = final_params(tmp_path / "straight")
 
   cmd, env = run_train(tmp_path / "killed", gsv_root)
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
   target = tmp_path / "killed" / "checkpoints" / "2"
   t0 = time.time()
   while not target.exists() and proc.poll() is None and time.time() - t0 < 300:
