@@ -212,18 +212,12 @@ class TrainCheckpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed = []
     for step in steps:
-      try:
-        self.check_compatible(step, abstract_state, model)
-        if data_iter is not None:
-          self.check_processes(step)
-      except UserError:
-        raise
-      except Exception:  # unreadable metadata: the restore below fails and says why
-        pass
       error = None
       try:
         state, meta = self.restore(step, abstract_state, data_iter, model)
-      except Exception as e:  # damaged: try the next older one
+      except UserError:  # saved for another model or process count: a config change, not damage
+        raise
+      except Exception as e:  # damaged (unreadable metadata included): try the next older one
         error = e
       if _everywhere(error is None):  # all processes restored this step, or none goes on with it
         try:  # the same verdict on every process: same meta, same (replicated) checksum

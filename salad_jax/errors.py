@@ -25,7 +25,6 @@ def warning(text: str) -> None:
 
 def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
   """A checkpoint argument that names nothing is one line saying what it may name."""
-  import os
   if not os.path.exists(path):
     raise UserError(f"{flag} {path} does not exist", "give a converted dir (convert_weights.py), "
                     "a train.py workdir, or a .ckpt/.pth/.safetensors file")

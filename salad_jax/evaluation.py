@@ -341,8 +341,7 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
   and image files (`salad_jax.desc_cache`); anything else is recomputed.
   """
   import salad_jax
-  from salad_jax import desc_cache, errors, integrity
-  from salad_jax import outputs
+  from salad_jax import desc_cache, errors, integrity, outputs
   recall_values = check_recall_values(recall_values)
   images.check_batch_memory(image_size, batch_size)
   errors.check_output_dir(output_dir, "output directory (--output_dir)")
@@ -355,9 +354,9 @@ def evaluate_checkpoint(checkpoint: str, sets: Sequence[eval_sets.EvalSet], outp
     errors.warning("no labels (--no_labels) and neither --num_preds_to_save nor "
                    "--save_descriptors: retrieval only, nothing will be saved")
   # files of yours in output_dir are never overwritten; an earlier run's outputs are removed
-  claimed = outputs.claim(output_dir, planned_outputs(sets, save_descriptors=save_descriptors,
-                                            num_preds_to_save=num_preds_to_save),
-                "evaluate.py", write=jax.process_index() == 0)
+  planned = planned_outputs(sets, save_descriptors=save_descriptors,
+                            num_preds_to_save=num_preds_to_save)
+  claimed = outputs.claim(output_dir, planned, "evaluate.py", write=jax.process_index() == 0)
   model = salad_jax.load(checkpoint, **({"dtype": dtype} if dtype else {}))
   mc = model.config
   vit.check_image_shape((1, image_size[0], image_size[1], 3), mc.num_clusters)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 
 from salad_jax import checkpoint
 from salad_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(step, shape=(128, 128)):
@@ -172,13 +176,10 @@ for ns in (orbax, other):
 def test_orphaned_orbax_reads_of_a_failed_restore_are_quiet_and_nothing_else_is(tmp_path):
   # the CI failure: a restore of a damaged checkpoint left ~60 such reports (135 KB of stderr),
   # which filled a pipe and blocked a process of a 2-process run
-  import subprocess
-  import sys
   script = tmp_path / "orphans.py"
   script.write_text(ORPHANS)
   r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                     cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
   assert r.returncode == 0, r.stderr[-2000:]
   orbax, other, _ = r.stderr.split("--\n")
   assert orbax == "", orbax[:2000]

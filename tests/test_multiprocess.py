@@ -48,7 +48,7 @@ def _run_two(args):
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     files.append((out, err))
     procs.append(subprocess.Popen(
-        args, stdout=out, stderr=err, text=True,
+        args, stdout=out, stderr=err,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                  JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))

@@ -364,9 +364,9 @@ def requested_sets(database_folder: str | None, queries_folder: str | None,
   if database_folder or queries_folder:
     if not (database_folder and queries_folder):
       raise UserError("--database_folder and --queries_folder go together", hint)
+    out = os.path.realpath(output_dir) if output_dir else None
     for flag, folder in (("--database_folder", database_folder), ("--queries_folder", queries_folder)):
       real = os.path.realpath(folder)
-      out = os.path.realpath(output_dir) if output_dir else None
       if out is not None and (out == real or out.startswith(real + os.sep)):
         raise UserError(f"--output_dir {output_dir} is inside {flag} {folder}: its prediction "
                         "pictures would be read as images by the next run",
