@@ -32,9 +32,7 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 from salad_jax import integrity
 from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig
-
-CHECKPOINTS = "checkpoints"
-DAMAGED = "damaged_checkpoints"
+from salad_jax.workdir import CHECKPOINTS, DAMAGED  # the workdir's layout
 
 
 class CorruptCheckpointError(UserError):

@@ -34,6 +34,7 @@ CONFIG = "config.json"
 HISTORY = "config_history"
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"  # checkpoints that failed to restore, moved aside (checkpoint.py)
 
 # Settings that may change when a run resumes: logging, evaluation, checkpointing, data location,
 # and settings that change speed or memory but not the numbers trained. Everything else (model
@@ -49,7 +50,7 @@ WHY_FIXED = {"data.num_workers": "the saved data-loader position is per grain wo
 
 
 # what a run writes into its workdir: directory or file
-LAYOUT = {CHECKPOINTS: "dir", HISTORY: "dir", "tensorboard": "dir", "damaged_checkpoints": "dir",
+LAYOUT = {CHECKPOINTS: "dir", HISTORY: "dir", "tensorboard": "dir", DAMAGED: "dir",
           CONFIG: "file", "metrics.jsonl": "file", LOCK: "file"}
 CONFIG_KEYS = ("model", "data", "optim", "checkpoint")  # a config.json salad_jax wrote has these
 
