@@ -14,9 +14,15 @@ import os
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "PyTorch .ckpt/.pth/.safetensors, or a salad_jax dir.", required=True)
-flags.DEFINE_string("dst", None, "Output: a directory (-> Orbax), or a .pth/.ckpt/.safetensors "
-                    "file (-> PyTorch state_dict).", required=True)
+flags.DEFINE_string(
+  "src", None, "PyTorch .ckpt/.pth/.safetensors, or a salad_jax dir.", required=True
+)
+flags.DEFINE_string(
+  "dst",
+  None,
+  "Output: a directory (-> Orbax), or a .pth/.ckpt/.safetensors file (-> PyTorch state_dict).",
+  required=True,
+)
 flags.DEFINE_bool("overwrite", False, "Replace an existing destination that salad_jax wrote.")
 flags.DEFINE_integer("seed", 0, "Seed of the fresh head when --src is a backbone-only DINOv2 file.")
 
@@ -27,7 +33,8 @@ def main(argv):
   import jax
 
   import salad_jax
-  from salad_jax import cli, inference, weights
+  from salad_jax import cli
+  from salad_jax.weights import converted, torch_files
 
   cli.quiet_logs()
   src, dst = FLAGS.src, FLAGS.dst
@@ -35,21 +42,24 @@ def main(argv):
     raise FileNotFoundError(f"--src {src} does not exist")
   if os.path.isfile(src) and not os.access(src, os.R_OK):
     raise PermissionError(f"--src {src} is not readable (permission denied)")
-  inference.check_destination(dst, FLAGS.overwrite)
+  converted.check_destination(dst, FLAGS.overwrite)
 
   model = salad_jax.load(src, rng=jax.random.key(FLAGS.seed))
-  if weights.file_kind(dst):
+  if torch_files.file_kind(dst):
     model.to_torch(dst, overwrite=FLAGS.overwrite)
     kind = "PyTorch state_dict"
   else:
     model.save(dst, overwrite=FLAGS.overwrite)
     kind = "salad_jax Orbax checkpoint"
   c = model.config
-  print(f"wrote {kind} to {dst}: ViT-{c.variant}{' +registers' if c.registers else ''}, "
-        f"m={c.num_clusters} l={c.cluster_dim} g={c.token_dim} -> {c.descriptor_dim}-d descriptors"
-        + (f"; source sha256 {model.source['sha256'][:16]}..." if "sha256" in model.source else ""))
+  print(
+    f"wrote {kind} to {dst}: ViT-{c.variant}{' +registers' if c.registers else ''}, "
+    f"m={c.num_clusters} l={c.cluster_dim} g={c.token_dim} -> {c.descriptor_dim}-d descriptors"
+    + (f"; source sha256 {model.source['sha256'][:16]}..." if "sha256" in model.source else "")
+  )
 
 
 if __name__ == "__main__":
   from salad_jax import cli
+
   cli.run(main)

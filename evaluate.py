@@ -17,68 +17,139 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Converted dir, train.py workdir/step dir, or torch .ckpt/.pth/.safetensors.")
+flags.DEFINE_string(
+  "checkpoint", None, "Converted dir, train.py workdir/step dir, or torch .ckpt/.pth/.safetensors."
+)
 flags.DEFINE_alias("ckpt_path", "checkpoint")  # SALAD's eval.py
-flags.DEFINE_string("output_dir", "runs/eval", "Everything evaluate.py writes goes here. "
-                    "VPR-methods-evaluation's --log_dir NAME: logs/NAME/<date_time>.")
+flags.DEFINE_string(
+  "output_dir",
+  "runs/eval",
+  "Everything evaluate.py writes goes here. "
+  "VPR-methods-evaluation's --log_dir NAME: logs/NAME/<date_time>.",
+)
 flags.DEFINE_string("database_folder", None, "Folder of database images (UTM names).")
 flags.DEFINE_string("queries_folder", None, "Folder of query images (UTM names).")
-flags.DEFINE_float("positive_dist_threshold", 25.0, "Metres within which a database image is a positive.")
-flags.DEFINE_list("datasets", [], "Benchmarks: msls_val, msls_test, pitts30k_val, pitts30k_test, "
-                  "pitts250k_test, nordland, sped (needs --data_root).")
-flags.DEFINE_alias("val_datasets", "datasets")  # SALAD's eval.py (MSLS, MSLS_Test, Nordland, SPED...)
-flags.DEFINE_string("data_root", "", "Root of the benchmark images (mapillary/, Pittsburgh/, Nordland/, SPEDTEST/).")
-flags.DEFINE_string("index_root", "", "Folder of the reference .npy index files (default <data_root>/datasets).")
+flags.DEFINE_float(
+  "positive_dist_threshold", 25.0, "Metres within which a database image is a positive."
+)
+flags.DEFINE_list(
+  "datasets",
+  [],
+  "Benchmarks: msls_val, msls_test, pitts30k_val, pitts30k_test, "
+  "pitts250k_test, nordland, sped (needs --data_root).",
+)
+flags.DEFINE_alias(
+  "val_datasets", "datasets"
+)  # SALAD's eval.py (MSLS, MSLS_Test, Nordland, SPED...)
+flags.DEFINE_string(
+  "data_root", "", "Root of the benchmark images (mapillary/, Pittsburgh/, Nordland/, SPEDTEST/)."
+)
+flags.DEFINE_string(
+  "index_root", "", "Folder of the reference .npy index files (default <data_root>/datasets)."
+)
 flags.DEFINE_list("recall_values", ["1", "5", "10", "15", "20", "25"], "K values of Recall@K.")
-flags.DEFINE_list("image_size", ["322", "322"], "Resize to H W (one value: square). The paper: 322 322.")
-flags.DEFINE_integer("batch_size", 32, "Images per batch (rounded up to a multiple of the devices).", lower_bound=1)
-flags.DEFINE_integer("num_preds_to_save", 0, "Save an image + text file with the top-N of each query.", lower_bound=0)
-flags.DEFINE_bool("save_only_wrong_preds", False, "With --num_preds_to_save: only queries whose top-1 is wrong.")
-flags.DEFINE_bool("save_descriptors", False, "Save database_descriptors.npy and queries_descriptors.npy.")
-flags.DEFINE_bool("no_labels", False, "Folders without UTM names: retrieve only (use --num_preds_to_save).")
-flags.DEFINE_enum("search", "faiss", ["faiss", "jax"], "Exact kNN with faiss, or a sharded JAX matmul + top_k.")
+flags.DEFINE_list(
+  "image_size", ["322", "322"], "Resize to H W (one value: square). The paper: 322 322."
+)
+flags.DEFINE_integer(
+  "batch_size", 32, "Images per batch (rounded up to a multiple of the devices).", lower_bound=1
+)
+flags.DEFINE_integer(
+  "num_preds_to_save", 0, "Save an image + text file with the top-N of each query.", lower_bound=0
+)
+flags.DEFINE_bool(
+  "save_only_wrong_preds", False, "With --num_preds_to_save: only queries whose top-1 is wrong."
+)
+flags.DEFINE_bool(
+  "save_descriptors", False, "Save database_descriptors.npy and queries_descriptors.npy."
+)
+flags.DEFINE_bool(
+  "no_labels", False, "Folders without UTM names: retrieve only (use --num_preds_to_save)."
+)
+flags.DEFINE_enum(
+  "search", "faiss", ["faiss", "jax"], "Exact kNN with faiss, or a sharded JAX matmul + top_k."
+)
 flags.DEFINE_integer("num_workers", 4, "Image loading worker processes.", lower_bound=0)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
-flags.DEFINE_enum("device", None, ["cpu", "cuda", "gpu", "tpu"], "Force a JAX platform (default: the accelerator JAX finds).")
-flags.DEFINE_string("cache_dir", None, "Reuse descriptors computed before with the same weights, size, dtype and files.")
+flags.DEFINE_enum(
+  "device",
+  None,
+  ["cpu", "cuda", "gpu", "tpu"],
+  "Force a JAX platform (default: the accelerator JAX finds).",
+)
+flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "Reuse descriptors computed before with the same weights, size, dtype and files.",
+)
 flags.mark_flag_as_required("checkpoint")
-flags.register_validator("positive_dist_threshold", lambda v: math.isfinite(v) and v > 0,
-                         "must be a positive number of metres, e.g. 25")
+flags.register_validator(
+  "positive_dist_threshold",
+  lambda v: math.isfinite(v) and v > 0,
+  "must be a positive number of metres, e.g. 25",
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from salad_jax import argv_compat, cli, errors, evaluation
-  from salad_jax.data import eval_sets, images
+  from salad_jax import argv_compat, cli, errors
+  from salad_jax.data import benchmarks, images
+  from salad_jax.evaluation import evaluate, recall
+  from salad_jax.files import destinations
+  from salad_jax.inference import check_checkpoint_exists
+
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)
   if len(FLAGS.image_size) == 1:
-    errors.note(f"--image_size {size[0]} resizes to {size[0]}x{size[1]} (as SALAD's eval.py); "
-                "VPR-methods-evaluation keeps the aspect ratio with one value")
-  recall_values = evaluation.check_recall_values(FLAGS.recall_values)
+    errors.note(
+      f"--image_size {size[0]} resizes to {size[0]}x{size[1]} (as SALAD's eval.py); "
+      "VPR-methods-evaluation keeps the aspect ratio with one value"
+    )
+  recall_values = recall.check_recall_values(FLAGS.recall_values)
   images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
-  output_dir = errors.check_output_dir(FLAGS.output_dir, "--output_dir")
-  errors.check_checkpoint_exists(FLAGS.checkpoint)
+  output_dir = destinations.check_dir(FLAGS.output_dir, "--output_dir")
+  check_checkpoint_exists(FLAGS.checkpoint)
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
-  sets = eval_sets.requested_sets(FLAGS.database_folder, FLAGS.queries_folder, FLAGS.datasets,
-                                  FLAGS.data_root, FLAGS.index_root, FLAGS.positive_dist_threshold,
-                                  use_labels=not FLAGS.no_labels, output_dir=FLAGS.output_dir)
-  table = evaluation.evaluate_checkpoint(
-      FLAGS.checkpoint, sets, output_dir, image_size=size, batch_size=FLAGS.batch_size,
-      recall_values=recall_values, search_method=FLAGS.search,
-      num_workers=FLAGS.num_workers, save_descriptors=FLAGS.save_descriptors,
-      num_preds_to_save=FLAGS.num_preds_to_save, save_only_wrong_preds=FLAGS.save_only_wrong_preds,
-      dtype=FLAGS.dtype, cache_dir=FLAGS.cache_dir)
-  print(f"wrote {output_dir}/recalls.json" if table else
-        f"retrieval only, no recalls (no labels); outputs in {output_dir}")
+  sets = benchmarks.requested_sets(
+    FLAGS.database_folder,
+    FLAGS.queries_folder,
+    FLAGS.datasets,
+    FLAGS.data_root,
+    FLAGS.index_root,
+    FLAGS.positive_dist_threshold,
+    use_labels=not FLAGS.no_labels,
+    output_dir=FLAGS.output_dir,
+  )
+  table = evaluate.evaluate_checkpoint(
+    FLAGS.checkpoint,
+    sets,
+    output_dir,
+    image_size=size,
+    batch_size=FLAGS.batch_size,
+    recall_values=recall_values,
+    search_method=FLAGS.search,
+    num_workers=FLAGS.num_workers,
+    save_descriptors=FLAGS.save_descriptors,
+    num_preds_to_save=FLAGS.num_preds_to_save,
+    save_only_wrong_preds=FLAGS.save_only_wrong_preds,
+    dtype=FLAGS.dtype,
+    cache_dir=FLAGS.cache_dir,
+  )
+  print(
+    f"wrote {output_dir}/recalls.json"
+    if table
+    else f"retrieval only, no recalls (no labels); outputs in {output_dir}"
+  )
 
 
 if __name__ == "__main__":
   from salad_jax import argv_compat, cli, errors
+
   try:
-    sys.argv, notes = argv_compat.rewrite(sys.argv, *argv_compat.flag_kinds(),
-                                           unsupported=argv_compat.VPR_METHODS_EVALUATION)
+    sys.argv, notes = argv_compat.rewrite(
+      sys.argv, *argv_compat.flag_kinds(), unsupported=argv_compat.VPR_METHODS_EVALUATION
+    )
   except errors.UserError as e:
     cli.fail(e.message, e.hint)
   for note in notes:

@@ -3,15 +3,17 @@ r"""Trains SALAD.
   python train.py --config configs/demo.py --workdir runs/demo
   python train.py --config configs/gsv.py --workdir runs/gsv --config.data.root=/data/GSVCities
 
-Resumes automatically from the latest checkpoint in --workdir.
+Resumes automatically from the latest checkpoint in --workdir. The loop is
+`salad_jax.train.trainer.train_and_evaluate`.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (get_config), e.g. configs/gsv.py.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (get_config), e.g. configs/gsv.py.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the resolved config go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -19,13 +21,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from salad_jax import cli, sharding, train_loop, trainer
+  from salad_jax import cli, sharding
+  from salad_jax.train import metrics, trainer
+
   sharding.maybe_initialize_distributed()  # before anything touches a device
   cli.quiet_logs()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print(train_loop.done_line(result))  # what is actually saved, e.g. after stop_after_steps
+  print(metrics.done_line(result))  # what is actually saved, e.g. after stop_after_steps
 
 
 if __name__ == "__main__":
   from salad_jax import cli
+
   cli.run(main, config_flags=("config",))

@@ -28,10 +28,21 @@ import common  # noqa: F401  (puts tests/ on the path: helpers.make_gsv)
 
 # dense peak TFLOP/s per chip: (bf16, fp32 as XLA runs it: TF32 on NVIDIA tensor cores, bf16
 # passes on TPUs); first substring of the device kind that matches
-PEAKS = (("H200", 989, 495), ("H100", 989, 495), ("A100", 312, 156), ("L40S", 362, 183),
-         ("L4", 121, 60), ("4090", 165, 83), ("3090", 71, 36), ("A6000", 155, 77),
-         ("TPU v6", 918, 918), ("TPU v5p", 459, 459), ("TPU v5 lite", 197, 197),
-         ("TPU v5e", 197, 197), ("TPU v4", 275, 275))
+PEAKS = (
+  ("H200", 989, 495),
+  ("H100", 989, 495),
+  ("A100", 312, 156),
+  ("L40S", 362, 183),
+  ("L4", 121, 60),
+  ("4090", 165, 83),
+  ("3090", 71, 36),
+  ("A6000", 155, 77),
+  ("TPU v6", 918, 918),
+  ("TPU v5p", 459, 459),
+  ("TPU v5 lite", 197, 197),
+  ("TPU v5e", 197, 197),
+  ("TPU v4", 275, 275),
+)
 DT = {"float32": "fp32", "bfloat16": "bf16"}
 DEFAULT_DTYPES = "bfloat16,float32"
 
@@ -50,7 +61,9 @@ def parse_args(argv=None):
   ap.add_argument("--describe_iters", type=int, default=10)
   ap.add_argument("--pipeline_places", type=int, default=128)
   ap.add_argument("--workers", type=int, default=os.cpu_count(), help="grain workers (host cores)")
-  ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 peak; default: by device kind")
+  ap.add_argument(
+    "--peak_tflops", type=float, default=0.0, help="bf16 peak; default: by device kind"
+  )
   ap.add_argument("--budget_s", type=float, default=290.0, help="no section starts after this")
   ap.add_argument("--section_s", type=float, default=150.0, help="time limit of one section")
   ap.add_argument("--json", default="accelerator.json")
@@ -74,35 +87,54 @@ def peak_tflops(kind: str, dtype: str, override: float) -> float:
 
 def model_config(args, dtype, attention="auto"):
   from salad_jax.models.vpr import ModelConfig
+
   head = dict(num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32) if args.smoke else {}
-  return ModelConfig(variant=args.variant, dtype=dtype, attention=attention, micro_batch=0,
-                     train_micro_batch=0, **head)
+  return ModelConfig(
+    variant=args.variant,
+    dtype=dtype,
+    attention=attention,
+    micro_batch=0,
+    train_micro_batch=0,
+    **head,
+  )
 
 
 def with_xla_fallback(fn):
   """fn(attention) with 'auto'; if that fails where auto means cuDNN, once more with XLA."""
+
   def run():
     try:
       return fn("auto")
     except Exception as e:
       if not getattr(fn, "cudnn", False):
         raise
-      print(f"[retry] cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); with XLA attention",
-            flush=True)
+      print(
+        f"[retry] cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); with XLA attention",
+        flush=True,
+      )
       r = fn("xla")
       r["attention"] = f"xla (cudnn failed: {type(e).__name__})"
       return r
+
   return run
 
 
-def random_params(mc):
-  """Host params of `mc`'s shapes, normal(0.02) (norm scales 1): no init to compile."""
+def random_params(model_cfg):
+  """Host params of `model_cfg`'s shapes, normal(0.02) (norm scales 1): no init to compile."""
   import numpy as np
-  from salad_jax import convert, optim
+
+  from salad_jax.train import optim
+  from salad_jax.weights import convert
+
   rng = np.random.default_rng(0)
-  flat = {"/".join(p): (np.ones(s, np.float32) if p[-1] in ("scale", "gamma", "dust_bin") else
-                        (0.02 * rng.standard_normal(s, np.float32)))
-          for p, s in convert.param_shapes(mc).items()}
+  flat = {
+    "/".join(p): (
+      np.ones(s, np.float32)
+      if p[-1] in ("scale", "gamma", "dust_bin")
+      else (0.02 * rng.standard_normal(s, np.float32))
+    )
+    for p, s in convert.param_shapes(model_cfg).items()
+  }
   return optim.unflatten(flat)
 
 
@@ -119,45 +151,80 @@ def timed(fn, iters: int) -> float:
 def bench_describe(args, mesh, dtype, batch, attention="auto"):
   import jax
   import numpy as np
-  from salad_jax import evaluation, sharding
-  from salad_jax.models import kernels
-  mc = model_config(args, dtype, attention)
-  params = sharding.put_replicated(random_params(mc), mesh)
-  images = np.random.default_rng(0).integers(0, 256, (batch, args.describe_size, args.describe_size, 3),
-                                             dtype=np.uint8)
+
+  from salad_jax import sharding
+  from salad_jax.evaluation import descriptors
+  from salad_jax.models import attention as attention_lib
+
+  model_cfg = model_config(args, dtype, attention)
+  params = sharding.put_replicated(random_params(model_cfg), mesh)
+  images = np.random.default_rng(0).integers(
+    0, 256, (batch, args.describe_size, args.describe_size, 3), dtype=np.uint8
+  )
   x = sharding.global_batch({"images": images}, mesh)["images"]
   t = time.perf_counter()
-  fn = evaluation.make_describe(mc, mesh).lower(params, x).compile()
+  fn = descriptors.make_describe(model_cfg, mesh).lower(params, x).compile()
   compile_s = time.perf_counter() - t
   jax.block_until_ready(fn(params, x))
   s = timed(lambda: jax.block_until_ready(fn(params, x)), args.describe_iters)
-  return dict(dtype=dtype, batch=batch, size=args.describe_size, img_s=batch / s, s_batch=s,
-              compile_s=compile_s, attention=kernels.attention_impl(attention, getattr(jax.numpy, dtype), 64))
+  return dict(
+    dtype=dtype,
+    batch=batch,
+    size=args.describe_size,
+    img_s=batch / s,
+    s_batch=s,
+    compile_s=compile_s,
+    attention=attention_lib.attention_impl(attention, getattr(jax.numpy, dtype), 64),
+  )
 
 
 def bench_train(args, mesh, dtype, kind, attention="auto"):
   import jax
   import ml_collections
   import numpy as np
-  from salad_jax import optim, sharding, trainer
-  from salad_jax.models import kernels
-  mc = model_config(args, dtype, attention)
-  cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
-                                       lightning_epoch_step=True, freeze="auto"))
+
+  from salad_jax import sharding
+  from salad_jax.models import attention as attention_lib
+  from salad_jax.train import optim, trainer
+
+  model_cfg = model_config(args, dtype, attention)
+  cfg = ml_collections.ConfigDict(
+    dict(
+      lr=6e-5,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=4000,
+      lightning_epoch_step=True,
+      freeze="auto",
+    )
+  )
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=1000)
-  freeze = optim.default_freeze_regex(mc)
-  state = trainer.create_state(random_params(mc), tx, freeze, mesh, jax.random.PRNGKey(0))
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
+  freeze = optim.default_freeze_regex(model_cfg)
+  state = trainer.create_state(random_params(model_cfg), tx, freeze, mesh, jax.random.PRNGKey(0))
+  step = trainer.make_train_step(
+    model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
+  )
   n = args.places * args.img_per_place
   rng = np.random.default_rng(0)
   base = rng.integers(0, 256, (args.places, 1, args.train_size, args.train_size, 3))
-  noise = rng.integers(-30, 30, (args.places, args.img_per_place, args.train_size, args.train_size, 3))
-  images = np.clip(base + noise, 0, 255).astype(np.uint8).reshape(n, args.train_size, args.train_size, 3)
-  batch = sharding.global_batch({"images": images,
-                                 "labels": np.repeat(np.arange(args.places), args.img_per_place).astype(np.int32),
-                                 "valid": np.ones(n, bool)}, mesh)
+  noise = rng.integers(
+    -30, 30, (args.places, args.img_per_place, args.train_size, args.train_size, 3)
+  )
+  images = (
+    np.clip(base + noise, 0, 255).astype(np.uint8).reshape(n, args.train_size, args.train_size, 3)
+  )
+  batch = sharding.global_batch(
+    {
+      "images": images,
+      "labels": np.repeat(np.arange(args.places), args.img_per_place).astype(np.int32),
+      "valid": np.ones(n, bool),
+    },
+    mesh,
+  )
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
@@ -171,24 +238,37 @@ def bench_train(args, mesh, dtype, kind, attention="auto"):
     box["state"], m = compiled(box["state"], batch)
     jax.block_until_ready(m["loss"])
     return m
+
   for _ in range(2):
     m = one()
   s = timed(one, args.steps)
   peak = peak_tflops(kind, dtype, args.peak_tflops)
   mfu = flops / s / (peak * 1e12 * mesh.devices.size) if peak and flops else None
-  return dict(dtype=dtype, images=n, size=args.train_size, s_step=s, img_s=n / s,
-              gflop_per_image=flops / n / 1e9, peak_tflops=peak, mfu=mfu, compile_s=compile_s,
-              loss=float(m["loss"]), finite=bool(m["finite"]),
-              temp_gib=mem.temp_size_in_bytes / 2 ** 30 if mem else None,
-              args_gib=mem.argument_size_in_bytes / 2 ** 30 if mem else None,
-              attention=kernels.attention_impl(attention, getattr(jax.numpy, dtype), 64))
+  return dict(
+    dtype=dtype,
+    images=n,
+    size=args.train_size,
+    s_step=s,
+    img_s=n / s,
+    gflop_per_image=flops / n / 1e9,
+    peak_tflops=peak,
+    mfu=mfu,
+    compile_s=compile_s,
+    loss=float(m["loss"]),
+    finite=bool(m["finite"]),
+    temp_gib=mem.temp_size_in_bytes / 2**30 if mem else None,
+    args_gib=mem.argument_size_in_bytes / 2**30 if mem else None,
+    attention=attention_lib.attention_impl(attention, getattr(jax.numpy, dtype), 64),
+  )
 
 
 def bench_pipeline(args):
-  from absl import flags
   import numpy as np
   import pipeline_throughput
+  from absl import flags
+
   from salad_jax.data import gsv_cities, pipeline
+
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   ppb = 4 if args.smoke else 16
   with tempfile.TemporaryDirectory() as root:
@@ -196,9 +276,16 @@ def bench_pipeline(args):
     pipeline_throughput.write_dataset(root, args.pipeline_places, np.random.default_rng(0))
     write_s = time.perf_counter() - t
     ds = gsv_cities.read_gsv_cities(root, ("Bench",))
-    it, _ = pipeline.train_dataset(ds, places_per_batch=ppb, img_per_place=4,
-                                   image_size=(224, 224), num_epochs=1000, seed=0,
-                                   num_workers=args.workers, num_threads=1 if args.workers else 4)
+    it, _ = pipeline.train_dataset(
+      ds,
+      places_per_batch=ppb,
+      img_per_place=4,
+      image_size=(224, 224),
+      num_epochs=1000,
+      seed=0,
+      num_workers=args.workers,
+      num_threads=1 if args.workers else 4,
+    )
     it = iter(it)
     warm = max(2, args.workers)
     for _ in range(warm):  # worker start-up
@@ -209,8 +296,14 @@ def bench_pipeline(args):
       next(it)
     dt = time.perf_counter() - t
     del it
-  return dict(workers=args.workers, img_s=batches * ppb * 4 / dt, images=batches * ppb * 4,
-              jpeg="640x480", out=224, write_s=write_s)
+  return dict(
+    workers=args.workers,
+    img_s=batches * ppb * 4 / dt,
+    images=batches * ppb * 4,
+    jpeg="640x480",
+    out=224,
+    write_s=write_s,
+  )
 
 
 class SectionTimeout(Exception):
@@ -228,7 +321,9 @@ def section(name, fn, results, errors, t_end, limit_s):
     return None
   t = time.perf_counter()
   signal.signal(signal.SIGALRM, _alarm)
-  signal.alarm(int(limit_s))  # a hung section (a stuck worker, a slow compile) does not hang the run
+  signal.alarm(
+    int(limit_s)
+  )  # a hung section (a stuck worker, a slow compile) does not hang the run
   try:
     r = fn()
   except Exception as e:  # report and go on: one failing section must not lose the others
@@ -240,35 +335,55 @@ def section(name, fn, results, errors, t_end, limit_s):
     signal.alarm(0)
   r["section_s"] = round(time.perf_counter() - t, 1)
   results.append({"section": name, **r})
-  print(f"[done] {name} ({r['section_s']} s): " + ", ".join(
-      f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+  print(
+    f"[done] {name} ({r['section_s']} s): "
+    + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+    flush=True,
+  )
   return r
 
 
 def summary(info, results, errors) -> str:
-  lines = [f"accelerator benchmark: {info['devices']} x {info['kind']} ({info['platform']}), "
-           f"jax {info['jax']}, {info['host_cores']} host cores, ViT-{info['variant']} SALAD"]
+  lines = [
+    f"accelerator benchmark: {info['devices']} x {info['kind']} ({info['platform']}), "
+    f"jax {info['jax']}, {info['host_cores']} host cores, ViT-{info['variant']} SALAD"
+  ]
   for r in (r for r in results if r["section"].startswith("describe")):
-    lines.append(f"  describe {r['size']}x{r['size']} {DT[r['dtype']]} batch {r['batch']:4d}: "
-                 f"{r['img_s']:8.1f} img/s  ({r['attention']} attention)")
+    lines.append(
+      f"  describe {r['size']}x{r['size']} {DT[r['dtype']]} batch {r['batch']:4d}: "
+      f"{r['img_s']:8.1f} img/s  ({r['attention']} attention)"
+    )
   for r in (r for r in results if r["section"].startswith("train")):
-    mfu = f"MFU {100 * r['mfu']:.1f} % of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] else "MFU n/a (--peak_tflops)"
+    mfu = (
+      f"MFU {100 * r['mfu']:.1f} % of {r['peak_tflops']:.0f} TFLOP/s"
+      if r["mfu"]
+      else "MFU n/a (--peak_tflops)"
+    )
     mem = f", temporaries {r['temp_gib']:.1f} GiB" if r.get("temp_gib") is not None else ""
-    lines.append(f"  train step {r['images']} x {r['size']}x{r['size']} {DT[r['dtype']]}: "
-                 f"{r['s_step'] * 1000:7.1f} ms/step {r['img_s']:8.1f} img/s  "
-                 f"{r['gflop_per_image']:.3g} GFLOP/img  {mfu}{mem}")
+    lines.append(
+      f"  train step {r['images']} x {r['size']}x{r['size']} {DT[r['dtype']]}: "
+      f"{r['s_step'] * 1000:7.1f} ms/step {r['img_s']:8.1f} img/s  "
+      f"{r['gflop_per_image']:.3g} GFLOP/img  {mfu}{mem}"
+    )
   pipe = next((r for r in results if r["section"] == "pipeline"), None)
   if pipe:
-    lines.append(f"  input pipeline ({pipe['workers']} workers, 640x480 JPEG -> 224x224 + "
-                 f"RandAugment): {pipe['img_s']:.1f} img/s")
+    lines.append(
+      f"  input pipeline ({pipe['workers']} workers, 640x480 JPEG -> 224x224 + "
+      f"RandAugment): {pipe['img_s']:.1f} img/s"
+    )
   steps = [r for r in results if r["section"].startswith("train")]
   if pipe and steps:
     fastest = max(steps, key=lambda r: r["img_s"])
     bound = pipe["img_s"] < fastest["img_s"]
-    lines.append(f"  input-bound: {'YES' if bound else 'no'} (pipeline {pipe['img_s']:.0f} img/s "
-                 f"{'<' if bound else '>='} {DT[fastest['dtype']]} step {fastest['img_s']:.0f} img/s"
-                 + (f"; needs {fastest['img_s'] / pipe['img_s']:.1f}x the host's input throughput)"
-                    if bound else ")"))
+    lines.append(
+      f"  input-bound: {'YES' if bound else 'no'} (pipeline {pipe['img_s']:.0f} img/s "
+      f"{'<' if bound else '>='} {DT[fastest['dtype']]} step {fastest['img_s']:.0f} img/s"
+      + (
+        f"; needs {fastest['img_s'] / pipe['img_s']:.1f}x the host's input throughput)"
+        if bound
+        else ")"
+      )
+    )
   for e in errors:
     lines.append(f"  error: {e}")
   return "\n".join(lines)
@@ -278,13 +393,24 @@ def main(argv=None):
   args = parse_args(argv)
   t_end = time.perf_counter() + args.budget_s
   import jax
+
   from salad_jax import sharding
+
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(devices)
-  info = dict(platform=devices[0].platform, kind=devices[0].device_kind, devices=len(devices),
-              jax=jax.__version__, host_cores=os.cpu_count(), variant=args.variant, smoke=args.smoke)
-  print(f"{info['kind']} ({info['platform']}); jax {info['jax']}; {info['host_cores']} host cores",
-        flush=True)
+  info = dict(
+    platform=devices[0].platform,
+    kind=devices[0].device_kind,
+    devices=len(devices),
+    jax=jax.__version__,
+    host_cores=os.cpu_count(),
+    variant=args.variant,
+    smoke=args.smoke,
+  )
+  print(
+    f"{info['kind']} ({info['platform']}); jax {info['jax']}; {info['host_cores']} host cores",
+    flush=True,
+  )
   results, errors = [], []
 
   def run(name, fn):
@@ -296,15 +422,22 @@ def main(argv=None):
   dtypes = args.dtypes.split(",")
 
   def fallback(fn, dtype):
-    from salad_jax.models import kernels
-    fn.cudnn = kernels.attention_impl("auto", getattr(jax.numpy, dtype), 64) == "cudnn"
+    from salad_jax.models import attention as attention_lib
+
+    fn.cudnn = attention_lib.attention_impl("auto", getattr(jax.numpy, dtype), 64) == "cudnn"
     return with_xla_fallback(fn)
 
   for dtype in dtypes:
     for b in (int(x) for x in args.describe_batches.split(",")):
-      run(f"describe {DT[dtype]} b{b}", fallback(lambda a: bench_describe(args, mesh, dtype, b, a), dtype))
+      run(
+        f"describe {DT[dtype]} b{b}",
+        fallback(lambda a: bench_describe(args, mesh, dtype, b, a), dtype),
+      )
   for dtype in dtypes:
-    run(f"train {DT[dtype]}", fallback(lambda a: bench_train(args, mesh, dtype, info["kind"], a), dtype))
+    run(
+      f"train {DT[dtype]}",
+      fallback(lambda a: bench_train(args, mesh, dtype, info["kind"], a), dtype),
+    )
   run("pipeline", lambda: bench_pipeline(args))
   text = summary(info, results, errors)
   print("\n" + text)

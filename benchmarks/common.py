@@ -31,6 +31,7 @@ def median(xs):
 
 def machine() -> str:
   import platform
+
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:

@@ -24,13 +24,14 @@ def main():
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   args = ap.parse_args()
 
+  import jax
   import numpy as np
   import torch
-  import jax
 
   import salad_jax
+  from salad_jax.weights import convert
+
   import torch_reference as tr
-  from salad_jax import convert
 
   torch.set_num_threads(args.threads)
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0).eval()
@@ -39,7 +40,11 @@ def main():
   model = salad_jax.SaladModel(convert.torch_to_params(sd, config), config)
   model.params = jax.device_put(model.params)
 
-  x = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  x = (
+    np.random.default_rng(0)
+    .standard_normal((args.batch, args.size, args.size, 3))
+    .astype(np.float32)
+  )
   x = np.clip(x, -2.1, 2.6)  # describe() accepts the value range of ImageNet-normalised images
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
@@ -52,14 +57,23 @@ def main():
     with torch.inference_mode():
       tm(xt)
 
-  results = common.interleaved({"jax": lambda: model.describe(x),
-                                "torch (explicit attention)": lambda: run_torch(False),
-                                "torch (SDPA)": lambda: run_torch(True)}, args.rounds)
+  results = common.interleaved(
+    {
+      "jax": lambda: model.describe(x),
+      "torch (explicit attention)": lambda: run_torch(False),
+      "torch (SDPA)": lambda: run_torch(True),
+    },
+    args.rounds,
+  )
 
-  print(f"machine: {common.machine()}; jax {jax.__version__} ({jax.devices()[0].platform}), "
-        f"torch {torch.__version__}, threads {args.threads}")
-  print(f"ViT-{args.variant} SALAD, batch {args.batch} at {args.size}x{args.size}, jax dtype "
-        f"{args.dtype}, {args.rounds} rounds, median")
+  print(
+    f"machine: {common.machine()}; jax {jax.__version__} ({jax.devices()[0].platform}), "
+    f"torch {torch.__version__}, threads {args.threads}"
+  )
+  print(
+    f"ViT-{args.variant} SALAD, batch {args.batch} at {args.size}x{args.size}, jax dtype "
+    f"{args.dtype}, {args.rounds} rounds, median"
+  )
   print(f"jax compile (first call incl. run): {compile_s:.2f} s")
   jax_ips = args.batch / common.median(results["jax"])
   for name, ts in results.items():

@@ -28,12 +28,13 @@ def main():
   import numpy as np
 
   import salad_jax
-  from salad_jax import evaluation, sharding
+  from salad_jax import sharding
   from salad_jax.data import demo
+  from salad_jax.evaluation import descriptors, search
 
   rng = np.random.default_rng(0)
-  mc = salad_jax.ModelConfig(variant=args.variant)
-  params = salad_jax.init_params(mc, jax.random.key(0))
+  model_cfg = salad_jax.ModelConfig(variant=args.variant)
+  params = salad_jax.init_params(model_cfg, jax.random.key(0))
   mesh = sharding.make_mesh()
   with tempfile.TemporaryDirectory() as d:
     paths = []
@@ -41,34 +42,58 @@ def main():
       p = os.path.join(d, f"{i:05d}.jpg")
       demo.scene(rng).resize((640, 480)).save(p, quality=90)
       paths.append(p)
-    describe = evaluation.make_describe(mc, mesh)
-    evaluation.extract(params, mc, paths[:8], image_size=(322, 322), batch_size=8, mesh=mesh,
-                       describe=describe)  # compile
+    describe = descriptors.make_describe(model_cfg, mesh)
+    descriptors.extract(
+      params,
+      model_cfg,
+      paths[:8],
+      image_size=(322, 322),
+      batch_size=8,
+      mesh=mesh,
+      describe=describe,
+    )  # compile
     t = time.perf_counter()
-    evaluation.extract(params, mc, paths, image_size=(322, 322), batch_size=8, mesh=mesh,
-                       num_workers=1, describe=describe)
+    descriptors.extract(
+      params,
+      model_cfg,
+      paths,
+      image_size=(322, 322),
+      batch_size=8,
+      mesh=mesh,
+      num_workers=1,
+      describe=describe,
+    )
     dt = time.perf_counter() - t
   ips = args.images / dt
   print(f"machine: {common.machine()}; jax {jax.__version__}")
-  print(f"extraction, ViT-{args.variant} SALAD at 322x322 incl. JPEG decode + resize: {ips:.2f} img/s "
-        f"(measured on {args.images} images) -> {args.database / ips / 60:.0f} min for "
-        f"{args.database:,} database images (extrapolated)")
+  print(
+    f"extraction, ViT-{args.variant} SALAD at 322x322 incl. JPEG decode + resize: {ips:.2f} img/s "
+    f"(measured on {args.images} images) -> {args.database / ips / 60:.0f} min for "
+    f"{args.database:,} database images (extrapolated)"
+  )
 
-  db = rng.standard_normal((args.database, mc.descriptor_dim)).astype(np.float32)
+  db = rng.standard_normal((args.database, model_cfg.descriptor_dim)).astype(np.float32)
   db /= np.linalg.norm(db, axis=1, keepdims=True)
   q = db[rng.choice(args.database, args.queries, replace=False)] + 0.05 * rng.standard_normal(
-      (args.queries, mc.descriptor_dim)).astype(np.float32)
+    (args.queries, model_cfg.descriptor_dim)
+  ).astype(np.float32)
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   for method in ("faiss", "jax"):
-    evaluation.search(db[:100], q[:10], 25, method, mesh)  # warm-up / compile
+    search.search(db[:100], q[:10], 25, method, mesh)  # warm-up / compile
     t = time.perf_counter()
-    _, idx = evaluation.search(db, q, 25, method, mesh)
+    _, idx = search.search(db, q, 25, method, mesh)
     dt = time.perf_counter() - t
     if method == "faiss":
       ref = idx
-    print(f"search {method:5s}: {dt:6.2f} s for {args.queries} queries x {args.database:,} x "
-          f"{mc.descriptor_dim} (top-25), {1000 * dt / args.queries:.2f} ms/query"
-          + ("" if method == "faiss" else f"; top-1 equal to faiss: {np.mean(idx[:, 0] == ref[:, 0]):.3f}"))
+    print(
+      f"search {method:5s}: {dt:6.2f} s for {args.queries} queries x {args.database:,} x "
+      f"{model_cfg.descriptor_dim} (top-25), {1000 * dt / args.queries:.2f} ms/query"
+      + (
+        ""
+        if method == "faiss"
+        else f"; top-1 equal to faiss: {np.mean(idx[:, 0] == ref[:, 0]):.3f}"
+      )
+    )
 
 
 if __name__ == "__main__":

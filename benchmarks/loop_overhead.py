@@ -41,8 +41,9 @@ PICO = dict(width=32, depth=2, heads=2, ffn="mlp")  # a benchmark-only ViT: ~1 m
 
 def tiny_config(log_every: int, steps: int, places: int):
   """The real config (base_config) with a tiny model and cheap, unaugmented 28x28 input."""
-  from salad_jax.configs import base_config
   from salad_jax.models import vit
+  from salad_jax.train.config import base_config
+
   vit.VARIANTS.setdefault("Pico/14", PICO)
   c = base_config()
   c.num_epochs = 1
@@ -58,7 +59,7 @@ def tiny_config(log_every: int, steps: int, places: int):
   c.data.num_workers = 0
   c.data.num_threads = 2
   c.eval.sets = ""
-  c.checkpoint.every_steps = 10 ** 9  # only the final save, after the timed window
+  c.checkpoint.every_steps = 10**9  # only the final save, after the timed window
   c.optim.lr_total_iters = steps
   return c
 
@@ -75,13 +76,21 @@ def in_memory_source(num_places: int, k: int = 4, size: int = 28):
       return self.pictures[i % len(self.pictures)]
 
   n = num_places * k
-  ds = InMemory(root="<memory>", cities=("Synthetic",), paths=np.asarray([f"{i}" for i in range(n)]),
-                image_place=np.repeat(np.arange(num_places), k), place_ids=np.arange(num_places),
-                place_city=np.zeros(num_places, np.int64), place_start=np.arange(num_places + 1) * k,
-                order=np.arange(n), min_img_per_place=k)
+  ds = InMemory(
+    root="<memory>",
+    cities=("Synthetic",),
+    paths=np.asarray([f"{i}" for i in range(n)]),
+    image_place=np.repeat(np.arange(num_places), k),
+    place_ids=np.arange(num_places),
+    place_city=np.zeros(num_places, np.int64),
+    place_start=np.arange(num_places + 1) * k,
+    order=np.arange(n),
+    min_img_per_place=k,
+  )
   rng = np.random.default_rng(0)
-  ds.pictures = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-                 for _ in range(16)]
+  ds.pictures = [
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(16)
+  ]
   return ds
 
 
@@ -89,38 +98,47 @@ def worker(args) -> dict:
   if args.code:
     sys.path.insert(0, args.code)
   import jax
+
   if args.cache:  # compile once for all workers and rounds (same programs in both trees)
     jax.config.update("jax_compilation_cache_dir", args.cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-  from salad_jax import optim, sharding, train_data, trainer
+  from salad_jax import sharding
+  from salad_jax.data import source as source_lib
+  from salad_jax.train import metrics, optim, trainer
+
   assert os.path.dirname(os.path.dirname(trainer.__file__)) == os.path.abspath(args.code or REPO)
 
   places = max(2, jax.device_count())  # one place (4 images) per device
   source = in_memory_source(places * args.steps)  # one epoch of args.steps steps
-  train_data.open_source = lambda config: source  # the real loop, fed from memory
+  source_lib.open_source = lambda config: source  # the real loop, fed from memory
 
-  class TimedWriter(trainer.MetricsWriter):
+  class TimedWriter(metrics.MetricsWriter):
     stamps: list = []
 
     def write(self, step, scalars):
       super().write(step, scalars)
       TimedWriter.stamps.append((time.perf_counter(), time.thread_time(), step))
 
-  trainer.MetricsWriter = TimedWriter
+  metrics.MetricsWriter = TimedWriter
 
   # the step alone and the input alone, built as train_and_evaluate builds them
   config = tiny_config(1, args.steps, places)
   config.num_epochs = 2 * args.repeats  # enough batches for the timings below
   mesh = sharding.make_mesh()
-  mc = trainer.model_config(config)
-  it, spec = train_data.make_iterator(config, source, 0, 1)
+  model_cfg = trainer.model_config(config)
+  it, spec = source_lib.make_iterator(config, source, 0, 1)
   tx, schedule = optim.make_optimizer(config.optim, spec.steps_per_epoch)
-  freeze = trainer.freeze_regex(config, mc)
-  state = trainer.create_state(trainer.initial_params(config, mc, jax.random.PRNGKey(0)), tx, freeze,
-                               mesh, jax.random.PRNGKey(1))
-  step_fn = trainer.make_train_step(mc, tx, freeze, dict(config.loss), schedule, mesh)
+  freeze = trainer.freeze_regex(config, model_cfg)
+  state = trainer.create_state(
+    trainer.initial_params(config, model_cfg, jax.random.PRNGKey(0)),
+    tx,
+    freeze,
+    mesh,
+    jax.random.PRNGKey(1),
+  )
+  step_fn = trainer.make_train_step(model_cfg, tx, freeze, dict(config.loss), schedule, mesh)
   local = next(it)
   local.pop("corrupt")
   batch = sharding.global_batch(local, mesh)
@@ -174,7 +192,9 @@ def main():
   ap.add_argument("--steps", type=int, default=600)
   ap.add_argument("--baseline", default="", help="a directory holding another salad_jax package")
   ap.add_argument("--rounds", type=int, default=2, help="workers per tree, alternating; best kept")
-  ap.add_argument("--repeats", type=int, default=3, help="timings per worker, interleaved; best kept")
+  ap.add_argument(
+    "--repeats", type=int, default=3, help="timings per worker, interleaved; best kept"
+  )
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--code", default="", help=argparse.SUPPRESS)
   ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
@@ -187,15 +207,23 @@ def main():
     return
 
   import common
-  print(f"loop overhead: {args.steps} steps at 28x28, ViT width 32 depth 2, a place of 4 images "
-        f"per device; best of {args.rounds} rounds x {args.repeats} repeats ({common.machine()})\n"
-        "wall: ms per step; over = loop - max(step, input) (the input runs in grain's threads "
-        "while the step runs)\ncpu: ms of the loop's own thread per step; over = loop - step - "
-        "input (what the loop adds on the host)", flush=True)
-  codes = [("this tree", "")] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
-  print(f"{'devices':>7} {'code':<10} {'log_every':>9} | {'wall:':<5} {'step':>6} {'input':>6} "
-        f"{'loop':>6} {'over':>6} | {'cpu:':<4} {'step':>6} {'input':>6} {'loop':>6} {'over':>6}",
-        flush=True)
+
+  print(
+    f"loop overhead: {args.steps} steps at 28x28, ViT width 32 depth 2, a place of 4 images "
+    f"per device; best of {args.rounds} rounds x {args.repeats} repeats ({common.machine()})\n"
+    "wall: ms per step; over = loop - max(step, input) (the input runs in grain's threads "
+    "while the step runs)\ncpu: ms of the loop's own thread per step; over = loop - step - "
+    "input (what the loop adds on the host)",
+    flush=True,
+  )
+  codes = [("this tree", "")] + (
+    [("baseline", os.path.abspath(args.baseline))] if args.baseline else []
+  )
+  print(
+    f"{'devices':>7} {'code':<10} {'log_every':>9} | {'wall:':<5} {'step':>6} {'input':>6} "
+    f"{'loop':>6} {'over':>6} | {'cpu:':<4} {'step':>6} {'input':>6} {'loop':>6} {'over':>6}",
+    flush=True,
+  )
   with tempfile.TemporaryDirectory() as cache:
     for n in (int(x) for x in args.devices.split(",")):
       runs = {label: [] for label, _ in codes}
@@ -207,22 +235,35 @@ def main():
         (sw, sc), (iw, ic) = best["step"], best["input"]
         for le in args.log_every:
           lw, lc = best[f"loop{le}"]
-          print(f"{n:>7} {label:<10} {le:>9} | {'':<5} {sw:6.2f} {iw:6.2f} {lw:6.2f} "
-                f"{lw - max(sw, iw):6.2f} | {'':<4} {sc:6.2f} {ic:6.2f} {lc:6.2f} "
-                f"{lc - sc - ic:6.2f}", flush=True)
+          print(
+            f"{n:>7} {label:<10} {le:>9} | {'':<5} {sw:6.2f} {iw:6.2f} {lw:6.2f} "
+            f"{lw - max(sw, iw):6.2f} | {'':<4} {sc:6.2f} {ic:6.2f} {lc:6.2f} "
+            f"{lc - sc - ic:6.2f}",
+            flush=True,
+          )
 
 
 def run_worker(args, n: int, code: str, cache: str, label: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}",
-         f"--log_every={','.join(map(str, args.log_every))}", f"--code={code}", f"--cache={cache}",
-         f"--repeats={args.repeats}"]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             PYTHONPATH=os.pathsep.join([code or REPO, REPO]))
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--worker",
+    f"--steps={args.steps}",
+    f"--log_every={','.join(map(str, args.log_every))}",
+    f"--code={code}",
+    f"--cache={cache}",
+    f"--repeats={args.repeats}",
+  ]
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+    PYTHONPATH=os.pathsep.join([code or REPO, REPO]),
+  )
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
   line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
   if r.returncode or not line:
     sys.exit(f"worker ({n} devices, {label}) failed:\n{r.stderr[-3000:]}")
-  return json.loads(line[0][len("RESULT "):])
+  return json.loads(line[0][len("RESULT ") :])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 
 TARGETS = {"cpu": None, "tpu-v5e": "v5e:2x4", "tpu-v4": "v4:2x2x2"}
 CHIPS = (("v5e 16G", 16), ("v4 32G", 32), ("GPU 80G", 80))
-GiB = 2 ** 30
+GiB = 2**30
 DT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
@@ -42,8 +42,11 @@ def parse_args(argv=None):
   ap.add_argument("--img_per_place", type=int, default=4)
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--trainable_blocks", type=int, default=4)
-  ap.add_argument("--no_compile", action="store_true",
-                  help="params, AdamW state and kept-for-backward only (seconds, not minutes)")
+  ap.add_argument(
+    "--no_compile",
+    action="store_true",
+    help="params, AdamW state and kept-for-backward only (seconds, not minutes)",
+  )
   ap.add_argument("--json", default="")
   return ap.parse_args(argv)
 
@@ -55,85 +58,131 @@ def setup_devices(args):
     if "xla_force_host_platform_device_count" not in flags:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     import jax
+
     devices = jax.devices("cpu")
     if len(devices) < args.devices:
-      sys.exit(f"{len(devices)} CPU devices, {args.devices} wanted: start a fresh process "
-               f"(XLA_FLAGS is read when jax starts)")
-    return devices[:args.devices]
+      sys.exit(
+        f"{len(devices)} CPU devices, {args.devices} wanted: start a fresh process "
+        f"(XLA_FLAGS is read when jax starts)"
+      )
+    return devices[: args.devices]
   try:
     import libtpu  # noqa: F401
   except ImportError:
-    sys.exit(f"--target {args.target} compiles for a TPU on this host and needs libtpu: "
-             'pip install "libtpu==0.0.42.*" (the version jax 0.10.2[tpu] pins)')
+    sys.exit(
+      f"--target {args.target} compiles for a TPU on this host and needs libtpu: "
+      'pip install "libtpu==0.0.42.*" (the version jax 0.10.2[tpu] pins)'
+    )
   import jax
   from jax.experimental import topologies
+
   topo = topologies.get_topology_desc(topology_name=TARGETS[args.target], platform="tpu")
-  return list(topo.devices)[:args.devices]
+  return list(topo.devices)[: args.devices]
 
 
-def train_step_inputs(mc, mesh, tx, freeze, n_images: int, size: int):
+def train_step_inputs(model_cfg, mesh, tx, freeze, n_images: int, size: int):
   """Abstract (state, batch) with the train step's shardings."""
   import jax
   import jax.numpy as jnp
-  from salad_jax import sharding, trainer
-  shapes = trainer.abstract_state(mc, tx, freeze)
+
+  from salad_jax import sharding
+  from salad_jax.train import trainer
+
+  shapes = trainer.abstract_state(model_cfg, tx, freeze)
   shards = trainer.state_shardings(shapes, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+  state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards
+  )
   data = sharding.data_sharded(mesh)
-  batch = {"images": jax.ShapeDtypeStruct((n_images, size, size, 3), jnp.uint8, sharding=data),
-           "labels": jax.ShapeDtypeStruct((n_images,), jnp.int32, sharding=data),
-           "valid": jax.ShapeDtypeStruct((n_images,), jnp.bool_, sharding=data)}
+  batch = {
+    "images": jax.ShapeDtypeStruct((n_images, size, size, 3), jnp.uint8, sharding=data),
+    "labels": jax.ShapeDtypeStruct((n_images,), jnp.int32, sharding=data),
+    "valid": jax.ShapeDtypeStruct((n_images,), jnp.bool_, sharding=data),
+  }
   return state, batch
 
 
 def _optim_cfg():
   import ml_collections
-  return ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                        lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
-                                        lightning_epoch_step=True, freeze="auto"))
+
+  return ml_collections.ConfigDict(
+    dict(
+      lr=6e-5,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=4000,
+      lightning_epoch_step=True,
+      freeze="auto",
+    )
+  )
 
 
-def compile_train_step(mc, mesh, places: int, img_per_place: int, size: int):
+def compile_train_step(model_cfg, mesh, places: int, img_per_place: int, size: int):
   """(compiled train step, abstract state, abstract batch), compiled for `mesh`'s devices."""
-  from salad_jax import optim, trainer
+  from salad_jax.train import optim, trainer
+
   tx, schedule = optim.make_optimizer(_optim_cfg(), steps_per_epoch=1000)
-  freeze = optim.default_freeze_regex(mc)
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
-  state, batch = train_step_inputs(mc, mesh, tx, freeze, places * img_per_place, size)
+  freeze = optim.default_freeze_regex(model_cfg)
+  step = trainer.make_train_step(
+    model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
+  )
+  state, batch = train_step_inputs(model_cfg, mesh, tx, freeze, places * img_per_place, size)
   return step.lower(state, batch).compile(), state, batch
 
 
-def kept_for_backward(mc, n_images: int, size: int) -> int:
+def kept_for_backward(model_cfg, n_images: int, size: int) -> int:
   """Bytes of activations the forward pass keeps for the backward pass, for `n_images` (one
   device's share of the batch), read from the jaxpr: exact dtypes, remat included, whatever the
   backend (XLA:CPU's own buffers differ from an accelerator's; this does not)."""
   import contextlib
   import io
   import re
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   from jax.ad_checkpoint import print_saved_residuals
-  from salad_jax import optim, trainer
-  freeze = optim.default_freeze_regex(mc)
-  params = jax.eval_shape(lambda r: trainer.VPRModel(mc).init(r, jnp.zeros((1, 224, 224, 3)))["params"],
-                          jax.random.key(0))
+
+  from salad_jax.train import optim, trainer
+
+  freeze = optim.default_freeze_regex(model_cfg)
+  params = jax.eval_shape(
+    lambda r: trainer.VPRModel(model_cfg).init(r, jnp.zeros((1, 224, 224, 3)))["params"],
+    jax.random.key(0),
+  )
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
   train, frozen = optim.split_trainable(zeros, freeze)
-  loss_fn = trainer.make_loss_fn(mc, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+  loss_fn = trainer.make_loss_fn(model_cfg, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
   images = jnp.zeros((n_images, size, size, 3), jnp.uint8)
   labels, valid = jnp.zeros(n_images, jnp.int32), jnp.ones(n_images, bool)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    print_saved_residuals(lambda t: loss_fn(t, frozen, images, labels, valid, jax.random.key(0))[0], train)
+    print_saved_residuals(
+      lambda t: loss_fn(t, frozen, images, labels, valid, jax.random.key(0))[0], train
+    )
   total = 0
   for line in out.getvalue().splitlines():
     m = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
     if m and "from the argument" not in m.group(3):  # weights are counted as params
       n = int(np.prod([int(d) for d in m.group(2).split(",") if d]))
-      total += n * jnp.dtype({"bf16": "bfloat16", "f32": "float32", "f16": "float16", "u32": "uint32",
-                               "i32": "int32", "u8": "uint8", "bool": "bool"}.get(m.group(1), "float32")).itemsize
+      total += (
+        n
+        * jnp.dtype(
+          {
+            "bf16": "bfloat16",
+            "f32": "float32",
+            "f16": "float16",
+            "u32": "uint32",
+            "i32": "int32",
+            "u8": "uint8",
+            "bool": "bool",
+          }.get(m.group(1), "float32")
+        ).itemsize
+      )
   return total
 
 
@@ -141,55 +190,89 @@ def per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its shard of every leaf)."""
   import jax
   import numpy as np
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
+
+  return int(
+    sum(
+      np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)
+    )
+  )
 
 
-def measure(mc, devices, fsdp: int, args) -> dict:
+def measure(model_cfg, devices, fsdp: int, args) -> dict:
   import jax
   import numpy as np
+
   from salad_jax import sharding
+
   mesh = sharding.make_mesh(devices, fsdp=fsdp)
   n_images = args.places * args.img_per_place
-  row = dict(model=mc.variant, fsdp=fsdp, remat=mc.remat, dtype=mc.dtype, devices=len(devices),
-             kept=kept_for_backward(mc, n_images // len(devices), args.size))
+  row = dict(
+    model=model_cfg.variant,
+    fsdp=fsdp,
+    remat=model_cfg.remat,
+    dtype=model_cfg.dtype,
+    devices=len(devices),
+    kept=kept_for_backward(model_cfg, n_images // len(devices), args.size),
+  )
   if args.no_compile:
-    from salad_jax import optim
+    from salad_jax.train import optim
+
     tx, _ = optim.make_optimizer(_optim_cfg(), 1000)
-    state, batch = train_step_inputs(mc, mesh, tx, optim.default_freeze_regex(mc), n_images, args.size)
-    row.update(param_count=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
-               params=per_device_bytes(state["params"]), opt=per_device_bytes(state["opt"]),
-               batch=per_device_bytes(batch))
+    state, batch = train_step_inputs(
+      model_cfg, mesh, tx, optim.default_freeze_regex(model_cfg), n_images, args.size
+    )
+    row.update(
+      param_count=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
+      params=per_device_bytes(state["params"]),
+      opt=per_device_bytes(state["opt"]),
+      batch=per_device_bytes(batch),
+    )
     return row
   t0 = time.perf_counter()
-  compiled, state, batch = compile_train_step(mc, mesh, args.places, args.img_per_place, args.size)
+  compiled, state, batch = compile_train_step(
+    model_cfg, mesh, args.places, args.img_per_place, args.size
+  )
   compile_s = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  row.update(param_count=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
-             params=per_device_bytes(state["params"]), opt=per_device_bytes(state["opt"]),
-             batch=per_device_bytes(batch), argument=ma.argument_size_in_bytes,
-             output=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes,
-             flops_per_image=float(cost.get("flops", 0.0)) * len(devices) / n_images,
-             compile_s=round(compile_s, 1))
+  row.update(
+    param_count=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
+    params=per_device_bytes(state["params"]),
+    opt=per_device_bytes(state["opt"]),
+    batch=per_device_bytes(batch),
+    argument=ma.argument_size_in_bytes,
+    output=ma.output_size_in_bytes,
+    alias=ma.alias_size_in_bytes,
+    temp=ma.temp_size_in_bytes,
+    flops_per_image=float(cost.get("flops", 0.0)) * len(devices) / n_images,
+    compile_s=round(compile_s, 1),
+  )
   row["total"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
   # sanity: the program's arguments are the state shards and the batch shard (+ scalars; TPUs
   # pad small arrays to their tiles)
-  row["args_accounted"] = abs(row["argument"] / (row["params"] + row["opt"] + row["batch"]) - 1) < 0.05
+  row["args_accounted"] = (
+    abs(row["argument"] / (row["params"] + row["opt"] + row["batch"]) - 1) < 0.05
+  )
   del compiled
   jax.clear_caches()
   return row
 
 
 def table(rows, target: str) -> str:
-  head = ("| model | layout | remat | compute | params | AdamW state | kept for backward | temporaries | total | "
-          + " | ".join(n for n, _ in CHIPS) + " |")
+  head = (
+    "| model | layout | remat | compute | params | AdamW state | kept for backward | temporaries | total | "
+    + " | ".join(n for n, _ in CHIPS)
+    + " |"
+  )
   lines = [head, "|" + "---|" * (9 + len(CHIPS))]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['model']} | fsdp={r['fsdp']} | {r['remat']} | {r['dtype']} | error: "
-                   f"{r['error'][:80]} |")
+      lines.append(
+        f"| {r['model']} | fsdp={r['fsdp']} | {r['remat']} | {r['dtype']} | error: "
+        f"{r['error'][:80]} |"
+      )
       continue
     layout = "replicated" if r["fsdp"] == 1 else f"fsdp={r['fsdp']}"
     if "total" in r:
@@ -199,9 +282,11 @@ def table(rows, target: str) -> str:
       low = r["params"] + r["opt"] + r["kept"]
       fits = " | ".join("no" if low > cap * GiB else "?" for _, cap in CHIPS)
       temp, total = "-", f">= {low / GiB:.2f}"
-    lines.append(f"| {r['model']} | {layout} | {r['remat']} | {DT.get(r['dtype'], r['dtype'])} | "
-                 f"{r['params'] / GiB:.2f} | {r['opt'] / GiB:.2f} | {r['kept'] / GiB:.2f} | {temp} | "
-                 f"{total} | {fits} |")
+    lines.append(
+      f"| {r['model']} | {layout} | {r['remat']} | {DT.get(r['dtype'], r['dtype'])} | "
+      f"{r['params'] / GiB:.2f} | {r['opt'] / GiB:.2f} | {r['kept'] / GiB:.2f} | {temp} | "
+      f"{total} | {fits} |"
+    )
   return "\n".join(lines)
 
 
@@ -209,41 +294,64 @@ def main(argv=None):
   args = parse_args(argv)
   devices = setup_devices(args)
   import jax
+
   from salad_jax.models.vpr import ModelConfig
-  print(f"target {args.target}: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; "
-        f"{args.places} places x {args.img_per_place} images at {args.size}x{args.size}, "
-        f"last {args.trainable_blocks} blocks + head trained, attention=dot_product_attention, "
-        "micro_batch=0; GiB per device", flush=True)
+
+  print(
+    f"target {args.target}: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; "
+    f"{args.places} places x {args.img_per_place} images at {args.size}x{args.size}, "
+    f"last {args.trainable_blocks} blocks + head trained, attention=dot_product_attention, "
+    "micro_batch=0; GiB per device",
+    flush=True,
+  )
   rows = []
   for model in args.models.split(","):
     for fsdp in (int(f) for f in args.fsdp.split(",")):
       for remat in args.remat.split(","):
         for dtype in args.dtypes.split(","):
-          mc = ModelConfig(variant=model, dtype=dtype, remat=remat, attention="dot_product_attention",
-                           micro_batch=0, train_micro_batch=0,
-                           num_trainable_blocks=args.trainable_blocks)
+          model_cfg = ModelConfig(
+            variant=model,
+            dtype=dtype,
+            remat=remat,
+            attention="dot_product_attention",
+            micro_batch=0,
+            train_micro_batch=0,
+            num_trainable_blocks=args.trainable_blocks,
+          )
           try:
-            r = measure(mc, devices, fsdp, args)
+            r = measure(model_cfg, devices, fsdp, args)
           except Exception as e:  # one failing row must not lose the others
-            r = dict(model=model, fsdp=fsdp, remat=remat, dtype=dtype, error=f"{type(e).__name__}: {e}")
+            r = dict(
+              model=model, fsdp=fsdp, remat=remat, dtype=dtype, error=f"{type(e).__name__}: {e}"
+            )
           rows.append(r)
           if "error" in r:
             print(f"  {model} fsdp={fsdp} remat={remat} {dtype}: {r['error'][:300]}", flush=True)
             continue
           check = "" if r.get("args_accounted", True) else "  (arguments != params + opt + batch!)"
-          compiled = (f" temp {r['temp'] / GiB:.2f} total {r['total'] / GiB:.2f} GiB; "
-                      f"{r['flops_per_image'] / 1e9:.0f} GFLOP/img; compiled in {r['compile_s']} s"
-                      if "total" in r else " GiB (not compiled)")
-          print(f"  {model} fsdp={fsdp} remat={remat:6s} {dtype:8s}: params {r['params'] / GiB:.3f} "
-                f"({r['param_count']:,} x 4 B / {r['params'] and round(r['param_count'] * 4 / r['params'], 2)}) "
-                f"opt {r['opt'] / GiB:.3f} kept {r['kept'] / GiB:.2f}{compiled}{check}", flush=True)
+          compiled = (
+            f" temp {r['temp'] / GiB:.2f} total {r['total'] / GiB:.2f} GiB; "
+            f"{r['flops_per_image'] / 1e9:.0f} GFLOP/img; compiled in {r['compile_s']} s"
+            if "total" in r
+            else " GiB (not compiled)"
+          )
+          print(
+            f"  {model} fsdp={fsdp} remat={remat:6s} {dtype:8s}: params {r['params'] / GiB:.3f} "
+            f"({r['param_count']:,} x 4 B / {r['params'] and round(r['param_count'] * 4 / r['params'], 2)}) "
+            f"opt {r['opt'] / GiB:.3f} kept {r['kept'] / GiB:.2f}{compiled}{check}",
+            flush=True,
+          )
   print()
   print(table(rows, args.target))
   if args.target == "cpu" and "bfloat16" in args.dtypes:
-    print("\nnote: XLA:CPU computes bf16 matmuls in fp32, so the bf16 temporaries above are "
-          "overstated; --target tpu-v5e compiles for a TPU and shows the true bf16 figure.")
-  print("fits: total (arguments + outputs not donated + temporaries) <= the chip's memory; on a GPU "
-        "set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX takes 75 % by default).")
+    print(
+      "\nnote: XLA:CPU computes bf16 matmuls in fp32, so the bf16 temporaries above are "
+      "overstated; --target tpu-v5e compiles for a TPU and shows the true bf16 figure."
+    )
+  print(
+    "fits: total (arguments + outputs not donated + temporaries) <= the chip's memory; on a GPU "
+    "set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX takes 75 % by default)."
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"target": args.target, "rows": rows}, f, indent=1)

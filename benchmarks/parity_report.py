@@ -19,11 +19,14 @@ def main():
   import jax
   import numpy as np
 
-  from helpers import parity_diffs, twin
   from salad_jax.models.vpr import VPRModel
 
-  print(f"{'model':6s} {'size':9s} {'batch':>5s} {'descriptor':>11s} {'patch feat':>11s} "
-        f"{'cls token':>11s} {'assignment':>11s}   (max abs diff)")
+  from helpers import parity_diffs, twin
+
+  print(
+    f"{'model':6s} {'size':9s} {'batch':>5s} {'descriptor':>11s} {'patch feat':>11s} "
+    f"{'cls token':>11s} {'assignment':>11s}   (max abs diff)"
+  )
   for variant in args.variants.split(","):
     tm, params, config = twin(variant, seed=11)
     model = VPRModel(config)
@@ -33,8 +36,10 @@ def main():
       x = np.random.default_rng(0).standard_normal((3,) + hw + (3,)).astype(np.float32)
       for batch in (x[:1], x):
         d = parity_diffs(tm, params, fwd, feats, batch)
-        print(f"{variant:6s} {hw[0]}x{hw[1]:<5d} {len(batch):5d} " + " ".join(
-            f"{d[k]:11.2e}" for k in ("descriptor", "features", "token", "assignment")))
+        print(
+          f"{variant:6s} {hw[0]}x{hw[1]:<5d} {len(batch):5d} "
+          + " ".join(f"{d[k]:11.2e}" for k in ("descriptor", "features", "token", "assignment"))
+        )
 
 
 if __name__ == "__main__":

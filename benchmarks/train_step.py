@@ -34,33 +34,50 @@ def main():
   import torch
   from pytorch_metric_learning import distances, losses, miners
 
+  from salad_jax import sharding
+  from salad_jax.train import optim, trainer
+  from salad_jax.weights import convert
+
   import torch_reference as tr
-  from salad_jax import convert, optim, sharding, trainer
 
   torch.set_num_threads(args.threads)
   k = 4
   n = args.places * k
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0)
   sd = {key: v.numpy().copy() for key, v in tm.state_dict().items()}
-  mc, _ = convert.infer_config(sd)
-  mc = mc.replace(dtype=args.dtype)
-  params = convert.torch_to_params(sd, mc)
+  model_cfg, _ = convert.infer_config(sd)
+  model_cfg = model_cfg.replace(dtype=args.dtype)
+  params = convert.torch_to_params(sd, model_cfg)
 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8)
   labels = np.repeat(np.arange(args.places), k).astype(np.int32)
 
   # --- JAX
-  cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
-                                       lightning_epoch_step=True, freeze="auto"))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      lr=6e-5,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=4000,
+      lightning_epoch_step=True,
+      freeze="auto",
+    )
+  )
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=1000)
-  freeze = optim.default_freeze_regex(mc)
+  freeze = optim.default_freeze_regex(model_cfg)
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
-  batch = sharding.global_batch({"images": images, "labels": labels, "valid": np.ones(n, bool)}, mesh)
+  step = trainer.make_train_step(
+    model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
+  )
+  batch = sharding.global_batch(
+    {"images": images, "labels": labels, "valid": np.ones(n, bool)}, mesh
+  )
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -74,7 +91,9 @@ def main():
   # --- PyTorch
   opt = torch.optim.AdamW(tm.parameters(), lr=6e-5, weight_decay=9.5e-9)
   miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
-  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(
+    alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity()
+  )
   mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
   xt = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -90,15 +109,24 @@ def main():
     loss.backward()
     opt.step()
 
-  times = common.interleaved({"jax": jax_step,
-                              "torch eager (explicit attention)": lambda: torch_step(False),
-                              "torch eager (SDPA)": lambda: torch_step(True)}, args.rounds)
+  times = common.interleaved(
+    {
+      "jax": jax_step,
+      "torch eager (explicit attention)": lambda: torch_step(False),
+      "torch eager (SDPA)": lambda: torch_step(True),
+    },
+    args.rounds,
+  )
 
-  print(f"machine: {common.machine()}; jax {jax.__version__}, torch {torch.__version__}, "
-        f"threads {args.threads}")
-  print(f"train step, ViT-{args.variant} SALAD, {args.places} places x {k} images at "
-        f"{args.size}x{args.size}, last 4 blocks + head trainable, jax {args.dtype} compute, torch fp32, "
-        f"{args.rounds} rounds, median")
+  print(
+    f"machine: {common.machine()}; jax {jax.__version__}, torch {torch.__version__}, "
+    f"threads {args.threads}"
+  )
+  print(
+    f"train step, ViT-{args.variant} SALAD, {args.places} places x {k} images at "
+    f"{args.size}x{args.size}, last 4 blocks + head trainable, jax {args.dtype} compute, torch fp32, "
+    f"{args.rounds} rounds, median"
+  )
   print(f"jax compile (first step incl. run): {compile_s:.2f} s")
   jt = common.median(times["jax"])
   for name, ts in times.items():

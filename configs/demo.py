@@ -7,7 +7,7 @@ sampler, RandAugment and evaluator as a real run), trains for a few minutes on 2
 evaluates Recall@K before training and after every epoch, and saves Orbax checkpoints.
 """
 
-from salad_jax.configs import base_config
+from salad_jax.train.config import base_config
 
 
 def get_config(arg=None):

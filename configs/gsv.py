@@ -24,7 +24,7 @@ Which data source for which hardware (the batches are bit-identical either way):
 `--config configs/gsv.py:runlocal` is a few-step smoke test of the same pipeline.
 """
 
-from salad_jax.configs import base_config
+from salad_jax.train.config import base_config
 
 
 def get_config(arg=None):

@@ -1,9 +1,25 @@
-"""salad_jax: DINOv2 SALAD visual place recognition in JAX/Flax."""
+"""salad_jax: DINOv2 SALAD visual place recognition in JAX/Flax.
+
+The public API: `load`, `preprocess`, `SaladModel` (inference), `save_converted`, `ModelConfig`,
+`VPRModel`, `init_params` (the model) and `losses`. The package's folders by role: `models/` (the
+networks), `data/` (datasets and input pipelines), `train/` (the train state, step, loop,
+checkpoints and workdir), `evaluation/` (descriptors, search, Recall@K), `weights/` (PyTorch files,
+conversion, converted dirs, checksums), `files/` (writing beside a user's files).
+"""
 
 from salad_jax import losses
-from salad_jax.inference import SaladModel, load, preprocess, save_converted
+from salad_jax.inference import SaladModel, load, preprocess
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
+from salad_jax.weights.converted import save_converted
 
-__all__ = ["losses", "ModelConfig", "SaladModel", "VPRModel", "init_params", "load", "preprocess",
-           "save_converted"]
+__all__ = [
+  "losses",
+  "ModelConfig",
+  "SaladModel",
+  "VPRModel",
+  "init_params",
+  "load",
+  "preprocess",
+  "save_converted",
+]
 __version__ = "0.1.0"

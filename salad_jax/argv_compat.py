@@ -39,9 +39,12 @@ def flag_kinds(flag_values=flags.FLAGS) -> tuple[set[str], set[str]]:
   return lists, bools
 
 
-def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
-            unsupported: Mapping[str, Callable[[str | None], str]] | None = None
-            ) -> tuple[list[str], list[str]]:
+def rewrite(
+  argv: Sequence[str],
+  lists: set[str],
+  bools: set[str] = frozenset(),
+  unsupported: Mapping[str, Callable[[str | None], str]] | None = None,
+) -> tuple[list[str], list[str]]:
   """argparse-style `argv` -> (absl-style argv, notes to show the user).
 
   `lists`: flags whose values may be space separated; `bools`: flags that take no value (as
@@ -77,8 +80,10 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
       i = j
       continue
     if name in bools and eq == "" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-      raise UserError(f"--{name} takes no value (got {argv[i + 1]!r})",
-                      f"write --{name} to turn it on, --no{name} to turn it off")
+      raise UserError(
+        f"--{name} takes no value (got {argv[i + 1]!r})",
+        f"write --{name} to turn it on, --no{name} to turn it off",
+      )
     if name not in lists:
       out.append(token)
       i += 1
@@ -86,7 +91,9 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
     parts = [p for v in values for p in v.split(",") if p]
     both = f"write --{name} {' '.join(parts)} or --{name}={','.join(parts)}"
     if eq and len(values) > 1:
-      raise UserError(f"--{name}={value} {' '.join(values[1:])}: ambiguous, '=' takes one value", both)
+      raise UserError(
+        f"--{name}={value} {' '.join(values[1:])}: ambiguous, '=' takes one value", both
+      )
     if not values:
       raise UserError(f"--{name} needs a value", HINT)
     if len(values) > 1 and any("," in v for v in values):
@@ -102,11 +109,15 @@ def rewrite(argv: Sequence[str], lists: set[str], bools: set[str] = frozenset(),
 
 def _ignored(flag: str, accepted: set[str], instead: str):
   """A flag of theirs we do not have: fine if its value names what we do, else an error."""
+
   def handle(value):
     if value is not None and value.lower() in accepted:
       return f"--{flag} {value}: ignored, {instead}"
-    raise UserError(f"--{flag} {value or ''}: not an option of salad_jax's evaluate.py; {instead}",
-                    f"drop --{flag}")
+    raise UserError(
+      f"--{flag} {value or ''}: not an option of salad_jax's evaluate.py; {instead}",
+      f"drop --{flag}",
+    )
+
   return handle
 
 
@@ -120,25 +131,33 @@ def _log_dir(value):
 
 # gmberton/VPR-methods-evaluation parser.py flags that evaluate.py has under another form
 VPR_METHODS_EVALUATION = {
-    "method": _ignored("method", {"salad"}, "the model is the SALAD checkpoint in --checkpoint "
-                       "(e.g. the released dino_salad.ckpt)"),
-    "backbone": _ignored("backbone", {"dinov2"}, "the backbone comes from --checkpoint"),
-    "descriptors_dimension": _ignored("descriptors_dimension", {"8448"},
-                                      "the descriptor size comes from --checkpoint"),
-    "log_dir": _log_dir,
+  "method": _ignored(
+    "method",
+    {"salad"},
+    "the model is the SALAD checkpoint in --checkpoint (e.g. the released dino_salad.ckpt)",
+  ),
+  "backbone": _ignored("backbone", {"dinov2"}, "the backbone comes from --checkpoint"),
+  "descriptors_dimension": _ignored(
+    "descriptors_dimension", {"8448"}, "the descriptor size comes from --checkpoint"
+  ),
+  "log_dir": _log_dir,
 }
 
 
 def image_size(values: Sequence[str], flag: str = "--image_size") -> tuple[int, int]:
   """(h, w) from one value (square, as SALAD's eval.py) or two; multiples of 14."""
   from salad_jax.models import vit
+
   try:
     size = [int(v) for v in values]
   except ValueError:
-    raise UserError(f"{flag} {' '.join(values)}: sizes are integers", "e.g. --image_size 322 322") from None
+    raise UserError(
+      f"{flag} {' '.join(values)}: sizes are integers", "e.g. --image_size 322 322"
+    ) from None
   if len(size) not in (1, 2) or min(size) <= 0:
-    raise UserError(f"{flag} {' '.join(values)}: one or two positive values (H W)",
-                    "e.g. --image_size 322 322")
+    raise UserError(
+      f"{flag} {' '.join(values)}: one or two positive values (H W)", "e.g. --image_size 322 322"
+    )
   h, w = size[0], size[-1]
   vit.check_image_shape((1, h, w, 3))
   return h, w

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 
 from salad_jax import errors
+from salad_jax.files.atomic import DISK_ERRNOS, exception_chain
 
 
 def quiet_logs() -> None:
@@ -32,6 +33,7 @@ def start_jax(device: str | None = None) -> None:
   import jax
 
   from salad_jax import sharding
+
   if device:
     jax.config.update("jax_platforms", {"gpu": "cuda"}.get(device, device))
   sharding.maybe_initialize_distributed()
@@ -40,9 +42,10 @@ def start_jax(device: str | None = None) -> None:
       jax.devices()
     except Exception as e:  # RuntimeError, or an AssertionError when no such plugin is installed
       detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise errors.UserError(f"--device {device}: JAX has no such device here ({detail})",
-                             "omit --device to use what JAX finds (for GPUs: pip install "
-                             "'jax[cuda12]')") from None
+      raise errors.UserError(
+        f"--device {device}: JAX has no such device here ({detail})",
+        "omit --device to use what JAX finds (for GPUs: pip install 'jax[cuda12]')",
+      ) from None
 
 
 def _one_line(text: str) -> str:
@@ -61,8 +64,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(_one_line(str(e)), "see --helpshort for the flags")
   except AttributeError as e:  # a config override naming a key the config does not have
     text = _one_line(str(e)).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    fail(f"config override: no such setting {text}",
-         "see the config file for the available keys")
+    fail(f"config override: no such setting {text}", "see the config file for the available keys")
   except Exception as e:  # anything a config file raises is the user's input
     if os.environ.get("SALAD_JAX_TRACEBACK") == "1":
       raise
@@ -80,20 +82,23 @@ def _load_config(name: str) -> None:
     if "Failed loading config file" in text:
       path = next((ln.strip() for ln in text.splitlines() if ln.strip().endswith(".py")), "")
       detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("[Errno")), "")
-      fail(f"--{name}: cannot load config file {path} {detail}".strip(),
-           "give a config .py file, e.g. --config configs/gsv.py")
+      fail(
+        f"--{name}: cannot load config file {path} {detail}".strip(),
+        "give a config .py file, e.g. --config configs/gsv.py",
+      )
     fail(f"--{name}: {_one_line(text)}")
 
 
-MEMORY_HINT = ("evaluate.py: a smaller --batch_size or --image_size; train.py: "
-               "--config.model.remat=blocks, --config.model.dtype=bfloat16, --config.mesh.fsdp=N or "
-               "fewer --config.data.places_per_batch (README: Memory per device)")
+MEMORY_HINT = (
+  "evaluate.py: a smaller --batch_size or --image_size; train.py: "
+  "--config.model.remat=blocks, --config.model.dtype=bfloat16, --config.mesh.fsdp=N or "
+  "fewer --config.data.places_per_batch (README: Memory per device)"
+)
 
 
 def _os_error_line(exc: BaseException) -> str | None:
   """One line for an exception caused by a full disk, a quota, a read-only file system or a
   missing permission (an OSError anywhere in its __cause__/__context__ chain), else None."""
-  from salad_jax.atomic import DISK_ERRNOS, exception_chain
   for e in exception_chain(exc):
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
       where = f" {e.filename}" if e.filename else ""
@@ -108,6 +113,7 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
   `config_flags`, `app.UsageError`, and `errors.USER_ERRORS` raised by the library.
   `SALAD_JAX_TRACEBACK=1` re-raises them with their traceback.
   """
+
   def wrapped(argv):
     debug = os.environ.get("SALAD_JAX_TRACEBACK") == "1"
     for name in config_flags:
@@ -121,8 +127,10 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
     except errors.USER_ERRORS as e:
       if debug:
         raise
-      fail(e.message if isinstance(e, errors.UserError) else str(e),
-           e.hint if isinstance(e, errors.UserError) else "")
+      fail(
+        e.message if isinstance(e, errors.UserError) else str(e),
+        e.hint if isinstance(e, errors.UserError) else "",
+      )
     except KeyboardInterrupt as e:
       if isinstance(e, Terminated):
         print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
@@ -159,6 +167,9 @@ def _terminate_like_ctrl_c() -> None:
 
   def handler(signum, frame):
     raise Terminated()
-  if (threading.current_thread() is threading.main_thread()
-      and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+
+  if (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  ):
     signal.signal(signal.SIGTERM, handler)

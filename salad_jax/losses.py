@@ -26,8 +26,9 @@ def cosine_similarity(embeddings: jax.Array) -> jax.Array:
   return jnp.dot(e, e.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def multi_similarity_miner(sim: jax.Array, labels: jax.Array, epsilon: float = 0.1,
-                           valid: jax.Array | None = None):
+def multi_similarity_miner(
+  sim: jax.Array, labels: jax.Array, epsilon: float = 0.1, valid: jax.Array | None = None
+):
   """Mined (pos_mask, neg_mask), [N, N] bool, from a similarity matrix (no gradient).
 
   `valid` [N] bool drops padding entries from every pair (a padded batch then mines exactly what
@@ -56,9 +57,16 @@ def _masked_log1p_sum_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask.any(axis=1), out, 0.0)
 
 
-def multi_similarity_loss(descriptors: jax.Array, labels: jax.Array, *, alpha: float = 1.0,
-                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1,
-                          valid: jax.Array | None = None):
+def multi_similarity_loss(
+  descriptors: jax.Array,
+  labels: jax.Array,
+  *,
+  alpha: float = 1.0,
+  beta: float = 50.0,
+  base: float = 0.0,
+  epsilon: float = 0.1,
+  valid: jax.Array | None = None,
+):
   """Returns (loss, aux) for descriptors [N, D] and integer labels [N].
 
   `valid` [N] bool (optional): padding entries take no part, and the mean runs over valid anchors.
@@ -76,6 +84,11 @@ def multi_similarity_loss(descriptors: jax.Array, labels: jax.Array, *, alpha: f
   count = jnp.maximum(w.sum(), 1.0)
   loss = jnp.where(trivial, 0.0, jnp.sum((pos_loss + neg_loss) * w) / count)
   b_acc = 1.0 - jnp.sum(pos_mask.any(axis=1) * w) / count
-  aux = {"pos_mask": pos_mask, "neg_mask": neg_mask, "b_acc": b_acc,
-         "num_pos_pairs": num_pos, "num_neg_pairs": num_neg}
+  aux = {
+    "pos_mask": pos_mask,
+    "neg_mask": neg_mask,
+    "b_acc": b_acc,
+    "num_pos_pairs": num_pos,
+    "num_neg_pairs": num_neg,
+  }
   return loss, aux

@@ -16,13 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from salad_jax.errors import UserError
 
 DATA, FSDP = "data", "fsdp"
 # Arrays smaller than this stay replicated under "fsdp": gathering them costs more than they weigh.
-MIN_SHARD_ELEMENTS = 2 ** 14
+MIN_SHARD_ELEMENTS = 2**14
 # (regex over 'params/backbone/blocks_3/attn/qkv/kernel'-style paths, spec): first match wins.
 # spec: "fsdp" (largest dim divisible by the fsdp axis), "replicate", or a PartitionSpec.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = ((r".*", "fsdp"),)
@@ -38,9 +39,11 @@ def maybe_initialize_distributed() -> None:
     return
   explicit = os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES")
   if explicit:
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+    jax.distributed.initialize(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
+    )
   elif os.environ.get("SALAD_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
 
@@ -48,8 +51,10 @@ def maybe_initialize_distributed() -> None:
 def check_fsdp(fsdp: int, num_devices: int) -> None:
   if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or num_devices % fsdp:
     ok = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-    raise UserError(f"config.mesh.fsdp={fsdp!r} does not divide the {num_devices} device(s)",
-                    f"use one of {ok} (--config.mesh.fsdp=N; 1 = params replicated)")
+    raise UserError(
+      f"config.mesh.fsdp={fsdp!r} does not divide the {num_devices} device(s)",
+      f"use one of {ok} (--config.mesh.fsdp=N; 1 = params replicated)",
+    )
 
 
 def make_mesh(devices: Sequence | None = None, fsdp: int = 1) -> Mesh:
@@ -78,11 +83,15 @@ def check_batch_layout(global_images: int, img_per_place: int, mesh: Mesh) -> No
   n = mesh.devices.size
   if global_images % n or (global_images // n) % img_per_place:
     places = global_images // img_per_place
-    layout = f" (mesh data={mesh.shape[DATA]} x fsdp={fsdp_size(mesh)})" if FSDP in mesh.shape else ""
-    raise UserError(f"a batch of {places} places x {img_per_place} images cannot be split over "
-                    f"{n} devices{layout} with whole places per device",
-                    f"use a multiple of {n} places, e.g. --config.data.places_per_batch="
-                    f"{max(n, places // n * n)}")
+    layout = (
+      f" (mesh data={mesh.shape[DATA]} x fsdp={fsdp_size(mesh)})" if FSDP in mesh.shape else ""
+    )
+    raise UserError(
+      f"a batch of {places} places x {img_per_place} images cannot be split over "
+      f"{n} devices{layout} with whole places per device",
+      f"use a multiple of {n} places, e.g. --config.data.places_per_batch="
+      f"{max(n, places // n * n)}",
+    )
 
 
 # ------------------------------------------------------------------------------ params
@@ -111,8 +120,9 @@ def fsdp_spec(shape: Sequence[int], n: int, min_elements: int = MIN_SHARD_ELEMEN
   return P()
 
 
-def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
-             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+def spec_for(
+  name: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> P:
   for pattern, spec in rules:
     if re.search(pattern, name):
       if spec == "fsdp":
@@ -125,8 +135,10 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """NamedSharding per leaf (arrays or jax.ShapeDtypeStruct) by `rules` over the leaf paths."""
+
   def one(path, x):
     return NamedSharding(mesh, spec_for(path_name(path), np.shape(x), mesh, rules))
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -134,8 +146,11 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEF
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Process-local batch arrays -> global arrays sharded on the batch dim over the mesh."""
   sharding = data_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items() if np.ndim(v) > 0}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local.items()
+    if np.ndim(v) > 0
+  }
 
 
 def put(tree: Any, shardings: Any) -> Any:
@@ -144,9 +159,11 @@ def put(tree: Any, shardings: Any) -> Any:
   Each process builds only its own devices' shards (`make_array_from_callback`), so this works
   for any sharding and any number of processes.
   """
+
   def one(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
   return jax.tree.map(one, tree, shardings)
 
 

@@ -23,6 +23,9 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from salad_jax.data.images import load_image, normalize, resize
+from salad_jax.weights import torch_files
+
 TILE = 256
 BORDER = 10
 GAP = 16
@@ -43,13 +46,21 @@ def _tile(path: str | None, color) -> Image.Image:
   return im
 
 
-def prediction_image(query: str, preds: list[str | None], correct: list[bool | None]) -> Image.Image:
+def prediction_image(
+  query: str, preds: list[str | None], correct: list[bool | None]
+) -> Image.Image:
   """`preds`: paths, None for "no result"; `correct`: per prediction, None without labels."""
   tiles = [_tile(query, None)] + [
-      _tile(p, (150, 150, 150) if p is None else None if c is None else
-            ((0, 200, 0) if c else (220, 0, 0))) for p, c in zip(preds, correct)]
-  labels = ["Query"] + [f"Pred{i}" + (" - no result" if p is None else "" if c is None else f" - {c}")
-                        for i, (p, c) in enumerate(zip(preds, correct))]
+    _tile(
+      p,
+      (150, 150, 150) if p is None else None if c is None else ((0, 200, 0) if c else (220, 0, 0)),
+    )
+    for p, c in zip(preds, correct)
+  ]
+  labels = ["Query"] + [
+    f"Pred{i}" + (" - no result" if p is None else "" if c is None else f" - {c}")
+    for i, (p, c) in enumerate(zip(preds, correct))
+  ]
   w = len(tiles) * TILE + (len(tiles) - 1) * GAP
   canvas = Image.new("RGB", (w, TILE + LABEL_H), "white")
   d = ImageDraw.Draw(canvas)
@@ -66,8 +77,9 @@ def prediction_files(num_queries: int) -> list[str]:
   return [f"{qi:0{digits}d}.{ext}" for qi in range(num_queries) for ext in ("jpg", "txt")]
 
 
-def save_predictions(eval_set, predictions: np.ndarray, out_dir: str,
-                     only_wrong: bool = False) -> int:
+def save_predictions(
+  eval_set, predictions: np.ndarray, out_dir: str, only_wrong: bool = False
+) -> int:
   """Writes one image + one text file per query; returns how many were written.
 
   A prediction of -1 (faiss: no result) is drawn and listed as "no result", never as an image.
@@ -86,7 +98,10 @@ def save_predictions(eval_set, predictions: np.ndarray, out_dir: str,
     listed = [p if p is not None else "(no result)" for p in paths]
     lines = ["Query path:", query + "\n", "Predictions paths:", "\n".join(listed) + "\n"]
     if pos is not None:
-      lines += ["Positives paths:", "\n".join(eval_set.database_paths[j] for j in sorted(pos)) + "\n"]
+      lines += [
+        "Positives paths:",
+        "\n".join(eval_set.database_paths[j] for j in sorted(pos)) + "\n",
+      ]
     with open(os.path.join(out_dir, f"{qi:0{digits}d}.txt"), "w") as f:
       f.write("\n".join(lines))
     written += 1
@@ -94,7 +109,9 @@ def save_predictions(eval_set, predictions: np.ndarray, out_dir: str,
 
 
 # ------------------------------------------------------------------------------ assignment maps
-HEAT = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], np.float32)  # dark -> light
+HEAT = np.array(
+  [[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], np.float32
+)  # dark -> light
 GREY = (128, 128, 128)
 
 
@@ -162,25 +179,38 @@ def assignment_picture(image: Image.Image, assign: np.ndarray) -> Image.Image:
   lo, hi = float(dust.min()), float(dust.max())
   clusters = argmax_clusters(assign)
   used = len(np.unique(clusters))
-  return _panels([
+  return _panels(
+    [
       ("image", image),
-      (f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
-       _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8)),
-      (f"(b) arg-max cluster per patch\n{used} of {m} clusters",
-       _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6)),
-  ], _scale(image))
+      (
+        f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
+        _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8),
+      ),
+      (
+        f"(b) arg-max cluster per patch\n{used} of {m} clusters",
+        _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6),
+      ),
+    ],
+    _scale(image),
+  )
 
 
-def pair_picture(image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Image,
-                 assign_b: np.ndarray) -> Image.Image:
+def pair_picture(
+  image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Image, assign_b: np.ndarray
+) -> Image.Image:
   """Two images; only patches whose arg-max cluster is the arg-max of some patch in both, coloured."""
   m = assign_a.shape[0] - 1
   ca, cb = argmax_clusters(assign_a), argmax_clusters(assign_b)
   shared = set(np.unique(ca).tolist()) & set(np.unique(cb).tolist())
   colors = cluster_colors(m)
   label = f"{len(shared)} of {m} clusters in both\nother patches grey"
-  return _panels([(label, _blend(image_a, _grid_rgb(ca, colors, shared), 0.6)),
-                  ("", _blend(image_b, _grid_rgb(cb, colors, shared), 0.6))], _scale(image_a))
+  return _panels(
+    [
+      (label, _blend(image_a, _grid_rgb(ca, colors, shared), 0.6)),
+      ("", _blend(image_b, _grid_rgb(cb, colors, shared), 0.6)),
+    ],
+    _scale(image_a),
+  )
 
 
 def _names(paths) -> list[str]:
@@ -195,13 +225,15 @@ def _names(paths) -> list[str]:
 def assignment_files(paths, pair: bool = False) -> list[str]:
   """The files `assignment_maps` writes for `paths`, relative to its output_dir."""
   names = _names(paths)
-  return ([f"{name}_assignment.png" for name in names]
-          + ([f"pair_{names[0]}_{names[1]}.png"] if pair else []) + ["assignments.npz"])
+  return (
+    [f"{name}_assignment.png" for name in names]
+    + ([f"pair_{names[0]}_{names[1]}.png"] if pair else [])
+    + ["assignments.npz"]
+  )
 
 
 def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = False) -> list[str]:
   """Draws `model.assignment` for each image; returns the files written into `output_dir`."""
-  from salad_jax.data.images import load_image, normalize, resize
   if not paths:
     raise ValueError("assignment_maps: no images given")
   images, assigns, names = [], [], _names(paths)
@@ -221,14 +253,15 @@ def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = Fals
 def has_salad_head(path: str) -> bool:
   """Whether a torch/safetensors checkpoint file holds a SALAD head, from its keys alone (a
   DINOv2 backbone file would get a random head). Undecidable here: True, `load` will tell."""
-  from salad_jax import weights
   try:
-    if weights.file_kind(path) == "safetensors":
+    if torch_files.file_kind(path) == "safetensors":
       from safetensors import safe_open
+
       with safe_open(path, "np") as f:
         keys = list(f.keys())
     else:
       import torch
+
       obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
       keys = list(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
   except Exception:  # noqa: BLE001 (unreadable here: salad_jax.load gives the real message)
@@ -240,9 +273,11 @@ def _main(argv) -> None:
   from absl import app, flags
 
   import salad_jax
-  from salad_jax import argv_compat, cli, errors, outputs
+  from salad_jax import argv_compat, cli, errors, inference
   from salad_jax.data import images
+  from salad_jax.files import destinations, outputs
   from salad_jax.models import vit
+
   F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -257,16 +292,17 @@ def _main(argv) -> None:
       raise FileNotFoundError(f"--images: image not found: {p}")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
-  errors.check_checkpoint_exists(F.checkpoint)
-  out = errors.check_output_dir(F.output_dir, "--output_dir")
+  inference.check_checkpoint_exists(F.checkpoint)
+  out = destinations.check_dir(F.output_dir, "--output_dir")
   images.check_batch_memory(size, 1)
   claimed = outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
   no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
   model = None if no_head else salad_jax.load(F.checkpoint)
   if no_head or model.source.get("kind") == "dinov2":
-    raise errors.UserError(f"{F.checkpoint} is a DINOv2 backbone without a SALAD head: it has no "
-                           "assignment to show", "give a SALAD checkpoint (dino_salad.ckpt, a "
-                           "converted dir or a train.py workdir)")
+    raise errors.UserError(
+      f"{F.checkpoint} is a DINOv2 backbone without a SALAD head: it has no assignment to show",
+      "give a SALAD checkpoint (dino_salad.ckpt, a converted dir or a train.py workdir)",
+    )
   vit.check_image_shape((1, size[0], size[1], 3), model.config.num_clusters)
   for path in assignment_maps(model, F.images, size, out, F.pair):
     print(f"wrote {path}")
@@ -279,7 +315,10 @@ if __name__ == "__main__":
   from absl import flags
 
   from salad_jax import argv_compat, cli, errors
-  flags.DEFINE_string("checkpoint", None, "SALAD checkpoint: converted dir, train.py workdir or .ckpt/.pth.")
+
+  flags.DEFINE_string(
+    "checkpoint", None, "SALAD checkpoint: converted dir, train.py workdir or .ckpt/.pth."
+  )
   flags.DEFINE_list("images", None, "Image files (space- or comma-separated).")
   flags.DEFINE_list("image_size", ["322", "322"], "H W (one value: square); multiples of 14.")
   flags.DEFINE_string("output_dir", "runs/assignment", "Where the pictures go.")

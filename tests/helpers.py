@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
+from salad_jax.weights import convert
+
 import torch_reference as tr
-from salad_jax import convert
 
 
 def torch_model(variant="S/14", seed=0, **kw):
@@ -44,6 +45,7 @@ def make_gsv(root, cities, size=(40, 30), seed=0):
   from PIL import Image
 
   from salad_jax.data.gsv_cities import image_name
+
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(root, "Dataframes"), exist_ok=True)
   out = {}
@@ -75,6 +77,7 @@ def parity_diffs(tm, params, fwd, feats, batch):
   fwd(params, x) -> (descriptors, {"intermediates": ...}); feats(params, x) -> (map, token).
   """
   import jax
+
   xt = torch.from_numpy(batch).permute(0, 3, 1, 2)
   with torch.no_grad():
     d_t = tm(xt).numpy()
@@ -84,41 +87,59 @@ def parity_diffs(tm, params, fwd, feats, batch):
     d_j, inter = fwd(params, batch)
     f_j, t_j = feats(params, batch)
   p_j = np.asarray(inter["intermediates"]["aggregator"]["assignment"][0])
-  return {"descriptor": np.abs(np.asarray(d_j) - d_t).max(),
-          "features": np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max(),
-          "token": np.abs(np.asarray(t_j) - t_t.numpy()).max(),
-          "assignment": np.abs(p_j - p_t).max(), "shape": np.shape(d_j)}
+  return {
+    "descriptor": np.abs(np.asarray(d_j) - d_t).max(),
+    "features": np.abs(np.asarray(f_j) - f_t.permute(0, 2, 3, 1).numpy()).max(),
+    "token": np.abs(np.asarray(t_j) - t_t.numpy()).max(),
+    "assignment": np.abs(p_j - p_t).max(),
+    "shape": np.shape(d_j),
+  }
 
 
-def random_params(mc, seed=0):
-  """Params of the shapes of ModelConfig `mc` without compiling an init (fast): normal(0.02)
+def random_params(model_cfg, seed=0):
+  """Params of the shapes of ModelConfig `model_cfg` without compiling an init (fast): normal(0.02)
   weights, LayerNorm/LayerScale scales at 1, the dustbin at 1."""
-  from salad_jax import optim
+  from salad_jax.train import optim
+
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, shape in convert.param_shapes(mc).items():
+  for path, shape in convert.param_shapes(model_cfg).items():
     name = "/".join(path)
     one = name.endswith(("/scale", "/gamma", "dust_bin"))
-    flat[name] = (np.ones(shape, np.float32) if one else
-                  (0.02 * rng.standard_normal(shape)).astype(np.float32))
+    flat[name] = (
+      np.ones(shape, np.float32) if one else (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    )
   return optim.unflatten(flat)
 
 
-def tiny_train_setup(mc, params, mesh):
+def tiny_train_setup(model_cfg, params, mesh):
   """(state, jitted step) of the paper's optimizer and loss on `mesh` (a 10-step schedule,
   2 steps per epoch, so the Lightning epoch step shows within a few steps)."""
   import jax
   import ml_collections
 
-  from salad_jax import optim, trainer
-  cfg = ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=10,
-                                       lightning_epoch_step=True, freeze="auto"))
+  from salad_jax.train import optim, trainer
+
+  cfg = ml_collections.ConfigDict(
+    dict(
+      lr=6e-5,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=10,
+      lightning_epoch_step=True,
+      freeze="auto",
+    )
+  )
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=2)
-  freeze = optim.default_freeze_regex(mc)
+  freeze = optim.default_freeze_regex(model_cfg)
   state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
-  step = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                 schedule, mesh)
+  step = trainer.make_train_step(
+    model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
+  )
   return state, step
 
 
@@ -131,5 +152,8 @@ def place_batch(i, places=8, k=4, hw=56, padded_last=0):
   valid = np.ones(places * k, bool)
   if padded_last:
     valid[-padded_last:] = False
-  return {"images": imgs.reshape(places * k, hw, hw, 3),
-          "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32), "valid": valid}
+  return {
+    "images": imgs.reshape(places * k, hw, hw, 3),
+    "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32),
+    "valid": valid,
+  }

@@ -5,17 +5,26 @@ import os
 import subprocess
 import sys
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def test_accelerator_benchmark_smoke(tmp_path):
   out = tmp_path / "acc.json"
-  r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "accelerator.py"), "--smoke",
-                      "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                              PYTHONPATH=REPO))
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "benchmarks", "accelerator.py"),
+      "--smoke",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO),
+  )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["errors"] == [], res["errors"]
@@ -25,13 +34,19 @@ def test_accelerator_benchmark_smoke(tmp_path):
   assert t["finite"] and t["img_s"] > 0 and t["gflop_per_image"] > 0
   assert sections["describe bf16 b2"]["img_s"] > 0
   assert sections["pipeline"]["img_s"] > 0
-  summary = r.stdout[r.stdout.index("accelerator benchmark:"):]
-  for words in ("describe 70x70 bf16", "train step 16 x 56x56 bf16", "input pipeline", "input-bound"):
+  summary = r.stdout[r.stdout.index("accelerator benchmark:") :]
+  for words in (
+    "describe 70x70 bf16",
+    "train step 16 x 56x56 bf16",
+    "input pipeline",
+    "input-bound",
+  ):
     assert words in summary, summary
 
 
 def test_accelerator_peak_table():
   import accelerator
+
   assert accelerator.peak_tflops("NVIDIA H200", "bfloat16", 0) == 989
   assert accelerator.peak_tflops("NVIDIA H100 80GB HBM3", "float32", 0) == 495
   assert accelerator.peak_tflops("TPU v5 lite", "bfloat16", 0) == 197
@@ -43,8 +58,25 @@ def test_memory_figures_add_up(capsys):
   """Compiled for the 8 test devices under fsdp=8: params bytes = count x 4 / ~8 (small leaves
   stay replicated), arguments = state + batch shards (checked inside: no '!')."""
   import memory
-  memory.main(["--models", "Nano/14", "--fsdp", "8", "--remat", "none", "--dtypes", "float32",
-               "--places", "8", "--size", "126", "--trainable_blocks", "2"])
+
+  memory.main(
+    [
+      "--models",
+      "Nano/14",
+      "--fsdp",
+      "8",
+      "--remat",
+      "none",
+      "--dtypes",
+      "float32",
+      "--places",
+      "8",
+      "--size",
+      "126",
+      "--trainable_blocks",
+      "2",
+    ]
+  )
   out = capsys.readouterr().out
   rows = [line for line in out.splitlines() if line.startswith("  Nano/14")]
   assert len(rows) == 1 and "error" not in out and "!" not in out, out

@@ -26,7 +26,9 @@ def test_magnitudes_at_bin_9_of_31():
   assert len(augment.OPS) == 14 and "Invert" not in augment.OPS
 
 
-@pytest.mark.parametrize("op,dx,dy", [("TranslateX", 30, 0), ("TranslateX", -30, 0), ("TranslateY", 0, 30)])
+@pytest.mark.parametrize(
+  "op,dx,dy", [("TranslateX", 30, 0), ("TranslateX", -30, 0), ("TranslateY", 0, 30)]
+)
 def test_translate_is_an_integer_shift_with_black_fill(op, dx, dy):
   d = float(dx or dy)
   out = np.asarray(augment.apply_op(IMG, op, d + 0.45 * np.sign(d)))  # int() truncates toward 0
@@ -109,7 +111,7 @@ def test_sharpness_blends_with_a_3x3_smooth_keeping_the_border():
   k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float64) / 13
   p = ARR.astype(np.float64)
   smooth = ARR.copy()
-  inner = sum(k[i, j] * p[i:222 + i, j:222 + j] for i in range(3) for j in range(3))
+  inner = sum(k[i, j] * p[i : 222 + i, j : 222 + j] for i in range(3) for j in range(3))
   smooth[1:-1, 1:-1] = np.clip(np.floor(inner + 0.5), 0, 255).astype(np.uint8)
   want = _blend(smooth, ARR, 1.0 + mag)
   assert np.abs(out.astype(int) - want.astype(int)).max() <= 1  # float32 vs float64 rounding
@@ -153,10 +155,13 @@ def test_rand_augment_applies_num_ops_ops_deterministically():
 
 def _images_for_fast_path():
   rng = np.random.default_rng(1)
-  out = [IMG, Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)),
-         Image.fromarray((rng.integers(0, 256, (224, 224, 3)) // 3 + 60).astype(np.uint8)),
-         Image.new("RGB", (50, 40), (10, 200, 30)),  # constant: degenerate histograms
-         Image.fromarray(np.where(rng.random((31, 17, 3)) < 0.5, 3, 250).astype(np.uint8))]
+  out = [
+    IMG,
+    Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)),
+    Image.fromarray((rng.integers(0, 256, (224, 224, 3)) // 3 + 60).astype(np.uint8)),
+    Image.new("RGB", (50, 40), (10, 200, 30)),  # constant: degenerate histograms
+    Image.fromarray(np.where(rng.random((31, 17, 3)) < 0.5, 3, 250).astype(np.uint8)),
+  ]
   y, x = np.mgrid[:112, :112]  # smooth gradients: values near LUT and rounding boundaries
   out.append(Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8)))
   return out
@@ -166,7 +171,7 @@ def _images_for_fast_path():
 def test_fast_path_is_byte_identical_to_pil_for_every_op_and_sign(op):
   for img in _images_for_fast_path():
     hw = (img.size[1], img.size[0])
-    for sign in ((1, -1) if op in augment.SIGNED else (1,)):
+    for sign in (1, -1) if op in augment.SIGNED else (1,):
       for magnitude in (9, 30, 1):
         mag = sign * augment.magnitude_of(op, hw, magnitude)
         if op == "Posterize" and not 1 <= int(mag) <= 8:

@@ -23,6 +23,10 @@ from safetensors.numpy import save_file
 
 import salad_jax
 import salad_jax.data.pack
+import salad_jax.weights.convert
+import salad_jax.weights.converted
+import salad_jax.weights.torch_files
+
 from helpers import make_gsv, state_dict_np, twin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +50,7 @@ def ctx(nano, tmp_path):
     dst = tmp_path / "converted"
     shutil.copytree(nano.root / "converted", dst)
     return str(dst)
+
   return types.SimpleNamespace(**vars(nano), tmp=tmp_path, converted=converted)
 
 
@@ -65,7 +70,9 @@ def with_value(x, value):
 
 def torch_file(c, name, sd):
   path = str(c.tmp / name)
-  torch.save(collections.OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in sd.items()), path)
+  torch.save(
+    collections.OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in sd.items()), path
+  )
   return path
 
 
@@ -106,6 +113,7 @@ def assert_project_intact(c):
 
 def nan_params_without_checksum(c):
   import orbax.checkpoint as ocp
+
   d = c.converted()
   params = jax_tree_map(np.copy, c.model.params)
   params["aggregator"]["score_0"]["bias"][3] = np.nan
@@ -117,121 +125,251 @@ def nan_params_without_checksum(c):
 
 
 def jax_tree_map(fn, tree):
-  return {k: jax_tree_map(fn, v) if isinstance(v, dict) else fn(np.asarray(v)) for k, v in tree.items()}
+  return {
+    k: jax_tree_map(fn, v) if isinstance(v, dict) else fn(np.asarray(v)) for k, v in tree.items()
+  }
 
 
 # ------------------------------------------------------------------------------ the library
 # (case, action(ctx), words the error holds); after the action, `check(ctx)` if given
 LIBRARY = [
-    # images (item 5): describe and features take ImageNet-normalised floats
-    ("describe: uint8 images", lambda c: c.model.describe(pixels()), ["uint8", "salad_jax.preprocess"]),
-    ("describe: floats in [0, 255]", lambda c: c.model.describe(pixels().astype(np.float32)),
-     ["outside [-2.118, 2.640]", "salad_jax.preprocess"]),
-    ("describe: a device array in [0, 255]",
-     lambda c: c.model.describe(jnp.asarray(pixels(), jnp.float32)), ["outside [-2.118, 2.640]"]),
-    ("describe: a NaN pixel", lambda c: c.model.describe(with_value(normalised(), np.nan)), ["NaN or Inf"]),
-    ("features: an Inf pixel", lambda c: c.model.features(with_value(normalised(), np.inf)), ["NaN or Inf"]),
-    ("features: uint8 images", lambda c: c.model.features(pixels()), ["uint8"]),
-    # tensors (item 6): floating point and finite, named
-    ("torch file: a NaN tensor",
-     lambda c: salad_jax.load(torch_file(c, "nan.pth", changed(c.sd, "aggregator.score.0.weight",
-                                                                with_value(c.sd["aggregator.score.0.weight"], np.nan)))),
-     ["tensor 'aggregator.score.0.weight' (1 of", "is NaN or Inf"]),
-    ("safetensors: an Inf tensor",
-     lambda c: salad_jax.load(save_st(c, changed(c.sd, "backbone.model.norm.bias",
-                                                 np.full(128, np.inf, np.float32)))),
-     ["tensor 'backbone.model.norm.bias' (128 of 128 values) is NaN or Inf"]),
-    ("torch file: an integer tensor",
-     lambda c: salad_jax.load(torch_file(c, "int.pth", changed(c.sd, "backbone.model.blocks.1.attn.qkv.bias",
-                                                                np.zeros(384, np.int64)))),
-     ["tensor 'backbone.model.blocks.1.attn.qkv.bias' has dtype int64", "floating point"]),
-    ("safetensors: a bool tensor",
-     lambda c: salad_jax.load(save_st(c, changed(c.sd, "aggregator.dust_bin", np.array(True)))),
-     ["tensor 'aggregator.dust_bin' has dtype bool"]),
-    ("converted dir: a flipped byte in params",
-     lambda c: salad_jax.load(corrupt(c.converted(), flip_byte)),
-     ["params is corrupt", "params_checksum recorded in", "salad_config.json"]),
-    ("converted dir: a data file deleted",
-     lambda c: salad_jax.load(corrupt(c.converted(), os.remove)), ["params cannot be read", "damaged"]),
-    ("converted dir (no checksum): NaN params", nan_params_without_checksum,
-     ["tensor 'aggregator/score_0/bias' (1 of 128 values) is NaN or Inf"]),
-    # messages (item 8)
-    ("converted dir: salad_config.json not JSON",
-     lambda c: salad_jax.load(write(c.converted(), "salad_config.json", '{"model": {"variant"')),
-     ["salad_config.json is corrupt"]),
-    ("converted dir: salad_config.json with an unknown variant",
-     lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(variant="Z/14"))),
-     ["salad_config.json is corrupt", "Z/14"]),
-    ("converted dir: salad_config.json of another model",
-     lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(num_clusters=8))),
-     ["does not match the model in", "aggregator/score_3/bias: checkpoint (16,), model (8,)"]),
-    # overwriting (item 1): only ever what salad_jax wrote
-    ("save(overwrite=True) into a project folder",
-     lambda c: c.model.save(project_folder(c), overwrite=True),
-     ["refusing to write into", "not a salad_jax checkpoint"]),
-    ("save(overwrite=True) over a checkpoint holding a user's file",
-     lambda c: c.model.save(write(c.converted(), "notes.txt", "mine"), overwrite=True),
-     ["holds files salad_jax did not write (notes.txt)"]),
-    ("save() onto a file", lambda c: c.model.save(write_file(c, "weights", "x")), ["is a file, not a directory"]),
-    ("to_torch(overwrite=True) over a user's .pth",
-     lambda c: c.model.to_torch(torch_file(c, "official.pth", c.sd), overwrite=True),
-     ["refusing to overwrite", "salad_jax did not write it"]),
-    ("to_torch(overwrite=True) over a user's .safetensors",
-     lambda c: c.model.to_torch(save_st(c, c.sd), overwrite=True), ["refusing to overwrite"]),
-    ("to_torch() onto a directory named x.pth",
-     lambda c: c.model.to_torch(str(mkdir(c, "x.pth"))), ["is a directory"]),
-    ("convert_weights --dst: an existing file where a folder is expected",
-     lambda c: salad_jax.inference.check_destination(write_file(c, "notes.txt", "x"), True),
-     ["is a file, not a directory"]),
-    ("convert_weights --dst: below a file",
-     lambda c: salad_jax.inference.check_destination(write_file(c, "notes.txt", "x") + "/out", False),
-     ["is a file, not a directory"]),
-    ("load: a folder that holds no checkpoint", lambda c: salad_jax.load(str(mkdir(c, "empty"))),
-     ["holds no salad_jax checkpoint"]),
-    ("load: a text file named .ckpt", lambda c: salad_jax.load(write_file(c, "text.ckpt", "hello")),
-     ["text.ckpt is not a PyTorch checkpoint", "neither torch's zip format nor a pickle", "b'hello'"]),
-    # overwriting (convert probe): a converted dir is replaced only if every file in it is ours
-    ("save(overwrite=True) over a checkpoint with a user's file in params/",
-     lambda c: c.model.save(user_file_in_params(c.converted()), overwrite=True),
-     ["did not write (params/NOTES.txt)"]),
-    ("save(overwrite=True) over a checkpoint with a user's folder in params/",
-     lambda c: c.model.save(user_folder_in_params(c.converted()), overwrite=True),
-     ["did not write (params/my_analysis)"]),
-    ("save(overwrite=True) over a checkpoint whose params file was replaced by a user's",
-     lambda c: c.model.save(corrupt(c.converted(), lambda p: open(p, "a").write("mine")), overwrite=True),
-     ["salad_jax did not write (params/"]),
-    ("save(overwrite=True) over an older checkpoint (no file record) with a user's file in params/",
-     lambda c: c.model.save(user_file_in_params(edit(c.converted(), lambda m: m.pop("files"))),
-                            overwrite=True),
-     ["did not write (params/NOTES.txt)"]),
-    ("save(''): an empty path", lambda c: c.model.save(""), ["empty path"]),
-    ("convert_weights --dst ''", lambda c: salad_jax.inference.check_destination("", False), ["empty path"]),
-    ("to_torch() to a .txt file", lambda c: c.model.to_torch(str(c.tmp / "x.txt")),
-     ["must end in .ckpt, .pth", ".safetensors"]),
-    ("to_torch(overwrite=True) over a link to a .pth salad_jax wrote",
-     lambda c: c.model.to_torch(link_to_own_pth(c), overwrite=True), ["is a symbolic link (to ours.pth)"]),
-    ("to_torch() onto a full disk", lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.pth"))),
-     ["cannot write", "full.pth: no space left on the device", "nothing was written"]),
-    ("to_torch() onto a full disk, .safetensors",
-     lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.safetensors"))),
-     ["full.safetensors: no space left on the device"]),
-    ("save() onto a disk that fills while Orbax writes",
-     lambda c: orbax_fails(c, lambda: c.model.save(str(c.tmp / "full"))),
-     ["cannot write", "full: no space left on the device"]),
-    ("save() onto a disk without room", lambda c: no_room(c, lambda: c.model.save(str(c.tmp / "full"))),
-     ["cannot write", "MiB are free there"]),
-    ("pack: a user's folder where the staging folder goes",
-     lambda c: salad_jax.data.pack._check_staging(write(str(mkdir(c, "2.0.0.partial")), "mine.txt", "x")),
-     ["is not an unfinished pack", "choose another --data_dir"]),
-    ("pack: a link where the staging folder goes",
-     lambda c: salad_jax.data.pack._check_staging(symlink(c, str(mkdir(c, "mine")), "2.0.0.partial")),
-     ["is not an unfinished pack"]),
-    ("pack: another job's staging folder that also holds a file of yours",
-     lambda c: salad_jax.data.pack._reset_if_other_job(
-         write(write(str(mkdir(c, "other.partial")), "job.json", '{"x": 1}'), "thesis.txt", "mine"),
-         {"job": 2}),
-     ["another job and thesis.txt, which a pack does not write"]),
+  # images (item 5): describe and features take ImageNet-normalised floats
+  (
+    "describe: uint8 images",
+    lambda c: c.model.describe(pixels()),
+    ["uint8", "salad_jax.preprocess"],
+  ),
+  (
+    "describe: floats in [0, 255]",
+    lambda c: c.model.describe(pixels().astype(np.float32)),
+    ["outside [-2.118, 2.640]", "salad_jax.preprocess"],
+  ),
+  (
+    "describe: a device array in [0, 255]",
+    lambda c: c.model.describe(jnp.asarray(pixels(), jnp.float32)),
+    ["outside [-2.118, 2.640]"],
+  ),
+  (
+    "describe: a NaN pixel",
+    lambda c: c.model.describe(with_value(normalised(), np.nan)),
+    ["NaN or Inf"],
+  ),
+  (
+    "features: an Inf pixel",
+    lambda c: c.model.features(with_value(normalised(), np.inf)),
+    ["NaN or Inf"],
+  ),
+  ("features: uint8 images", lambda c: c.model.features(pixels()), ["uint8"]),
+  # tensors (item 6): floating point and finite, named
+  (
+    "torch file: a NaN tensor",
+    lambda c: salad_jax.load(
+      torch_file(
+        c,
+        "nan.pth",
+        changed(
+          c.sd, "aggregator.score.0.weight", with_value(c.sd["aggregator.score.0.weight"], np.nan)
+        ),
+      )
+    ),
+    ["tensor 'aggregator.score.0.weight' (1 of", "is NaN or Inf"],
+  ),
+  (
+    "safetensors: an Inf tensor",
+    lambda c: salad_jax.load(
+      save_st(c, changed(c.sd, "backbone.model.norm.bias", np.full(128, np.inf, np.float32)))
+    ),
+    ["tensor 'backbone.model.norm.bias' (128 of 128 values) is NaN or Inf"],
+  ),
+  (
+    "torch file: an integer tensor",
+    lambda c: salad_jax.load(
+      torch_file(
+        c,
+        "int.pth",
+        changed(c.sd, "backbone.model.blocks.1.attn.qkv.bias", np.zeros(384, np.int64)),
+      )
+    ),
+    ["tensor 'backbone.model.blocks.1.attn.qkv.bias' has dtype int64", "floating point"],
+  ),
+  (
+    "safetensors: a bool tensor",
+    lambda c: salad_jax.load(save_st(c, changed(c.sd, "aggregator.dust_bin", np.array(True)))),
+    ["tensor 'aggregator.dust_bin' has dtype bool"],
+  ),
+  (
+    "converted dir: a flipped byte in params",
+    lambda c: salad_jax.load(corrupt(c.converted(), flip_byte)),
+    ["params is corrupt", "params_checksum recorded in", "salad_config.json"],
+  ),
+  (
+    "converted dir: a data file deleted",
+    lambda c: salad_jax.load(corrupt(c.converted(), os.remove)),
+    ["params cannot be read", "damaged"],
+  ),
+  (
+    "converted dir (no checksum): NaN params",
+    nan_params_without_checksum,
+    ["tensor 'aggregator/score_0/bias' (1 of 128 values) is NaN or Inf"],
+  ),
+  # messages (item 8)
+  (
+    "converted dir: salad_config.json not JSON",
+    lambda c: salad_jax.load(write(c.converted(), "salad_config.json", '{"model": {"variant"')),
+    ["salad_config.json is corrupt"],
+  ),
+  (
+    "converted dir: salad_config.json with an unknown variant",
+    lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(variant="Z/14"))),
+    ["salad_config.json is corrupt", "Z/14"],
+  ),
+  (
+    "converted dir: salad_config.json of another model",
+    lambda c: salad_jax.load(edit(c.converted(), lambda m: m["model"].update(num_clusters=8))),
+    ["does not match the model in", "aggregator/score_3/bias: checkpoint (16,), model (8,)"],
+  ),
+  # overwriting (item 1): only ever what salad_jax wrote
+  (
+    "save(overwrite=True) into a project folder",
+    lambda c: c.model.save(project_folder(c), overwrite=True),
+    ["refusing to write into", "not a salad_jax checkpoint"],
+  ),
+  (
+    "save(overwrite=True) over a checkpoint holding a user's file",
+    lambda c: c.model.save(write(c.converted(), "notes.txt", "mine"), overwrite=True),
+    ["holds files salad_jax did not write (notes.txt)"],
+  ),
+  (
+    "save() onto a file",
+    lambda c: c.model.save(write_file(c, "weights", "x")),
+    ["is a file, not a directory"],
+  ),
+  (
+    "to_torch(overwrite=True) over a user's .pth",
+    lambda c: c.model.to_torch(torch_file(c, "official.pth", c.sd), overwrite=True),
+    ["refusing to overwrite", "salad_jax did not write it"],
+  ),
+  (
+    "to_torch(overwrite=True) over a user's .safetensors",
+    lambda c: c.model.to_torch(save_st(c, c.sd), overwrite=True),
+    ["refusing to overwrite"],
+  ),
+  (
+    "to_torch() onto a directory named x.pth",
+    lambda c: c.model.to_torch(str(mkdir(c, "x.pth"))),
+    ["is a directory"],
+  ),
+  (
+    "convert_weights --dst: an existing file where a folder is expected",
+    lambda c: salad_jax.weights.converted.check_destination(write_file(c, "notes.txt", "x"), True),
+    ["is a file, not a directory"],
+  ),
+  (
+    "convert_weights --dst: below a file",
+    lambda c: salad_jax.weights.converted.check_destination(
+      write_file(c, "notes.txt", "x") + "/out", False
+    ),
+    ["is a file, not a directory"],
+  ),
+  (
+    "load: a folder that holds no checkpoint",
+    lambda c: salad_jax.load(str(mkdir(c, "empty"))),
+    ["holds no salad_jax checkpoint"],
+  ),
+  (
+    "load: a text file named .ckpt",
+    lambda c: salad_jax.load(write_file(c, "text.ckpt", "hello")),
+    [
+      "text.ckpt is not a PyTorch checkpoint",
+      "neither torch's zip format nor a pickle",
+      "b'hello'",
+    ],
+  ),
+  # overwriting (convert probe): a converted dir is replaced only if every file in it is ours
+  (
+    "save(overwrite=True) over a checkpoint with a user's file in params/",
+    lambda c: c.model.save(user_file_in_params(c.converted()), overwrite=True),
+    ["did not write (params/NOTES.txt)"],
+  ),
+  (
+    "save(overwrite=True) over a checkpoint with a user's folder in params/",
+    lambda c: c.model.save(user_folder_in_params(c.converted()), overwrite=True),
+    ["did not write (params/my_analysis)"],
+  ),
+  (
+    "save(overwrite=True) over a checkpoint whose params file was replaced by a user's",
+    lambda c: c.model.save(
+      corrupt(c.converted(), lambda p: open(p, "a").write("mine")), overwrite=True
+    ),
+    ["salad_jax did not write (params/"],
+  ),
+  (
+    "save(overwrite=True) over an older checkpoint (no file record) with a user's file in params/",
+    lambda c: c.model.save(
+      user_file_in_params(edit(c.converted(), lambda m: m.pop("files"))), overwrite=True
+    ),
+    ["did not write (params/NOTES.txt)"],
+  ),
+  ("save(''): an empty path", lambda c: c.model.save(""), ["empty path"]),
+  (
+    "convert_weights --dst ''",
+    lambda c: salad_jax.weights.converted.check_destination("", False),
+    ["empty path"],
+  ),
+  (
+    "to_torch() to a .txt file",
+    lambda c: c.model.to_torch(str(c.tmp / "x.txt")),
+    ["must end in .ckpt, .pth", ".safetensors"],
+  ),
+  (
+    "to_torch(overwrite=True) over a link to a .pth salad_jax wrote",
+    lambda c: c.model.to_torch(link_to_own_pth(c), overwrite=True),
+    ["is a symbolic link (to ours.pth)"],
+  ),
+  (
+    "to_torch() onto a full disk",
+    lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.pth"))),
+    ["cannot write", "full.pth: no space left on the device", "nothing was written"],
+  ),
+  (
+    "to_torch() onto a full disk, .safetensors",
+    lambda c: full_disk(c, lambda: c.model.to_torch(str(c.tmp / "full.safetensors"))),
+    ["full.safetensors: no space left on the device"],
+  ),
+  (
+    "save() onto a disk that fills while Orbax writes",
+    lambda c: orbax_fails(c, lambda: c.model.save(str(c.tmp / "full"))),
+    ["cannot write", "full: no space left on the device"],
+  ),
+  (
+    "save() onto a disk without room",
+    lambda c: no_room(c, lambda: c.model.save(str(c.tmp / "full"))),
+    ["cannot write", "MiB are free there"],
+  ),
+  (
+    "pack: a user's folder where the staging folder goes",
+    lambda c: salad_jax.data.pack._check_staging(
+      write(str(mkdir(c, "2.0.0.partial")), "mine.txt", "x")
+    ),
+    ["is not an unfinished pack", "choose another --data_dir"],
+  ),
+  (
+    "pack: a link where the staging folder goes",
+    lambda c: salad_jax.data.pack._check_staging(
+      symlink(c, str(mkdir(c, "mine")), "2.0.0.partial")
+    ),
+    ["is not an unfinished pack"],
+  ),
+  (
+    "pack: another job's staging folder that also holds a file of yours",
+    lambda c: salad_jax.data.pack._reset_if_other_job(
+      write(write(str(mkdir(c, "other.partial")), "job.json", '{"x": 1}'), "thesis.txt", "mine"),
+      {"job": 2},
+    ),
+    ["another job and thesis.txt, which a pack does not write"],
+  ),
 ]
+
 
 def user_file_in_params(d):
   write(os.path.join(d, "params"), "NOTES.txt", "mine")
@@ -258,6 +396,7 @@ def full_disk(c, action):
   """`action` on a disk that is full (Python's writes fail with ENOSPC, whatever the check said)."""
   import builtins
   import errno
+
   real_open = builtins.open
 
   class Full:
@@ -279,6 +418,7 @@ def full_disk(c, action):
   def fake_open(path, mode="r", *a, **k):
     f = real_open(path, mode, *a, **k)
     return Full(f) if "w" in mode and str(c.tmp) in str(path) else f
+
   with pytest.MonkeyPatch.context() as m:
     m.setattr(builtins, "open", fake_open)
     action()
@@ -288,7 +428,10 @@ def orbax_fails(c, action):
   import orbax.checkpoint as ocp
 
   def save(self, *a, **k):
-    raise ValueError("RESOURCE_EXHAUSTED: Failed writing ...: No space left on device [os_error_code='28']")
+    raise ValueError(
+      "RESOURCE_EXHAUSTED: Failed writing ...: No space left on device [os_error_code='28']"
+    )
+
   with pytest.MonkeyPatch.context() as m:
     m.setattr(ocp.StandardCheckpointer, "save", save)
     action()
@@ -306,22 +449,26 @@ def assert_nothing_left(c):
 
 
 CHECKS = {  # what must still hold after the refusal
-    "save(overwrite=True) over a checkpoint with a user's file in params/":
-        lambda c: (c.tmp / "converted" / "params" / "NOTES.txt").read_text() == "mine" or pytest.fail(),
-    "save(overwrite=True) over a checkpoint with a user's folder in params/":
-        lambda c: (c.tmp / "converted/params/my_analysis/results.csv").read_text() == "x" or pytest.fail(),
-    "to_torch() onto a full disk": assert_nothing_left,
-    "to_torch() onto a full disk, .safetensors": assert_nothing_left,
-    "save() onto a disk that fills while Orbax writes": assert_nothing_left,
-    "pack: a user's folder where the staging folder goes":
-        lambda c: (c.tmp / "2.0.0.partial" / "mine.txt").read_text() == "x" or pytest.fail(),
-    "pack: another job's staging folder that also holds a file of yours":
-        lambda c: (c.tmp / "other.partial" / "thesis.txt").read_text() == "mine" or pytest.fail(),
-    "save(overwrite=True) into a project folder": assert_project_intact,
-    "to_torch(overwrite=True) over a user's .pth":
-        lambda c: np.testing.assert_array_equal(
-            torch.load(c.tmp / "official.pth")["aggregator.score.0.weight"].numpy(),
-            c.sd["aggregator.score.0.weight"]),
+  "save(overwrite=True) over a checkpoint with a user's file in params/": lambda c: (
+    (c.tmp / "converted" / "params" / "NOTES.txt").read_text() == "mine" or pytest.fail()
+  ),
+  "save(overwrite=True) over a checkpoint with a user's folder in params/": lambda c: (
+    (c.tmp / "converted/params/my_analysis/results.csv").read_text() == "x" or pytest.fail()
+  ),
+  "to_torch() onto a full disk": assert_nothing_left,
+  "to_torch() onto a full disk, .safetensors": assert_nothing_left,
+  "save() onto a disk that fills while Orbax writes": assert_nothing_left,
+  "pack: a user's folder where the staging folder goes": lambda c: (
+    (c.tmp / "2.0.0.partial" / "mine.txt").read_text() == "x" or pytest.fail()
+  ),
+  "pack: another job's staging folder that also holds a file of yours": lambda c: (
+    (c.tmp / "other.partial" / "thesis.txt").read_text() == "mine" or pytest.fail()
+  ),
+  "save(overwrite=True) into a project folder": assert_project_intact,
+  "to_torch(overwrite=True) over a user's .pth": lambda c: np.testing.assert_array_equal(
+    torch.load(c.tmp / "official.pth")["aggregator.score.0.weight"].numpy(),
+    c.sd["aggregator.score.0.weight"],
+  ),
 }
 
 
@@ -368,7 +515,9 @@ def test_library_bad_input(ctx, case, action, words):
 
 # --------------------------------------------------------------- inputs that must still load
 def test_lower_precision_weights_load_upcast_with_one_logged_line(ctx, caplog):
-  half = collections.OrderedDict((k, torch.from_numpy(v).to(torch.bfloat16)) for k, v in ctx.sd.items())
+  half = collections.OrderedDict(
+    (k, torch.from_numpy(v).to(torch.bfloat16)) for k, v in ctx.sd.items()
+  )
   path = str(ctx.tmp / "bf16.pth")
   torch.save(half, path)
   fp16 = {k: v.astype(np.float16) for k, v in ctx.sd.items()}
@@ -380,8 +529,10 @@ def test_lower_precision_weights_load_upcast_with_one_logged_line(ctx, caplog):
   assert f"converted {len(ctx.sd)} bfloat16 tensor(s)" in lines[0]
   want = half["aggregator.score.0.weight"].float().numpy()[:, :, 0, 0].T  # exact upcast
   np.testing.assert_array_equal(a.params["aggregator"]["score_0"]["kernel"], want)
-  np.testing.assert_array_equal(b.params["aggregator"]["score_0"]["kernel"],
-                                fp16["aggregator.score.0.weight"][:, :, 0, 0].T.astype(np.float32))
+  np.testing.assert_array_equal(
+    b.params["aggregator"]["score_0"]["kernel"],
+    fp16["aggregator.score.0.weight"][:, :, 0, 0].T.astype(np.float32),
+  )
 
 
 def test_own_outputs_are_replaced_with_overwrite(ctx):
@@ -407,22 +558,39 @@ def test_a_checkpoint_saved_before_file_records_is_replaced_if_it_holds_only_orb
 
 # every writer: a fresh temporary name, never a user's file of the old fixed names, umask mode
 def _writers():
-  from salad_jax import desc_cache, workdir
+  from salad_jax.evaluation import descriptor_cache
+  from salad_jax.train import workdir
+
   return {
-      "to_torch .pth": lambda c, p: c.model.to_torch(p),
-      "to_torch .safetensors": lambda c, p: c.model.to_torch(p),
-      "save dir": lambda c, p: c.model.save(p),
-      "workdir json": lambda c, p: workdir._write_json(p, {"a": 1}),
-      "descriptor cache": lambda c, p: desc_cache.write_entry(p, {"k": 1}, np.zeros((2, 3), np.float32)),
+    "to_torch .pth": lambda c, p: c.model.to_torch(p),
+    "to_torch .safetensors": lambda c, p: c.model.to_torch(p),
+    "save dir": lambda c, p: c.model.save(p),
+    "workdir json": lambda c, p: workdir._write_json(p, {"a": 1}),
+    "descriptor cache": lambda c, p: descriptor_cache.write_entry(
+      p, {"k": 1}, np.zeros((2, 3), np.float32)
+    ),
   }
 
 
-@pytest.mark.parametrize("writer,name", [("to_torch .pth", "out.pth"), ("to_torch .safetensors", "out.safetensors"),
-                                         ("save dir", "out"), ("workdir json", "config.json"),
-                                         ("descriptor cache", "entry.npz")])
+@pytest.mark.parametrize(
+  "writer,name",
+  [
+    ("to_torch .pth", "out.pth"),
+    ("to_torch .safetensors", "out.safetensors"),
+    ("save dir", "out"),
+    ("workdir json", "config.json"),
+    ("descriptor cache", "entry.npz"),
+  ],
+)
 def test_writers_never_touch_files_beside_the_destination(ctx, writer, name):
   (ctx.tmp / "thesis.txt").write_text("mine")
-  decoys = [f"{name}.tmp", f"{name}.tmp{os.getpid()}", f".tmp_{name}", f"{name}.partial", f".{name}.salad_tmp_"]
+  decoys = [
+    f"{name}.tmp",
+    f"{name}.tmp{os.getpid()}",
+    f".tmp_{name}",
+    f"{name}.partial",
+    f".{name}.salad_tmp_",
+  ]
   for i, decoy in enumerate(decoys):
     if i % 2:
       os.symlink("thesis.txt", ctx.tmp / decoy)
@@ -446,22 +614,30 @@ def test_writers_never_touch_files_beside_the_destination(ctx, writer, name):
 def test_suffixes_are_read_in_any_case(ctx):
   for name in ("UP.PTH", "Up.SafeTensors"):
     ctx.model.to_torch(str(ctx.tmp / name))
-    assert salad_jax.weights.written_by_us(str(ctx.tmp / name))
-    np.testing.assert_array_equal(salad_jax.load(str(ctx.tmp / name)).params["aggregator"]["score_3"]["kernel"],
-                                  ctx.model.params["aggregator"]["score_3"]["kernel"])
+    assert salad_jax.weights.torch_files.written_by_us(str(ctx.tmp / name))
+    np.testing.assert_array_equal(
+      salad_jax.load(str(ctx.tmp / name)).params["aggregator"]["score_3"]["kernel"],
+      ctx.model.params["aggregator"]["score_3"]["kernel"],
+    )
   assert open(ctx.tmp / "UP.PTH", "rb").read(2) == b"PK"  # torch's format, not Orbax's directory
   from safetensors import safe_open
+
   with safe_open(str(ctx.tmp / "Up.SafeTensors"), "np") as f:  # not a torch file named so
     assert "salad_jax" in f.metadata()
-  assert salad_jax.weights.file_kind("demo.PTH") == "torch"  # convert_weights --dst demo.PTH: a file
+  assert (
+    salad_jax.weights.torch_files.file_kind("demo.PTH") == "torch"
+  )  # convert_weights --dst demo.PTH: a file
 
 
 def test_leftovers_of_a_killed_save_are_mentioned_never_deleted(ctx, capsys):
   """A marker naming a dead pid is no proof (copied, forged, another PID namespace)."""
-  from salad_jax import atomic
+  from salad_jax.files import atomic
+
   killed = ctx.tmp / ".out.salad_tmp_killed"
   (killed / "params").mkdir(parents=True)
-  (killed / atomic.MARKER).write_text(f"{__import__('socket').gethostname()} {2**22 + 7}")  # no such pid
+  (killed / atomic.MARKER).write_text(
+    f"{__import__('socket').gethostname()} {2**22 + 7}"
+  )  # no such pid
   (killed / "thesis.txt").write_text("x")
   unknown = ctx.tmp / ".out.salad_tmp_nomarker"
   unknown.mkdir()
@@ -473,7 +649,9 @@ def test_leftovers_of_a_killed_save_are_mentioned_never_deleted(ctx, capsys):
 
 def test_an_os_error_anywhere_in_the_chain_is_one_line():
   import errno
+
   from salad_jax import cli
+
   try:
     try:
       raise OSError(errno.ENOSPC, "No space left on device", "/data/x.npz")
@@ -484,14 +662,25 @@ def test_an_os_error_anywhere_in_the_chain_is_one_line():
   assert cli._os_error_line(RuntimeError("a bug")) is None
 
 
-@pytest.mark.parametrize("statement,words", [
+@pytest.mark.parametrize(
+  "statement,words",
+  [
     ("np.empty((10**7, 10**7), np.float32)", ["error: out of host memory: Unable to allocate"]),
-    ("jnp.zeros((10**6, 10**6)).block_until_ready()", ["error: out of device memory: RESOURCE_EXHAUSTED"]),
-], ids=["host", "device"])
+    (
+      "jnp.zeros((10**6, 10**6)).block_until_ready()",
+      ["error: out of device memory: RESOURCE_EXHAUSTED"],
+    ),
+  ],
+  ids=["host", "device"],
+)
 def test_running_out_of_memory_is_one_line_with_the_settings_to_change(statement, words):
-  code = ("import numpy as np, jax.numpy as jnp\nfrom salad_jax import cli\n"
-          f"def main(argv):\n  {statement}\ncli.run(main)\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+  code = (
+    "import numpy as np, jax.numpy as jnp\nfrom salad_jax import cli\n"
+    f"def main(argv):\n  {statement}\ncli.run(main)\n"
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   for w in words + ["hint: ", "--batch_size", "remat"]:
     assert w in r.stderr, (w, r.stderr)
@@ -501,14 +690,22 @@ def test_sigterm_runs_the_cleanups_and_says_so(tmp_path):
   """A scheduler's SIGTERM used to kill train.py at once (rc -15, silent, the lock left behind)."""
   import signal
   import time
-  code = ("import sys, time\nfrom salad_jax import cli, workdir\n"
-          "def main(argv):\n  with workdir.hold(sys.argv[1]) as held:\n"
-          "    held.lock.acquire()\n    print('held', flush=True)\n    time.sleep(60)\n"
-          "cli.run(main)\n")
+
+  code = (
+    "import sys, time\nfrom salad_jax import cli\nfrom salad_jax.train import workdir\n"
+    "def main(argv):\n  with workdir.hold(sys.argv[1]) as held:\n"
+    "    held.lock.acquire()\n    print('held', flush=True)\n    time.sleep(60)\n"
+    "cli.run(main)\n"
+  )
   wd = tmp_path / "run"
   wd.mkdir()
-  p = subprocess.Popen([sys.executable, "-c", code, str(wd)], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=REPO)
+  p = subprocess.Popen(
+    [sys.executable, "-c", code, str(wd)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+  )
   assert p.stdout.readline().strip() == "held" and (wd / ".lock").exists()
   time.sleep(0.2)
   p.send_signal(signal.SIGTERM)
@@ -521,24 +718,28 @@ def test_sigterm_runs_the_cleanups_and_says_so(tmp_path):
 def test_converted_dir_without_a_checksum_still_loads(ctx):
   d = edit(ctx.converted(), lambda m: m.pop("params_checksum"))
   got = salad_jax.load(d).params
-  np.testing.assert_array_equal(got["aggregator"]["score_3"]["kernel"],
-                                ctx.model.params["aggregator"]["score_3"]["kernel"])
+  np.testing.assert_array_equal(
+    got["aggregator"]["score_3"]["kernel"], ctx.model.params["aggregator"]["score_3"]["kernel"]
+  )
 
 
 # ------------------------------------------------------------ one wrong-shaped tensor, named
-@pytest.mark.parametrize("key", [
+@pytest.mark.parametrize(
+  "key",
+  [
     "backbone.model.blocks.2.attn.qkv.weight",  # the middle of the backbone
     "backbone.model.blocks.1.norm2.weight",  # carries the width
     "backbone.model.cls_token",  # the width was read from it
     "aggregator.score.0.weight",  # hidden_dim was read from it
     "aggregator.cluster_features.0.bias",
     "aggregator.token_features.2.weight",  # token_dim: two tensors carry it, so both are named
-])
+  ],
+)
 def test_one_wrong_shaped_tensor_is_named_not_its_neighbours(nano, key):
   keys = list(nano.sd)
   sd = changed(nano.sd, key, np.zeros(tuple(d + 1 for d in nano.sd[key].shape), np.float32))
   with pytest.raises(ValueError) as e:
-    salad_jax.convert.torch_to_params(sd, salad_jax.convert.infer_config(sd)[0])
+    salad_jax.weights.convert.torch_to_params(sd, salad_jax.weights.convert.infer_config(sd)[0])
   msg = str(e.value)
   assert key in msg
   i = keys.index(key)
@@ -563,18 +764,33 @@ def convert_cli(c, *args, cwd=None):
 
 
 def train_cli(c, workdir_path, **overrides):
-  o = {"data.source": "folder", "data.root": c.gsv_root, "data.cities": "Alpha,Beta",
-       "data.places_per_batch": 8, "data.image_size": "(70,70)", "data.num_workers": 0,
-       "eval.sets": "", "eval.at_start": False, "model.variant": "Nano/14", **overrides}
-  return [sys.executable, os.path.join(REPO, "train.py"), "--config",
-          os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir_path)] + \
-      [f"--config.{k}={v}" for k, v in o.items()], None
+  o = {
+    "data.source": "folder",
+    "data.root": c.gsv_root,
+    "data.cities": "Alpha,Beta",
+    "data.places_per_batch": 8,
+    "data.image_size": "(70,70)",
+    "data.num_workers": 0,
+    "eval.sets": "",
+    "eval.at_start": False,
+    "model.variant": "Nano/14",
+    **overrides,
+  }
+  return [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/demo.py"),
+    "--workdir",
+    str(workdir_path),
+  ] + [f"--config.{k}={v}" for k, v in o.items()], None
 
 
 def evil_pickle(c):
   class System:
     def __reduce__(self):
       return (os.system, ("touch " + str(c.tmp / "ran"),))
+
   path = str(c.tmp / "evil.ckpt")
   torch.save({"state_dict": {"w": torch.zeros(1)}, "x": System()}, path)
   return path
@@ -583,8 +799,10 @@ def evil_pickle(c):
 def trained_looking_workdir(c):
   """A workdir whose run (train_cli's settings) reached a checkpoint; its presence is all the
   check looks at."""
+  from salad_jax.train import workdir
+
   import configs.demo
-  from salad_jax import workdir
+
   cfg = configs.demo.get_config()
   cfg.data.source, cfg.data.root, cfg.data.cities = "folder", c.gsv_root, "Alpha,Beta"
   cfg.data.places_per_batch, cfg.data.image_size, cfg.data.num_workers = 8, (70, 70), 0
@@ -598,61 +816,125 @@ def trained_looking_workdir(c):
 def locked_workdir(c):
   wd = c.tmp / "busy"
   wd.mkdir()
-  hold = ("import sys, time\nfrom salad_jax import workdir\nworkdir.Lock(sys.argv[1]).acquire()\n"
-          "print('held', flush=True)\ntime.sleep(120)\n")
-  c.holder = subprocess.Popen([sys.executable, "-c", hold, str(wd / ".lock")], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO)
+  hold = (
+    "import sys, time\nfrom salad_jax.train import lock\nlock.Lock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\ntime.sleep(120)\n"
+  )
+  c.holder = subprocess.Popen(
+    [sys.executable, "-c", hold, str(wd / ".lock")], stdout=subprocess.PIPE, text=True, cwd=REPO
+  )
   assert c.holder.stdout.readline().strip() == "held"
   return wd
 
 
 # (case, command(ctx) -> (argv, cwd), words on stderr)
 CLI = [
-    ("convert: no --src", lambda c: convert_cli(c, "--dst", str(c.tmp / "o")), ["--src"]),
-    ("convert: --src missing", lambda c: convert_cli(c, "--src", str(c.tmp / "nope.pth"), "--dst", str(c.tmp / "o")),
-     ["--src", "nope.pth does not exist"]),
-    ("convert: --src unreadable", lambda c: convert_cli(c, "--src", unreadable(c), "--dst", str(c.tmp / "o")),
-     ["is not readable"]),
-    ("convert: --dst . --overwrite in a project folder",
-     lambda c: convert_cli(c, "--src", c.pth, "--dst", ".", "--overwrite", cwd=project_folder(c)),
-     ["refusing to write into", "not a salad_jax checkpoint"]),
-    ("convert: --dst in an unwritable location",
-     lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/sys/salad_out"), ["is not writable"]),
-    ("convert: --dst a file the OS will not create",
-     lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/salad_out.pth"), ["/proc", "writ"]),
-    ("convert: --dst a user's .pth, --overwrite",
-     lambda c: convert_cli(c, "--src", c.pth, "--dst", torch_file(c, "mine.pth", c.sd), "--overwrite"),
-     ["refusing to overwrite", "did not write it"]),
-    ("convert: one wrong-shaped tensor",
-     lambda c: convert_cli(c, "--src", torch_file(c, "shape.pth", changed(c.sd, "aggregator.score.0.weight",
-                                                                         np.zeros((129, 129, 1, 1), np.float32))),
-                           "--dst", str(c.tmp / "o")),
-     ["shape mismatches (1): aggregator.score.0.weight: checkpoint (129, 129, 1, 1), model (128, 128, 1, 1)"]),
-    ("convert: a pickle that would run code",
-     lambda c: convert_cli(c, "--src", evil_pickle(c), "--dst", str(c.tmp / "o")),
-     ["refusing to load", "refers to os.system", "nothing in it was executed"]),
-    ("train: --workdir is a file", lambda c: train_cli(c, write_file(c, "run", "x")), ["--workdir", "is a file"]),
-    ("train: a workdir held by a live run", lambda c: train_cli(c, locked_workdir(c)),
-     ["is in use by a running train.py", "pid"]),
-    ("train: resume with another batch layout",
-     lambda c: train_cli(c, trained_looking_workdir(c), **{"data.places_per_batch": 16, "seed": 3}),
-     ["cannot change when resuming", "data.places_per_batch: 8 -> 16", "seed: 0 -> 3", "another --workdir"]),
-    ("train: a corrupt config.json",
-     lambda c: train_cli(c, write(str(mkdir(c, "w")), "config.json", "{not json")), ["config.json is corrupt"]),
-    ("train: a config.json of another tool",
-     lambda c: train_cli(c, write(str(mkdir(c, "other")), "config.json", '{"my": "tool"}')),
-     ["config.json is not a salad_jax config", "another --workdir"]),
-    ("train: a workdir whose checkpoints is a file (Orbax hung on it)",
-     lambda c: train_cli(c, write(str(mkdir(c, "w2")), "checkpoints", "x")),
-     ["checkpoints is in the way", "writes a directory there"]),
-    ("train: --workdir ''", lambda c: train_cli(c, ""), ["--workdir is empty"]),
-    ("train: more places per batch than the data has",
-     lambda c: train_cli(c, c.tmp / "pp", **{"data.places_per_batch": 100}),
-     ["places_per_batch = 100: more than the 16 places"]),
-    ("train: a .lock of yours in the workdir (it was overwritten, then deleted)",
-     lambda c: train_cli(c, write(str(mkdir(c, "w3")), ".lock", "USER LOCK")), [".lock is not a train.py lock"]),
-    ("train: keep no checkpoint", lambda c: train_cli(c, c.tmp / "k", **{"checkpoint.keep_last": 0}),
-     ["config.checkpoint.keep_last = 0", "--config.checkpoint.keep_last="]),
+  ("convert: no --src", lambda c: convert_cli(c, "--dst", str(c.tmp / "o")), ["--src"]),
+  (
+    "convert: --src missing",
+    lambda c: convert_cli(c, "--src", str(c.tmp / "nope.pth"), "--dst", str(c.tmp / "o")),
+    ["--src", "nope.pth does not exist"],
+  ),
+  (
+    "convert: --src unreadable",
+    lambda c: convert_cli(c, "--src", unreadable(c), "--dst", str(c.tmp / "o")),
+    ["is not readable"],
+  ),
+  (
+    "convert: --dst . --overwrite in a project folder",
+    lambda c: convert_cli(c, "--src", c.pth, "--dst", ".", "--overwrite", cwd=project_folder(c)),
+    ["refusing to write into", "not a salad_jax checkpoint"],
+  ),
+  (
+    "convert: --dst in an unwritable location",
+    lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/sys/salad_out"),
+    ["is not writable"],
+  ),
+  (
+    "convert: --dst a file the OS will not create",
+    lambda c: convert_cli(c, "--src", c.pth, "--dst", "/proc/salad_out.pth"),
+    ["/proc", "writ"],
+  ),
+  (
+    "convert: --dst a user's .pth, --overwrite",
+    lambda c: convert_cli(
+      c, "--src", c.pth, "--dst", torch_file(c, "mine.pth", c.sd), "--overwrite"
+    ),
+    ["refusing to overwrite", "did not write it"],
+  ),
+  (
+    "convert: one wrong-shaped tensor",
+    lambda c: convert_cli(
+      c,
+      "--src",
+      torch_file(
+        c,
+        "shape.pth",
+        changed(c.sd, "aggregator.score.0.weight", np.zeros((129, 129, 1, 1), np.float32)),
+      ),
+      "--dst",
+      str(c.tmp / "o"),
+    ),
+    [
+      "shape mismatches (1): aggregator.score.0.weight: checkpoint (129, 129, 1, 1), model (128, 128, 1, 1)"
+    ],
+  ),
+  (
+    "convert: a pickle that would run code",
+    lambda c: convert_cli(c, "--src", evil_pickle(c), "--dst", str(c.tmp / "o")),
+    ["refusing to load", "refers to os.system", "nothing in it was executed"],
+  ),
+  (
+    "train: --workdir is a file",
+    lambda c: train_cli(c, write_file(c, "run", "x")),
+    ["--workdir", "is a file"],
+  ),
+  (
+    "train: a workdir held by a live run",
+    lambda c: train_cli(c, locked_workdir(c)),
+    ["is in use by a running train.py", "pid"],
+  ),
+  (
+    "train: resume with another batch layout",
+    lambda c: train_cli(c, trained_looking_workdir(c), **{"data.places_per_batch": 16, "seed": 3}),
+    [
+      "cannot change when resuming",
+      "data.places_per_batch: 8 -> 16",
+      "seed: 0 -> 3",
+      "another --workdir",
+    ],
+  ),
+  (
+    "train: a corrupt config.json",
+    lambda c: train_cli(c, write(str(mkdir(c, "w")), "config.json", "{not json")),
+    ["config.json is corrupt"],
+  ),
+  (
+    "train: a config.json of another tool",
+    lambda c: train_cli(c, write(str(mkdir(c, "other")), "config.json", '{"my": "tool"}')),
+    ["config.json is not a salad_jax config", "another --workdir"],
+  ),
+  (
+    "train: a workdir whose checkpoints is a file (Orbax hung on it)",
+    lambda c: train_cli(c, write(str(mkdir(c, "w2")), "checkpoints", "x")),
+    ["checkpoints is in the way", "writes a directory there"],
+  ),
+  ("train: --workdir ''", lambda c: train_cli(c, ""), ["--workdir is empty"]),
+  (
+    "train: more places per batch than the data has",
+    lambda c: train_cli(c, c.tmp / "pp", **{"data.places_per_batch": 100}),
+    ["places_per_batch = 100: more than the 16 places"],
+  ),
+  (
+    "train: a .lock of yours in the workdir (it was overwritten, then deleted)",
+    lambda c: train_cli(c, write(str(mkdir(c, "w3")), ".lock", "USER LOCK")),
+    [".lock is not a train.py lock"],
+  ),
+  (
+    "train: keep no checkpoint",
+    lambda c: train_cli(c, c.tmp / "k", **{"checkpoint.keep_last": 0}),
+    ["config.checkpoint.keep_last = 0", "--config.checkpoint.keep_last="],
+  ),
 ]
 
 
@@ -668,10 +950,18 @@ def unreadable(c):
 def test_cli_bad_input(ctx, gsv_root, case, command, words):
   ctx.gsv_root, ctx.holder = gsv_root, None
   argv, cwd = command(ctx)
-  before = {p: open(p, "rb").read() for p in [str(ctx.tmp / "run" / "config.json")] if os.path.exists(p)}
+  before = {
+    p: open(p, "rb").read() for p in [str(ctx.tmp / "run" / "config.json")] if os.path.exists(p)
+  }
   try:
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd or REPO, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    r = subprocess.run(
+      argv,
+      capture_output=True,
+      text=True,
+      cwd=cwd or REPO,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+    )
   finally:
     if ctx.holder is not None:
       ctx.holder.kill()

@@ -9,17 +9,23 @@ import jax
 import numpy as np
 import pytest
 
-from salad_jax import checkpoint
 from salad_jax.errors import UserError
+from salad_jax.train import checkpoint
+from salad_jax.weights import run_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(step, shape=(128, 128)):
   rng = np.random.default_rng(step)  # random floats: stored raw, so a flipped byte decodes silently
-  state = {"params": {"head": {"kernel": rng.standard_normal(shape).astype(np.float32)},
-                      "bias": rng.standard_normal(7).astype(np.float32)},
-           "opt": {"mu": np.full(7, step, np.float32)}, "step": np.int32(step)}
+  state = {
+    "params": {
+      "head": {"kernel": rng.standard_normal(shape).astype(np.float32)},
+      "bias": rng.standard_normal(7).astype(np.float32),
+    },
+    "opt": {"mu": np.full(7, step, np.float32)},
+    "step": np.int32(step),
+  }
   return jax.device_put(state)
 
 
@@ -52,7 +58,9 @@ def test_saved_meta_holds_the_params_checksum_and_restore_verifies_it(tmp_path):
   assert meta["params_checksum"].startswith("sum32:")
   ck, (step, state, _) = _restore(tmp_path)
   assert step == 1
-  np.testing.assert_array_equal(state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+    state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"]
+  )
   ck.close()
 
 
@@ -64,7 +72,9 @@ def test_damaged_newest_checkpoints_fall_back_and_are_kept_aside(tmp_path, capsy
   ck, (step, state, meta) = _restore(tmp_path)
   out = capsys.readouterr().out
   assert step == 1 and meta["step"] == 1
-  np.testing.assert_array_equal(state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+    state["params"]["head"]["kernel"], _state(1)["params"]["head"]["kernel"]
+  )
   lines = [ln for ln in out.splitlines() if "cannot be restored" in ln]
   assert len(lines) == 2 and all("resuming from step 1" in ln for ln in lines)
   assert "step 2 cannot be restored (CorruptCheckpointError" in out and "checksum" in out
@@ -82,7 +92,9 @@ def test_damaged_newest_checkpoints_fall_back_and_are_kept_aside(tmp_path, capsy
 def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
   _save(tmp_path, [1])
   os.remove(_largest_file(tmp_path / "checkpoints" / "1" / "params"))
-  with pytest.raises(UserError, match=r"no checkpoint in .* can be restored \(step 1: .*nothing was moved"):
+  with pytest.raises(
+    UserError, match=r"no checkpoint in .* can be restored \(step 1: .*nothing was moved"
+  ):
     _restore(tmp_path)
   assert os.path.isdir(tmp_path / "checkpoints" / "1")
   assert not os.path.exists(tmp_path / "damaged_checkpoints")
@@ -91,7 +103,10 @@ def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
 def test_other_param_shapes_are_a_config_error_not_damage(tmp_path):
   _save(tmp_path, [1, 2])
   ck = checkpoint.TrainCheckpointer(str(tmp_path))
-  with pytest.raises(UserError, match=r"other shapes than the model.*head.*kernel.*checkpoint \(128, 128\), model \(64, 128\)"):
+  with pytest.raises(
+    UserError,
+    match=r"other shapes than the model.*head.*kernel.*checkpoint \(128, 128\), model \(64, 128\)",
+  ):
     ck.restore_latest(checkpoint.abstract_like(_state(0, shape=(64, 128))))
   ck.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
@@ -111,11 +126,13 @@ def test_checkpoint_without_checksum_still_restores(tmp_path):
 def test_inference_load_names_a_corrupt_or_damaged_step(tmp_path):
   _save(tmp_path, [1, 2])
   _flip_byte(_largest_file(tmp_path / "checkpoints" / "2" / "params"))
-  with pytest.raises(UserError, match=r"checkpoints/2 is corrupt: its params do not match the checksum"):
-    checkpoint.load_for_inference(str(tmp_path), which="latest")
+  with pytest.raises(
+    UserError, match=r"checkpoints/2 is corrupt: its params do not match the checksum"
+  ):
+    run_checkpoints.load_for_inference(str(tmp_path), which="latest")
   os.remove(_largest_file(tmp_path / "checkpoints" / "1" / "params"))
   with pytest.raises(UserError, match=r"checkpoints/1 cannot be read \(.*\): it is damaged") as e:
-    checkpoint.load_for_inference(str(tmp_path / "checkpoints" / "1"))
+    run_checkpoints.load_for_inference(str(tmp_path / "checkpoints" / "1"))
   assert "checkpoints/2" in e.value.hint  # points to another step
 
 
@@ -136,7 +153,7 @@ def test_the_best_checkpoint_survives_a_resume_and_is_named(tmp_path):
 ORPHANS = r"""
 import asyncio, gc, os, sys, types
 import orbax.checkpoint as ocp
-from salad_jax import checkpoint
+from salad_jax.weights import orbax_reads
 
 @types.coroutine
 def _suspend():
@@ -156,7 +173,7 @@ def defined_in(path):
   exec(compile(SRC, path, "exec"), ns)
   return ns
 
-checkpoint.quiet_orphaned_reads()
+orbax_reads.quiet_orphaned_reads()
 orbax, other = defined_in(os.path.join(os.path.dirname(ocp.__file__), "_src", "x.py")), defined_in("mine.py")
 for ns in (orbax, other):
   coro = ns["read"](_suspend)
@@ -178,8 +195,14 @@ def test_orphaned_orbax_reads_of_a_failed_restore_are_quiet_and_nothing_else_is(
   # which filled a pipe and blocked a process of a 2-process run
   script = tmp_path / "orphans.py"
   script.write_text(ORPHANS)
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                     cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+  r = subprocess.run(
+    [sys.executable, str(script)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   orbax, other, _ = r.stderr.split("--\n")
   assert orbax == "", orbax[:2000]

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import salad_jax
+from salad_jax.weights import convert, torch_files
+
 import torch_reference as tr
-from helpers import images as random_images, state_dict_np, torch_describe, torch_model, twin
-from salad_jax import convert
+from helpers import images as random_images
+from helpers import state_dict_np, torch_describe, torch_model, twin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,8 +55,12 @@ def test_layout_matches_official_key_count_and_order():
   rows = convert.layout(salad_jax.ModelConfig())
   keys = [r[0] for r in rows]
   assert len(keys) == 188
-  assert keys[:4] == ["backbone.model.cls_token", "backbone.model.pos_embed",
-                      "backbone.model.mask_token", "backbone.model.patch_embed.proj.weight"]
+  assert keys[:4] == [
+    "backbone.model.cls_token",
+    "backbone.model.pos_embed",
+    "backbone.model.mask_token",
+    "backbone.model.patch_embed.proj.weight",
+  ]
   assert keys[175] == "aggregator.dust_bin"
   assert keys == list(tr.VPRModel("B/14").state_dict())
 
@@ -73,9 +79,18 @@ def test_exported_pth_loads_strictly_into_torch_and_describes_the_same(s14, tmp_
 def test_lightning_ckpt_loads_and_matches_torch(s14, tmp_path):
   tm, _, _ = s14
   path = str(tmp_path / "last.ckpt")
-  torch.save({"epoch": 3, "global_step": 4170, "pytorch-lightning_version": "2.1.2",
-              "state_dict": tm.state_dict(), "loops": {}, "hparams_name": "kwargs",
-              "hyper_parameters": {"lr": 6e-5, "agg_arch": "SALAD"}}, path)
+  torch.save(
+    {
+      "epoch": 3,
+      "global_step": 4170,
+      "pytorch-lightning_version": "2.1.2",
+      "state_dict": tm.state_dict(),
+      "loops": {},
+      "hparams_name": "kwargs",
+      "hyper_parameters": {"lr": 6e-5, "agg_arch": "SALAD"},
+    },
+    path,
+  )
   model = salad_jax.load(path)
   assert model.source["kind"] == "salad" and len(model.source["sha256"]) == 64
   x = images(2, (224, 224))
@@ -117,7 +132,7 @@ def test_convert_weights_cli_writes_orbax_dir_and_refuses_to_overwrite(s14, tmp_
   assert out.returncode == 0, out.stderr
   meta = json.load(open(os.path.join(dst, "salad_config.json")))
   assert meta["model"]["variant"] == "S/14" and meta["model"]["num_clusters"] == 64
-  assert meta["source"]["sha256"] == convert.sha256(src)
+  assert meta["source"]["sha256"] == torch_files.sha256(src)
   model = salad_jax.load(dst)
   x = images(2, (322, 322))
   assert np.abs(model.describe(x) - torch_describe(tm, x)).max() <= 1e-6
@@ -144,8 +159,12 @@ def _mutated(sd, drop=None, add=None, reshape=None):
 def test_strict_check_names_missing_unexpected_and_misshaped_keys(s14):
   tm, _, config = s14
   sd = state_dict_np(tm)
-  bad = _mutated(sd, drop="aggregator.score.0.bias", add="aggregator.extra.weight",
-                 reshape="backbone.model.blocks.2.attn.qkv.weight")
+  bad = _mutated(
+    sd,
+    drop="aggregator.score.0.bias",
+    add="aggregator.extra.weight",
+    reshape="backbone.model.blocks.2.attn.qkv.weight",
+  )
   with pytest.raises(convert.CheckpointMismatchError) as e:
     convert.torch_to_params(bad, config)
   msg = str(e.value)
@@ -157,7 +176,9 @@ def test_strict_check_names_missing_unexpected_and_misshaped_keys(s14):
 def test_checkpoint_for_a_different_config_is_a_mismatch(s14):
   tm, _, _ = s14
   with pytest.raises(convert.CheckpointMismatchError, match="shape mismatches"):
-    convert.torch_to_params(state_dict_np(tm), salad_jax.ModelConfig(variant="S/14", num_clusters=32))
+    convert.torch_to_params(
+      state_dict_np(tm), salad_jax.ModelConfig(variant="S/14", num_clusters=32)
+    )
 
 
 def test_file_with_wrong_keys_is_a_clear_error(tmp_path):
@@ -195,11 +216,16 @@ class _System:
 def test_pickle_that_runs_code_is_refused_naming_what_it_calls(tmp_path):
   marker = str(tmp_path / "ran")
   path = str(tmp_path / "dino_salad.ckpt")
-  cases = [(lambda f: pickle.dump({"state_dict": {"x": _Evil(marker)}}, f, protocol=2), "builtins.exec"),
-           # newer pickle protocols are not even parsed by torch: the name comes from pickletools
-           (lambda f: pickle.dump({"state_dict": {"x": _Evil(marker, eval)}}, f, protocol=4), "builtins.eval"),
-           # the same payload inside torch's zip format
-           (lambda f: torch.save({"w": torch.zeros(1), "evil": _System()}, f), "os.system")]
+  cases = [
+    (lambda f: pickle.dump({"state_dict": {"x": _Evil(marker)}}, f, protocol=2), "builtins.exec"),
+    # newer pickle protocols are not even parsed by torch: the name comes from pickletools
+    (
+      lambda f: pickle.dump({"state_dict": {"x": _Evil(marker, eval)}}, f, protocol=4),
+      "builtins.eval",
+    ),
+    # the same payload inside torch's zip format
+    (lambda f: torch.save({"w": torch.zeros(1), "evil": _System()}, f), "os.system"),
+  ]
   for write, name in cases:
     with open(path, "wb") as f:
       write(f)

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_gsv
 from salad_jax.data import gsv_cities, pipeline
 
-CITIES = {"Alpha": [4, 5, 3, 6, 4, 8, 4, 2, 5, 4], "Beta": [4, 4, 7, 4, 1, 4], "Gamma": [6, 4, 4, 4, 5]}
+from helpers import make_gsv
+
+CITIES = {
+  "Alpha": [4, 5, 3, 6, 4, 8, 4, 2, 5, 4],
+  "Beta": [4, 4, 7, 4, 1, 4],
+  "Gamma": [6, 4, 4, 4, 5],
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,9 @@ def test_image_name_rule():
 
 def test_reader_prefixes_ids_drops_small_places_and_finds_every_file(gsv):
   root, files, ds = gsv
-  kept = [(ci, p) for ci, (c, counts) in enumerate(CITIES.items()) for p, n in enumerate(counts) if n >= 4]
+  kept = [
+    (ci, p) for ci, (c, counts) in enumerate(CITIES.items()) for p, n in enumerate(counts) if n >= 4
+  ]
   assert ds.num_places == len(kept)
   assert sorted(ds.place_ids.tolist()) == sorted(ci * 100_000 + p for ci, p in kept)
   for pos in range(ds.num_places):
@@ -45,7 +52,9 @@ def test_reader_errors(tmp_path):
     gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny",))
   with pytest.raises(FileNotFoundError, match="Missing.csv"):
     gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny", "Missing"))
-  (tmp_path / "Dataframes" / "Empty.csv").write_text("place_id,year,month,northdeg,city_id,lat,lon,panoid\n")
+  (tmp_path / "Dataframes" / "Empty.csv").write_text(
+    "place_id,year,month,northdeg,city_id,lat,lon,panoid\n"
+  )
   with pytest.raises(ValueError, match="no place"):
     gsv_cities.read_gsv_cities(str(tmp_path), ("Empty",))
 
@@ -70,8 +79,14 @@ def test_first_appearance_order_favours_places_with_more_images(gsv):
 
 
 def _batches(ds, n_proc=1, proc=0, **kw):
-  args = dict(places_per_batch=4, img_per_place=4, image_size=(28, 28), num_epochs=2, seed=3,
-              randaugment=False)
+  args = dict(
+    places_per_batch=4,
+    img_per_place=4,
+    image_size=(28, 28),
+    num_epochs=2,
+    seed=3,
+    randaugment=False,
+  )
   args.update(kw)
   it, spec = pipeline.train_dataset(ds, process_index=proc, process_count=n_proc, **args)
   return list(it), spec
@@ -82,7 +97,7 @@ def test_batches_are_place_major_with_k_distinct_images_and_a_padded_last_batch(
   batches, spec = _batches(ds)
   assert spec.steps_per_epoch == -(-ds.num_places // 4) and len(batches) == 2 * spec.steps_per_epoch
   seen = []
-  for b in batches[:spec.steps_per_epoch]:
+  for b in batches[: spec.steps_per_epoch]:
     assert b["images"].shape == (16, 28, 28, 3) and b["images"].dtype == np.uint8
     labels, valid = b["labels"].reshape(4, 4), b["valid"].reshape(4, 4)
     for p in range(4):
@@ -114,15 +129,17 @@ def test_two_processes_split_every_batch_and_cover_each_place_once(gsv):
 
 def test_iterator_state_restores_the_identical_next_batch(gsv):
   _, _, ds = gsv
-  it, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
-                                 num_epochs=2, seed=0)
+  it, _ = pipeline.train_dataset(
+    ds, places_per_batch=4, img_per_place=4, image_size=(28, 28), num_epochs=2, seed=0
+  )
   it = iter(it)
   for _ in range(3):
     next(it)
   state = it.get_state()
   want = [next(it) for _ in range(2)]
-  fresh, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
-                                    num_epochs=2, seed=0)
+  fresh, _ = pipeline.train_dataset(
+    ds, places_per_batch=4, img_per_place=4, image_size=(28, 28), num_epochs=2, seed=0
+  )
   fresh = iter(fresh)
   fresh.set_state(state)
   for w in want:
@@ -156,6 +173,7 @@ def test_corrupt_and_missing_training_images_become_black_and_are_counted(tmp_pa
 
 def test_damaged_jpeg_decodes_like_the_reference_and_is_counted_and_logged(tmp_path, caplog):
   from salad_jax.data import images
+
   root = str(tmp_path)
   files = make_gsv(root, {"Solo": [4]}, size=(200, 150))
   path = os.path.join(root, "Images", "Solo", files[("Solo", 0)][0])
@@ -167,11 +185,15 @@ def test_damaged_jpeg_decodes_like_the_reference_and_is_counted_and_logged(tmp_p
   ds = gsv_cities.read_gsv_cities(root, ("Solo",))
   (b,), _ = _batches(ds, places_per_batch=1, num_epochs=1)
   assert int(b["corrupt"]) == 1  # decoded (as with PIL's LOAD_TRUNCATED_IMAGES), and counted
-  want = np.asarray(images.resize(images.decode(data[: int(len(data) * 0.7)], "x",
-                                                damaged="allow")[0], (28, 28)))
+  want = np.asarray(
+    images.resize(images.decode(data[: int(len(data) * 0.7)], "x", damaged="allow")[0], (28, 28))
+  )
   assert any(np.array_equal(im, want) for im in b["images"]) and want.any()
-  assert [r for r in caplog.records if "damaged training image" in r.getMessage()
-          and os.path.basename(path) in r.getMessage()]
+  assert [
+    r
+    for r in caplog.records
+    if "damaged training image" in r.getMessage() and os.path.basename(path) in r.getMessage()
+  ]
 
 
 def _counting(ds):
@@ -195,10 +217,19 @@ def _counting(ds):
 def test_read_ahead_is_bounded_to_a_few_batches(gsv):
   """The prefetch buffer counts batches: it once held max(2 * places, threads) of them."""
   import time
+
   _, _, ds = gsv
   ds = _counting(ds)
-  it, _ = pipeline.train_dataset(ds, places_per_batch=4, img_per_place=4, image_size=(28, 28),
-                                 num_epochs=8, seed=0, num_threads=8, randaugment=False)
+  it, _ = pipeline.train_dataset(
+    ds,
+    places_per_batch=4,
+    img_per_place=4,
+    image_size=(28, 28),
+    num_epochs=8,
+    seed=0,
+    num_threads=8,
+    randaugment=False,
+  )
   it = iter(it)
   next(it)
   time.sleep(1.0)  # let the read-ahead fill up
@@ -213,14 +244,25 @@ def test_corrupt_count_matches_the_warnings_at_every_step(tmp_path, caplog):
     with open(os.path.join(root, "Images", "Solo", files[("Solo", pid)][pid % 4]), "wb") as f:
       f.write(b"not an image")
   ds = gsv_cities.read_gsv_cities(root, ("Solo",))
-  it, spec = pipeline.train_dataset(ds, places_per_batch=2, img_per_place=4, image_size=(28, 28),
-                                    num_epochs=1, seed=0, num_threads=4, randaugment=False)
+  it, spec = pipeline.train_dataset(
+    ds,
+    places_per_batch=2,
+    img_per_place=4,
+    image_size=(28, 28),
+    num_epochs=1,
+    seed=0,
+    num_threads=4,
+    randaugment=False,
+  )
   it, total = iter(it), 0
   for _ in range(spec.steps_per_epoch):
     b = next(it)
     total += int(b["corrupt"])
-    warned = [r for r in caplog.records
-              if r.levelname == "WARNING" and "unreadable training image" in r.getMessage()]
+    warned = [
+      r
+      for r in caplog.records
+      if r.levelname == "WARNING" and "unreadable training image" in r.getMessage()
+    ]
     assert len(warned) == total
   assert total > 0
 
@@ -233,10 +275,18 @@ def test_eval_batches_have_a_static_shape_and_a_validity_mask(tmp_path):
     paths.append(p)
   batches = list(pipeline.eval_dataset(paths, image_size=(28, 42), batch_size=4))
   assert [b["images"].shape for b in batches] == [(4, 28, 42, 3)] * 2
-  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), [0, 1, 2, 3, 4, 5, 6, -1])
+  np.testing.assert_array_equal(
+    np.concatenate([b["index"] for b in batches]), [0, 1, 2, 3, 4, 5, 6, -1]
+  )
   assert batches[1]["valid"].tolist() == [True, True, True, False]
   # two processes: each loads its half of every global batch
-  halves = [list(pipeline.eval_dataset(paths, image_size=(28, 42), batch_size=4, process_index=i,
-                                       process_count=2)) for i in range(2)]
+  halves = [
+    list(
+      pipeline.eval_dataset(
+        paths, image_size=(28, 42), batch_size=4, process_index=i, process_count=2
+      )
+    )
+    for i in range(2)
+  ]
   got = np.concatenate([np.concatenate([h[g]["index"] for h in halves]) for g in range(2)])
   np.testing.assert_array_equal(got, [0, 1, 2, 3, 4, 5, 6, -1])

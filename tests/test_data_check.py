@@ -7,13 +7,21 @@ import sys
 import numpy as np
 from PIL import Image
 
-from helpers import make_gsv
 from salad_jax.data import check
+
+from helpers import make_gsv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny protocol counts for the generated trees (the real table: check.EXPECTED)
-TINY = {"msls_val": (2, 3), "msls_test": (1, 2), "pitts30k_val": (1, 2), "pitts30k_test": (1, 2),
-        "pitts250k_test": (1, 2), "nordland": (2, 4), "sped": (2, 2)}
+TINY = {
+  "msls_val": (2, 3),
+  "msls_test": (1, 2),
+  "pitts30k_val": (1, 2),
+  "pitts30k_test": (1, 2),
+  "pitts250k_test": (1, 2),
+  "nordland": (2, 4),
+  "sped": (2, 2),
+}
 
 
 def _img(path):
@@ -65,8 +73,14 @@ def test_complete_tree(tmp_path):
   make_ref_query(root, "Nordland", "Nordland", 4, 2, "Nordland")
   make_ref_query(root, "SPEDTEST", "SPED", 2, 2, "SPED")
   make_gsv(os.path.join(root, "GSVCities"), {"Alpha": [4, 5], "Beta": [4]})
-  r = _by_name(check.check_all(root, names=["msls_val", "nordland", "sped", "gsv_cities"],
-                               expected=TINY, gsv_cities_list=["Alpha", "Beta"]))
+  r = _by_name(
+    check.check_all(
+      root,
+      names=["msls_val", "nordland", "sped", "gsv_cities"],
+      expected=TINY,
+      gsv_cities_list=["Alpha", "Beta"],
+    )
+  )
   assert {n: x.status for n, x in r.items()} == {n: "complete" for n in r}
   assert (r["msls_val"].queries, r["msls_val"].database) == ("2/2", "3/3")
   assert r["GSV-Cities"].database == "13/13" and not r["sped"].todo
@@ -81,9 +95,14 @@ def test_partial_tree_names_what_is_missing_and_where_to_get_it(tmp_path):
   make_ref_query(root, "Nordland", "Nordland", 4, 2, "Nordland")
   make_gsv(os.path.join(root, "GSVCities"), {"Alpha": [4, 5]})
   os.remove(next((tmp_path / "GSVCities/Images/Alpha").iterdir()))
-  r = _by_name(check.check_all(root, names=["msls_val", "nordland", "sped", "gsv_cities"],
-                               expected={**TINY, "nordland": (2760, 27592)},
-                               gsv_cities_list=["Alpha", "Beta"]))
+  r = _by_name(
+    check.check_all(
+      root,
+      names=["msls_val", "nordland", "sped", "gsv_cities"],
+      expected={**TINY, "nordland": (2760, 27592)},
+      gsv_cities_list=["Alpha", "Beta"],
+    )
+  )
   msls = r["msls_val"]
   assert msls.status == "partial" and msls.database == "2/3"
   assert any("1 of 3 database images missing, e.g. " in n and "d1.jpg" in n for n in msls.notes)
@@ -91,8 +110,10 @@ def test_partial_tree_names_what_is_missing_and_where_to_get_it(tmp_path):
   assert any("mapillary_sls" in t and str(tmp_path / "mapillary") in t for t in msls.todo)
   nord = r["nordland"]  # complete files, but not the protocol's counts
   assert nord.status == "partial" and nord.database == "4/27592"
-  assert any("the index lists 2 queries / 4 database images; the protocol expects 2760 / 27592" in n
-             for n in nord.notes)
+  assert any(
+    "the index lists 2 queries / 4 database images; the protocol expects 2760 / 27592" in n
+    for n in nord.notes
+  )
   assert r["sped"].status == "missing" and any("surfdrive" in t for t in r["sped"].todo)
   gsv = r["GSV-Cities"]
   assert gsv.status == "partial" and gsv.database == "8/9" and gsv.queries == "1/2 cities"
@@ -103,20 +124,32 @@ def test_partial_tree_names_what_is_missing_and_where_to_get_it(tmp_path):
 
 def test_misplaced_folders_and_index_files_and_nordland_variants(tmp_path):
   root = tmp_path / "data"
-  make_msls_val(str(tmp_path / "elsewhere"), index_root=str(root / "msls_index"))  # index in the wrong folder
+  make_msls_val(
+    str(tmp_path / "elsewhere"), index_root=str(root / "msls_index")
+  )  # index in the wrong folder
   os.makedirs(root / "MSLS")
   os.rename(tmp_path / "elsewhere" / "mapillary", root / "MSLS" / "mapillary_sls")
   os.makedirs(root / "nordland" / "images" / "test" / "database")  # VPR-datasets-downloader layout
   make_gsv(str(root / "gsv-cities"), {"Alpha": [4]})
-  r = _by_name(check.check_all(str(root), names=["msls_val", "nordland", "gsv_cities"], expected=TINY,
-                               gsv_cities_list=["Alpha"]))
+  r = _by_name(
+    check.check_all(
+      str(root),
+      names=["msls_val", "nordland", "gsv_cities"],
+      expected=TINY,
+      gsv_cities_list=["Alpha"],
+    )
+  )
   msls = r["msls_val"]
   assert msls.status == "missing"
-  want = f"index file {root}/msls_index/msls_val/msls_val_dbImages.npy is misplaced: move it to " \
-         f"{root}/datasets/msls_val/msls_val_dbImages.npy"
+  want = (
+    f"index file {root}/msls_index/msls_val/msls_val_dbImages.npy is misplaced: move it to "
+    f"{root}/datasets/msls_val/msls_val_dbImages.npy"
+  )
   assert any(want in n for n in msls.notes), msls.notes
-  assert any(f"images folder {root}/MSLS is misplaced: move or link it to {root}/mapillary" in n
-             for n in msls.notes), msls.notes
+  assert any(
+    f"images folder {root}/MSLS is misplaced: move or link it to {root}/mapillary" in n
+    for n in msls.notes
+  ), msls.notes
   assert any(f"{root}/nordland is misplaced" in n for n in r["nordland"].notes)
   assert "VPR-datasets-downloader" in check.nordland_variant(str(root / "nordland"))
   os.makedirs(tmp_path / "seasons" / "nordland_summer_images")
@@ -126,15 +159,34 @@ def test_misplaced_folders_and_index_files_and_nordland_variants(tmp_path):
 
 def test_cli_lists_everything_and_exits_1_when_incomplete(tmp_path):
   make_ref_query(str(tmp_path), "SPEDTEST", "SPED", 2, 2, "SPED")
-  r = subprocess.run([sys.executable, "-m", "salad_jax.data.check", "--data_root", str(tmp_path)],
-                     capture_output=True, text=True, cwd=REPO, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "salad_jax.data.check", "--data_root", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert r.returncode == 1, r.stderr[-2000:]
   lines = r.stdout.splitlines()
   names = [ln.split()[0] for ln in lines if ln and not ln.startswith((" ", "data_root", "index"))]
-  assert names == ["benchmark", "msls_val", "msls_test", "pitts30k_val", "pitts30k_test",
-                   "pitts250k_test", "nordland", "sped", "GSV-Cities"]
+  assert names == [
+    "benchmark",
+    "msls_val",
+    "msls_test",
+    "pitts30k_val",
+    "pitts30k_test",
+    "pitts250k_test",
+    "nordland",
+    "sped",
+    "GSV-Cities",
+  ]
   sped = next(ln for ln in lines if ln.startswith("sped"))
   assert sped.split()[1:] == ["partial", "2/607", "2/607"]  # the real protocol counts
-  r = subprocess.run([sys.executable, "-m", "salad_jax.data.check", "--data_root", str(tmp_path / "nope")],
-                     capture_output=True, text=True, cwd=REPO, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "salad_jax.data.check", "--data_root", str(tmp_path / "nope")],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert r.returncode == 2 and "Traceback" not in r.stderr and "is not a folder" in r.stderr

@@ -15,9 +15,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_short_demo_learns_and_evaluate_reproduces_its_numbers(tmp_path):
   data = tmp_path / "demo_data"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
-         os.path.join(REPO, "configs/demo.py:short"), "--workdir", str(tmp_path / "run"),
-         f"--config.data.root={data / 'gsv'}", f"--config.eval.sets=folder:{data / 'eval'}"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/demo.py:short"),
+    "--workdir",
+    str(tmp_path / "run"),
+    f"--config.data.root={data / 'gsv'}",
+    f"--config.eval.sets=folder:{data / 'eval'}",
+  ]
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   m = re.search(r"R@1 on eval: untrained ([\d.]+) -> trained ([\d.]+)", r.stdout)
@@ -28,12 +35,26 @@ def test_short_demo_learns_and_evaluate_reproduces_its_numbers(tmp_path):
   assert (data / ".demo_complete").exists() and (tmp_path / "run" / "tensorboard").is_dir()
 
   # evaluate.py on the workdir picks the best checkpoint and shows the numbers training printed
-  best = max(json.loads(line).get("val/eval/R@1", -1)
-             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", str(tmp_path / "run"),
-         "--database_folder", str(data / "eval" / "database"), "--queries_folder",
-         str(data / "eval" / "queries"), "--image_size", "112", "--num_workers", "0",
-         "--output_dir", str(tmp_path / "eval")]
+  best = max(
+    json.loads(line).get("val/eval/R@1", -1)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  )
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "evaluate.py"),
+    "--checkpoint",
+    str(tmp_path / "run"),
+    "--database_folder",
+    str(data / "eval" / "database"),
+    "--queries_folder",
+    str(data / "eval" / "queries"),
+    "--image_size",
+    "112",
+    "--num_workers",
+    "0",
+    "--output_dir",
+    str(tmp_path / "eval"),
+  ]
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   recalls = json.loads((tmp_path / "eval" / "recalls.json").read_text())

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from salad_jax import errors, evaluation, sharding
-from salad_jax.data import eval_sets
-from tiny_model import tiny_model_dir  # noqa: F401 (session fixture)
+from salad_jax import errors, sharding
+from salad_jax.data import benchmarks, eval_sets
+from salad_jax.evaluation import descriptors, evaluate, recall, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def test_recalls_match_brute_force():
   rng = np.random.default_rng(0)
   preds = np.stack([rng.permutation(50)[:25] for _ in range(40)])
   positives = [rng.choice(50, rng.integers(0, 4), replace=False) for _ in range(40)]
-  got = evaluation.recalls(preds, positives, (1, 5, 10, 20))
+  got = recall.recalls(preds, positives, (1, 5, 10, 20))
   for k in (1, 5, 10, 20):
     want = 100 * np.mean([len(set(p[:k]) & set(pos)) > 0 for p, pos in zip(preds, positives)])
     assert got[f"R@{k}"] == pytest.approx(want)
@@ -57,7 +57,10 @@ def test_folder_errors_are_clear(tmp_path):
   _write(str(tmp_path / "q" / "@1@2@.jpg"))
   with pytest.raises(ValueError, match="plain_name.jpg has no UTM coordinates"):
     eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"))
-  assert eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), use_labels=False).positives is None
+  assert (
+    eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), use_labels=False).positives
+    is None
+  )
   os.makedirs(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="contains no images"):
     eval_sets.folder_set(str(tmp_path / "empty"), str(tmp_path / "q"))
@@ -72,35 +75,70 @@ def _layout(root, spec):
     path = root / name
     os.makedirs(path.parent, exist_ok=True)
     if what is None:
-      Image.new("RGB", (8, 8)).save(path, format={"jpg": "JPEG", "tif": "TIFF"}.get(
-          name.rsplit(".", 1)[-1].lower(), None))
+      Image.new("RGB", (8, 8)).save(
+        path, format={"jpg": "JPEG", "tif": "TIFF"}.get(name.rsplit(".", 1)[-1].lower(), None)
+      )
     elif what.startswith("->"):
       os.symlink(what[2:].replace("ROOT", str(root)), path)
     else:
-      path.write_text(what[len("text:"):])
+      path.write_text(what[len("text:") :])
 
 
-@pytest.mark.parametrize("spec, want, words", [
+@pytest.mark.parametrize(
+  "spec, want, words",
+  [
     # other image formats: not read (as VPR-methods-evaluation), but named in one warning
-    ({"db/@1@2@a.jpg": None, "db/@1@2@b.JPG": None, "db/@1@2@c.webp": None, "db/s/@1@2@d.tif": None},
-     2, "warning: .*2 image files not used \\(1 .tif, 1 .webp\\)"),
+    (
+      {
+        "db/@1@2@a.jpg": None,
+        "db/@1@2@b.JPG": None,
+        "db/@1@2@c.webp": None,
+        "db/s/@1@2@d.tif": None,
+      },
+      2,
+      "warning: .*2 image files not used \\(1 .tif, 1 .webp\\)",
+    ),
     # a link loop: each image once (was 40 times), and a note
-    ({"db/@1@2@a.jpg": None, "db/@1@2@b.png": None, "db/sub/loop": "->ROOT/db"},
-     2, "note: .*1 linked folder.* not followed again.*loop"),
+    (
+      {"db/@1@2@a.jpg": None, "db/@1@2@b.png": None, "db/sub/loop": "->ROOT/db"},
+      2,
+      "note: .*1 linked folder.* not followed again.*loop",
+    ),
     # two links to one folder: read once
     ({"real/@1@2@a.jpg": None, "db/x": "->ROOT/real", "db/y": "->ROOT/real"}, 1, "not followed"),
     # a dangling image link: an error naming it (was skipped silently)
-    ({"db/@1@2@a.jpg": None, "db/@3@4@b.jpg": "->ROOT/gone.jpg"}, FileNotFoundError, "@3@4@b.jpg is a link"),
+    (
+      {"db/@1@2@a.jpg": None, "db/@3@4@b.jpg": "->ROOT/gone.jpg"},
+      FileNotFoundError,
+      "@3@4@b.jpg is a link",
+    ),
     # one file under two names: an error (the names may carry different coordinates)
-    ({"db/@1@2@a.jpg": None, "db/@9@9@b.jpg": "->ROOT/db/@1@2@a.jpg"}, errors.UserError,
-     "same image file twice"),
+    (
+      {"db/@1@2@a.jpg": None, "db/@9@9@b.jpg": "->ROOT/db/@1@2@a.jpg"},
+      errors.UserError,
+      "same image file twice",
+    ),
     # a stale <folder>_images_paths.txt: used, as the reference does, with a note giving both counts
-    ({"db/@1@2@a.jpg": None, "db/@1@2@b.jpg": None, "db/@1@2@c.jpg": None, "db_images_paths.txt":
-      "text:@1@2@a.jpg\n"}, 1, "note: .*using the 1 images listed in .*db_images_paths.txt.*3 image files"),
-    ({"db/@1@2@a.jpg": None, "db_images_paths.txt": "text:@1@2@a.jpg\n./@1@2@a.jpg\n"},
-     errors.UserError, "same image file twice"),
-])
-def test_image_folders_are_read_once_each_and_what_is_left_out_is_said(tmp_path, capsys, spec, want, words):
+    (
+      {
+        "db/@1@2@a.jpg": None,
+        "db/@1@2@b.jpg": None,
+        "db/@1@2@c.jpg": None,
+        "db_images_paths.txt": "text:@1@2@a.jpg\n",
+      },
+      1,
+      "note: .*using the 1 images listed in .*db_images_paths.txt.*3 image files",
+    ),
+    (
+      {"db/@1@2@a.jpg": None, "db_images_paths.txt": "text:@1@2@a.jpg\n./@1@2@a.jpg\n"},
+      errors.UserError,
+      "same image file twice",
+    ),
+  ],
+)
+def test_image_folders_are_read_once_each_and_what_is_left_out_is_said(
+  tmp_path, capsys, spec, want, words
+):
   _layout(tmp_path, spec)
   if isinstance(want, int):
     paths = eval_sets.read_image_paths(str(tmp_path / "db"))
@@ -112,26 +150,59 @@ def test_image_folders_are_read_once_each_and_what_is_left_out_is_said(tmp_path,
       eval_sets.read_image_paths(str(tmp_path / "db"))
 
 
-@pytest.mark.parametrize("db, q, kw, want, words", [
+@pytest.mark.parametrize(
+  "db, q, kw, want, words",
+  [
     # queries = the database (same real folder, through a link): every query finds itself
-    (["@0@0@a.jpg", "@500@0@b.jpg"], "->ROOT/db", {}, errors.UserError, "same folder .*find itself"),
-    (["@0@0@a.jpg", "@500@0@b.jpg"], ["@500@0@b.jpg->ROOT/db/@500@0@b.jpg", "@0@300@c.jpg"], {},
-     errors.UserError, "1 of 2 queries are also database images"),
-    (["@0@0@a.jpg", "@500@0@b.jpg"], "->ROOT/db", {"use_labels": False}, "warning",
-     "same folder .*retrieval only"),
+    (
+      ["@0@0@a.jpg", "@500@0@b.jpg"],
+      "->ROOT/db",
+      {},
+      errors.UserError,
+      "same folder .*find itself",
+    ),
+    (
+      ["@0@0@a.jpg", "@500@0@b.jpg"],
+      ["@500@0@b.jpg->ROOT/db/@500@0@b.jpg", "@0@300@c.jpg"],
+      {},
+      errors.UserError,
+      "1 of 2 queries are also database images",
+    ),
+    (
+      ["@0@0@a.jpg", "@500@0@b.jpg"],
+      "->ROOT/db",
+      {"use_labels": False},
+      "warning",
+      "same folder .*retrieval only",
+    ),
     # latitude/longitude degrees instead of UTM metres: a warning
-    (["@45.1@7.4@a.jpg", "@45.2@7.5@b.jpg"], ["@45.1@7.4@q.jpg"], {}, "warning", "look like degrees"),
+    (
+      ["@45.1@7.4@a.jpg", "@45.2@7.5@b.jpg"],
+      ["@45.1@7.4@q.jpg"],
+      {},
+      "warning",
+      "look like degrees",
+    ),
     (["@0@0@a.jpg", "@500@0@b.jpg"], ["@10@0@q.jpg"], {}, "", ""),  # metres: nothing said
     # NaN / inf in a name: an error naming the file (was scipy's "data must be finite")
-    (["@0@0@a.jpg", "@nan@0@b.jpg"], ["@10@0@q.jpg"], {}, errors.UserError, "@nan@0@b.jpg: its UTM"),
+    (
+      ["@0@0@a.jpg", "@nan@0@b.jpg"],
+      ["@10@0@q.jpg"],
+      {},
+      errors.UserError,
+      "@nan@0@b.jpg: its UTM",
+    ),
     (["@0@0@a.jpg"], ["@10@inf@q.jpg"], {}, errors.UserError, "@10@inf@q.jpg: its UTM"),
-])
+  ],
+)
 def test_folder_sets_whose_recalls_would_mean_nothing(tmp_path, capsys, db, q, kw, want, words):
   spec = {f"db/{n}": None for n in db}
   if isinstance(q, str):
     spec["q"] = q
   else:
-    spec.update({f"q/{n.split('->')[0]}": ("->" + n.split("->")[1]) if "->" in n else None for n in q})
+    spec.update(
+      {f"q/{n.split('->')[0]}": ("->" + n.split("->")[1]) if "->" in n else None for n in q}
+    )
   _layout(tmp_path, spec)
   if isinstance(want, type):
     with pytest.raises(want, match=words):
@@ -139,15 +210,20 @@ def test_folder_sets_whose_recalls_would_mean_nothing(tmp_path, capsys, db, q, k
     return
   eval_sets.folder_set(str(tmp_path / "db"), str(tmp_path / "q"), **kw)
   err = capsys.readouterr().err
-  assert (re.search(f"{want}: .*{words}", err) and len(err.splitlines()) == 1) if want else not err, err
+  assert (
+    (re.search(f"{want}: .*{words}", err) and len(err.splitlines()) == 1) if want else not err
+  ), err
 
 
 def test_outputs_are_claimed_before_compute_and_an_earlier_runs_are_removed(tmp_path, capsys):
-  from salad_jax import outputs
+  from salad_jax.files import outputs
+
   out, o = str(tmp_path / "out"), tmp_path / "out"
   os.makedirs(o / "preds")
   (o / "recalls.json").write_text("mine")
-  with pytest.raises(errors.UserError, match="recalls.json exists and was not written by evaluate.py"):
+  with pytest.raises(
+    errors.UserError, match="recalls.json exists and was not written by evaluate.py"
+  ):
     outputs.claim(out, ["recalls.json", "preds/000.jpg"], "evaluate.py")
   assert (o / "recalls.json").read_text() == "mine"
   os.remove(o / "recalls.json")
@@ -159,7 +235,9 @@ def test_outputs_are_claimed_before_compute_and_an_earlier_runs_are_removed(tmp_
   failed = outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # a run that fails: removes nothing
   del failed
   assert sorted(os.listdir(o / "preds")) == ["000.jpg", "001.jpg"] and (o / "recalls.json").exists()
-  run2 = outputs.claim(out, ["preds/001.jpg"], "evaluate.py")  # only query 1 (--save_only_wrong_preds)
+  run2 = outputs.claim(
+    out, ["preds/001.jpg"], "evaluate.py"
+  )  # only query 1 (--save_only_wrong_preds)
   (o / "preds" / "001.jpg").write_text("run 2")
   run2.finish()
   assert "removed 2 file(s) of an earlier evaluate.py run" in capsys.readouterr().err
@@ -175,13 +253,18 @@ def test_outputs_are_claimed_before_compute_and_an_earlier_runs_are_removed(tmp_
 
 
 def test_a_manifest_never_reaches_outside_the_folder_or_through_links(tmp_path):
-  from salad_jax import outputs
+  from salad_jax.files import outputs
+
   out, o = str(tmp_path / "out"), tmp_path / "out"
   o.mkdir()
   (tmp_path / "important.txt").write_text("precious")
-  for forged in ('{"evaluate.py": {"files": {"../important.txt": [8, 0]}}}',
-                 f'{{"evaluate.py": {{"files": {{"{tmp_path / "important.txt"}": [8, 0]}}}}}}',
-                 '{"evaluate.py": {"files": {"1": 1}}}', '{"evaluate.py": ["recalls.json"]}', "[1]"):
+  for forged in (
+    '{"evaluate.py": {"files": {"../important.txt": [8, 0]}}}',
+    f'{{"evaluate.py": {{"files": {{"{tmp_path / "important.txt"}": [8, 0]}}}}}}',
+    '{"evaluate.py": {"files": {"1": 1}}}',
+    '{"evaluate.py": ["recalls.json"]}',
+    "[1]",
+  ):
     (o / outputs.MANIFEST).write_text(forged)
     with pytest.raises(errors.UserError, match="is unreadable"):
       outputs.claim(out, ["recalls.json"], "evaluate.py")
@@ -200,7 +283,7 @@ def test_missing_eval_image_is_named_before_any_compute(tmp_path):
   s = eval_sets.EvalSet("x", [str(tmp_path / "a.jpg")], [str(tmp_path / "b.jpg")], None)
   _write(str(tmp_path / "a.jpg"))
   with pytest.raises(FileNotFoundError, match="image not found: .*b.jpg"):
-    evaluation.evaluate_set(s, None, None, None)  # fails in check_files, before touching the model
+    evaluate.evaluate_set(s, None, None, None)  # fails in check_files, before touching the model
 
 
 def test_faiss_and_sharded_jax_search_return_the_same_neighbours():
@@ -212,10 +295,10 @@ def test_faiss_and_sharded_jax_search_return_the_same_neighbours():
   exact = np.sort(((q[:, None] - db[None]) ** 2).sum(-1), axis=1)[:, :26]
   assert np.diff(exact, axis=1).min() > 2e-5
   db, q = db.astype(np.float32), q.astype(np.float32)
-  d_f, i_f = evaluation.search(db, q, 25, "faiss")
+  d_f, i_f = search.search(db, q, 25, "faiss")
   mesh = sharding.make_mesh()
   assert mesh.devices.size == jax.device_count() == 8
-  d_j, i_j = evaluation.search(db, q, 25, "jax", mesh)
+  d_j, i_j = search.search(db, q, 25, "jax", mesh)
   np.testing.assert_array_equal(i_f, i_j)
   np.testing.assert_allclose(d_f, d_j, atol=1e-4)
 
@@ -229,73 +312,104 @@ def test_index_npy_object_arrays_load_without_unpickling_code(tmp_path):
   gt = np.empty(3, dtype=object)
   gt[:] = [np.array([1, 2]), np.array([0]), np.array([4, 5, 6])]
   _np_save(str(tmp_path / "gt.npy"), gt)
-  got = eval_sets.load_npy(str(tmp_path / "gt.npy"))
+  got = benchmarks.load_npy(str(tmp_path / "gt.npy"))
   assert [list(x) for x in got] == [[1, 2], [0], [4, 5, 6]]
 
   class Evil:
     def __reduce__(self):
       return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+
   evil = np.empty(1, dtype=object)
   evil[0] = Evil()
   with open(tmp_path / "evil.npy", "wb") as f:
     np.lib.format.write_array(f, evil, allow_pickle=True)
   with pytest.raises(ValueError, match="refusing to unpickle builtins.exec"):
-    eval_sets.load_npy(str(tmp_path / "evil.npy"))
+    benchmarks.load_npy(str(tmp_path / "evil.npy"))
   assert not (tmp_path / "ran").exists()
 
 
 def test_benchmark_index_formats(tmp_path):
   root, idx = tmp_path / "data", tmp_path / "data" / "datasets"
   # MSLS val: queries are qImages[qIdx]; ground truth per used query
-  _np_save(str(idx / "msls_val/msls_val_dbImages.npy"), np.array(["train_val/cph/database/images/d0.jpg",
-                                                                  "train_val/sf/database/images/d1.jpg"]))
-  _np_save(str(idx / "msls_val/msls_val_qImages.npy"), np.array([f"train_val/cph/query/images/q{i}.jpg" for i in range(4)]))
+  _np_save(
+    str(idx / "msls_val/msls_val_dbImages.npy"),
+    np.array(["train_val/cph/database/images/d0.jpg", "train_val/sf/database/images/d1.jpg"]),
+  )
+  _np_save(
+    str(idx / "msls_val/msls_val_qImages.npy"),
+    np.array([f"train_val/cph/query/images/q{i}.jpg" for i in range(4)]),
+  )
   _np_save(str(idx / "msls_val/msls_val_qIdx.npy"), np.array([0, 2, 3]))
   gt = np.empty(3, dtype=object)
   gt[:] = [np.array([0]), np.array([1]), np.array([0, 1])]
   _np_save(str(idx / "msls_val/msls_val_pIdx.npy"), gt)
-  s = eval_sets.benchmark_set("msls_val", str(root))
+  s = benchmarks.benchmark_set("msls_val", str(root))
   assert s.query_paths[1].endswith("mapillary/train_val/cph/query/images/q2.jpg")
   assert [list(p) for p in s.positives] == [[0], [1], [0, 1]] and "740" not in s.protocol
   # SPED: int64 [N, 1]
   _np_save(str(idx / "SPED/SPED_dbImages.npy"), np.array(["ref/0000000.jpg", "ref/0000001.jpg"]))
   _np_save(str(idx / "SPED/SPED_qImages.npy"), np.array(["query/0000000.jpg", "query/0000001.jpg"]))
   _np_save(str(idx / "SPED/SPED_gt.npy"), np.array([[0], [1]]))
-  s = eval_sets.benchmark_set("sped", str(root))
-  assert s.database_paths[1].endswith("SPEDTEST/ref/0000001.jpg") and [list(p) for p in s.positives] == [[0], [1]]
+  s = benchmarks.benchmark_set("sped", str(root))
+  assert s.database_paths[1].endswith("SPEDTEST/ref/0000001.jpg") and [
+    list(p) for p in s.positives
+  ] == [[0], [1]]
   # MSLS test: no labels, challenge set
-  _np_save(str(idx / "msls_test/msls_test_dbImages.npy"), np.array(["test/athens/database/images/a.jpg"], dtype=object))
-  _np_save(str(idx / "msls_test/msls_test_qImages.npy"), np.array(["test/athens/query/images/b.jpg"], dtype=object))
-  s = eval_sets.benchmark_set("msls_test", str(root))
+  _np_save(
+    str(idx / "msls_test/msls_test_dbImages.npy"),
+    np.array(["test/athens/database/images/a.jpg"], dtype=object),
+  )
+  _np_save(
+    str(idx / "msls_test/msls_test_qImages.npy"),
+    np.array(["test/athens/query/images/b.jpg"], dtype=object),
+  )
+  s = benchmarks.benchmark_set("msls_test", str(root))
   assert s.challenge and s.positives is None
   with pytest.raises(ValueError, match="unknown benchmark"):
-    eval_sets.benchmark_set("tokyo", str(root))
+    benchmarks.benchmark_set("tokyo", str(root))
   with pytest.raises(FileNotFoundError, match="Nordland_dbImages.npy"):
-    eval_sets.benchmark_set("nordland", str(root))
+    benchmarks.benchmark_set("nordland", str(root))
 
 
 def test_pittsburgh_ground_truth_from_the_netvlad_struct(tmp_path):
   from scipy.io import savemat
+
   root, idx = tmp_path / "data", tmp_path / "data" / "datasets"
   db = ["000/000000_pitch1_yaw1.jpg", "000/000001_pitch1_yaw1.jpg", "000/000002_pitch1_yaw1.jpg"]
   q = ["000/000100_pitch1_yaw1.jpg", "000/000101_pitch1_yaw1.jpg"]
   utm_db = np.array([[0.0, 0.0], [20.0, 0.0], [100.0, 0.0]]).T
   utm_q = np.array([[10.0, 0.0], [95.0, 3.0]]).T
-  struct = {"whichSet": "test", "dbImage": np.array(db, dtype=object)[:, None], "utmDb": utm_db,
-            "qImage": np.array(q, dtype=object)[:, None], "utmQ": utm_q, "numImages": 3,
-            "numQueries": 2, "posDistThr": 25.0, "posDistSqThr": 625.0, "nontrivPosDistSqThr": 100.0}
+  struct = {
+    "whichSet": "test",
+    "dbImage": np.array(db, dtype=object)[:, None],
+    "utmDb": utm_db,
+    "qImage": np.array(q, dtype=object)[:, None],
+    "utmQ": utm_q,
+    "numImages": 3,
+    "numQueries": 2,
+    "posDistThr": 25.0,
+    "posDistSqThr": 625.0,
+    "nontrivPosDistSqThr": 100.0,
+  }
   os.makedirs(idx / "Pittsburgh")
   savemat(str(idx / "Pittsburgh" / "pitts30k_test.mat"), {"dbStruct": struct})
   _np_save(str(idx / "Pittsburgh/pitts30k_test_dbImages.npy"), np.array(db))
-  _np_save(str(idx / "Pittsburgh/pitts30k_test_qImages.npy"), np.array(["queries_real/" + x for x in q]))
-  s = eval_sets.benchmark_set("pitts30k_test", str(root))
+  _np_save(
+    str(idx / "Pittsburgh/pitts30k_test_qImages.npy"), np.array(["queries_real/" + x for x in q])
+  )
+  s = benchmarks.benchmark_set("pitts30k_test", str(root))
   assert [list(p) for p in s.positives] == [[0, 1], [2]]
   assert "UTM radius" in s.protocol
 
 
 def test_msls_challenge_file(tmp_path):
-  s = eval_sets.EvalSet("msls_test", [f"/x/test/c/database/images/d{i}.jpg" for i in range(30)],
-                        ["/x/test/c/query/images/qA.jpg", "/x/test/c/query/images/qB.jpg"], None, challenge=True)
+  s = eval_sets.EvalSet(
+    "msls_test",
+    [f"/x/test/c/database/images/d{i}.jpg" for i in range(30)],
+    ["/x/test/c/query/images/qA.jpg", "/x/test/c/query/images/qB.jpg"],
+    None,
+    challenge=True,
+  )
   preds = np.stack([np.arange(25), np.arange(25)[::-1] + 5])
   eval_sets.write_msls_challenge(str(tmp_path / "p.txt"), s, preds)
   lines = (tmp_path / "p.txt").read_text().splitlines()
@@ -314,14 +428,36 @@ def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
     os.makedirs(tmp_path / "queries", exist_ok=True)
   for p in range(6):
     for k in range(2):
-      os.rename(tmp_path / f"db_{p}_{k}.jpg", tmp_path / "database" / f"@{1000 * p + k:.1f}@0.0@p{p}k{k}@.jpg")
+      os.rename(
+        tmp_path / f"db_{p}_{k}.jpg",
+        tmp_path / "database" / f"@{1000 * p + k:.1f}@0.0@p{p}k{k}@.jpg",
+      )
     q = np.clip(places[p] + rng.integers(-10, 10, (60, 80, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(q).save(tmp_path / "queries" / f"@{1000 * p + 3:.1f}@0.0@q{p}@.jpg")
   out = tmp_path / "out"
-  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", tiny_model_dir,
-         "--database_folder", str(tmp_path / "database"), "--queries_folder", str(tmp_path / "queries"),
-         "--image_size", "56", "--batch_size", "4", "--num_workers", "2", "--save_descriptors",
-         "--num_preds_to_save", "2", "--output_dir", str(out), "--search", "jax"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "evaluate.py"),
+    "--checkpoint",
+    tiny_model_dir,
+    "--database_folder",
+    str(tmp_path / "database"),
+    "--queries_folder",
+    str(tmp_path / "queries"),
+    "--image_size",
+    "56",
+    "--batch_size",
+    "4",
+    "--num_workers",
+    "2",
+    "--save_descriptors",
+    "--num_preds_to_save",
+    "2",
+    "--output_dir",
+    str(out),
+    "--search",
+    "jax",
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "leaked shared_memory" not in r.stderr  # grain's worker batches are released (grain#398)
@@ -336,7 +472,9 @@ def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
   model = salad_jax.load(tiny_model_dir)
   s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
   want = model.describe(salad_jax.preprocess(s.database_paths, size=(56, 56)))
-  np.testing.assert_allclose(db_desc, want, atol=1e-5)  # sorted path order, the public API's numbers
+  np.testing.assert_allclose(
+    db_desc, want, atol=1e-5
+  )  # sorted path order, the public API's numbers
   preds = sorted(os.listdir(out / "preds"))
   assert preds[:2] == ["000.jpg", "000.txt"] and len(preds) == 12
   assert (out / "preds" / "000.txt").read_text().startswith("Query path:")
@@ -348,24 +486,34 @@ def test_evaluate_cli_reports_a_missing_image_before_computing(tiny_model_dir, t
   _write(str(tmp_path / "database" / "@0@0@.jpg"))
   listing = tmp_path / "queries_images_paths.txt"
   listing.write_text("@1@1@.jpg\n")  # listed but absent
-  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", tiny_model_dir,
-         "--database_folder", str(tmp_path / "database"), "--queries_folder", str(tmp_path / "queries"),
-         "--output_dir", str(tmp_path / "out")]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "evaluate.py"),
+    "--checkpoint",
+    tiny_model_dir,
+    "--database_folder",
+    str(tmp_path / "database"),
+    "--queries_folder",
+    str(tmp_path / "queries"),
+    "--output_dir",
+    str(tmp_path / "out"),
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode != 0 and "image not found" in r.stderr and "@1@1@.jpg" in r.stderr
 
 
 # ------------------------------------------------------------------------------ issue 12 item 2, 6
 def _brute_recall(preds, positives, k):
-  return 100 * np.mean([len(set(int(x) for x in p[:k] if x >= 0) & set(pos)) > 0
-                        for p, pos in zip(preds, positives)])
+  return 100 * np.mean(
+    [len(set(int(x) for x in p[:k] if x >= 0) & set(pos)) > 0 for p, pos in zip(preds, positives)]
+  )
 
 
 def test_recalls_take_k_in_any_order_with_repeats():
   # query 0: first hit at rank 2, query 1: at rank 0, query 2: none -> R@1 = 33.3, R@5 = 66.7
   preds = np.array([[7, 8, 3, 9, 1], [4, 0, 1, 2, 3], [5, 6, 7, 8, 9]])
   positives = [np.array([3]), np.array([4]), np.array([0])]
-  got = evaluation.recalls(preds, positives, (5, 1, 5, 3))
+  got = recall.recalls(preds, positives, (5, 1, 5, 3))
   assert got["R@1"] == pytest.approx(100 / 3)  # the old code said 66.67 for --recall_values 5,1
   for k in (1, 3, 5):
     assert got[f"R@{k}"] == pytest.approx(_brute_recall(preds, positives, k))
@@ -375,74 +523,92 @@ def test_recalls_take_k_in_any_order_with_repeats():
 @pytest.mark.parametrize("bad", [(0,), (1, -5), (1.5,), ("x",), ()])
 def test_recall_values_must_be_positive_integers(bad):
   with pytest.raises(errors.UserError, match="positive integer|no recall values"):
-    evaluation.recalls(np.zeros((1, 5), np.int64), [np.array([0])], bad)
+    recall.recalls(np.zeros((1, 5), np.int64), [np.array([0])], bad)
 
 
 def test_recalls_refuse_predictions_shorter_than_k():
   with pytest.raises(ValueError, match="R@10 needs the top 10"):
-    evaluation.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=50)
+    recall.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=50)
   # a database of 5 images: R@10 = R@5, rightly
-  assert evaluation.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=5)["R@10"] == 100
+  assert (
+    recall.recalls(np.zeros((2, 5), np.int64), [np.array([0])] * 2, (1, 10), num_database=5)["R@10"]
+    == 100
+  )
 
 
 def test_faiss_minus_one_is_no_result_everywhere(tmp_path):
   db = np.eye(3, 8, dtype=np.float32)
   q = np.eye(2, 8, dtype=np.float32)
-  _, preds = evaluation.search(db, q, 5, "faiss")  # 3 database images, 5 asked: -1 padding
+  _, preds = search.search(db, q, 5, "faiss")  # 3 database images, 5 asked: -1 padding
   assert (preds[:, 3:] == -1).all()
   positives = [np.array([2]), np.array([1])]  # index 2 = the last image, what -1 used to mean
-  assert evaluation.recalls(preds, positives, (1, 5))["R@5"] == 100.0
+  assert recall.recalls(preds, positives, (1, 5))["R@5"] == 100.0
   nan_preds = np.array([[-1, -1, -1], [1, -1, -1]])
-  assert evaluation.recalls(nan_preds, positives, (1, 3)) == {"R@1": 50.0, "R@3": 50.0}
+  assert recall.recalls(nan_preds, positives, (1, 3)) == {"R@1": 50.0, "R@3": 50.0}
   for name in ("d0", "d1", "d2", "q0", "q1"):
     _write(str(tmp_path / f"{name}.jpg"))
-  s = eval_sets.EvalSet("x", [str(tmp_path / f"d{i}.jpg") for i in range(3)],
-                        [str(tmp_path / "q0.jpg"), str(tmp_path / "q1.jpg")], positives, challenge=True)
+  s = eval_sets.EvalSet(
+    "x",
+    [str(tmp_path / f"d{i}.jpg") for i in range(3)],
+    [str(tmp_path / "q0.jpg"), str(tmp_path / "q1.jpg")],
+    positives,
+    challenge=True,
+  )
   eval_sets.write_msls_challenge(str(tmp_path / "c.txt"), s, nan_preds)
   assert (tmp_path / "c.txt").read_text().splitlines() == ["q0", "q1 d1"]
   from salad_jax import visualize
+
   assert visualize.save_predictions(s, nan_preds, str(tmp_path / "preds")) == 2
   text = (tmp_path / "preds" / "000.txt").read_text()
   assert "(no result)" in text and "d2.jpg" not in text.split("Positives")[0]
 
 
 def test_nan_descriptors_are_an_error_naming_an_image(tmp_path):
-  from salad_jax import desc_cache
+  from salad_jax.evaluation import descriptor_cache
+
   for i in range(3):
     _write(str(tmp_path / "database" / f"@{i}@0@.jpg"))
   _write(str(tmp_path / "queries" / "@0@1@.jpg"))
   s = eval_sets.folder_set(str(tmp_path / "database"), str(tmp_path / "queries"))
   config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16)
-  cache = desc_cache.DescriptorCache(str(tmp_path / "c"), "sum32:0", config, (56, 56), log=lambda _: None)
+  cache = descriptor_cache.DescriptorCache(
+    str(tmp_path / "c"), "sum32:0", config, (56, 56), log=lambda _: None
+  )
   desc = np.ones((3, 144), np.float32)
   desc[1:, 5] = np.nan  # what NaN weights or a bfloat16 overflow give
   cache.get("database", s.database_paths, lambda: desc)
   cache.get("queries", s.query_paths, lambda: np.ones((1, 144), np.float32))
-  with pytest.raises(errors.UserError, match=r"2 of 3 descriptors are NaN/Inf \(first: .*@1@0@.jpg\)"):
-    evaluation.evaluate_set(s, None, config, None, image_size=(56, 56), cache=cache)
+  with pytest.raises(
+    errors.UserError, match=r"2 of 3 descriptors are NaN/Inf \(first: .*@1@0@.jpg\)"
+  ):
+    evaluate.evaluate_set(s, None, config, None, image_size=(56, 56), cache=cache)
 
 
 def test_epoch_evaluator_ranks_by_the_true_r1_whatever_the_k_order(tiny_model_dir, tmp_path):
-  from salad_jax import configs
+  from salad_jax.train import config
+
   rng = np.random.default_rng(5)
   for folder, n, step in (("database", 16, 10), ("queries", 8, 20)):
     os.makedirs(tmp_path / "ev" / folder)
     for i in range(n):
       Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
-          tmp_path / "ev" / folder / f"@{i * step + 3 * (folder == 'queries')}@0@.jpg")
-  c = configs.base_config()
+        tmp_path / "ev" / folder / f"@{i * step + 3 * (folder == 'queries')}@0@.jpg"
+      )
+  c = config.base_config()
   c.eval.sets, c.eval.image_size, c.eval.batch_size = f"folder:{tmp_path / 'ev'}", (56, 56), 8
   c.eval.recall_values, c.eval.num_workers = (5, 1, 3), 0
   mesh = sharding.make_mesh()
-  ev = evaluation.EpochEvaluator(c, mesh)
+  ev = evaluate.EpochEvaluator(c, mesh)
   model = salad_jax.load(tiny_model_dir)
   flat = ev(model.params, model.config, step=0)
   s = ev.sets[0]
   kw = dict(image_size=(56, 56), batch_size=8, mesh=mesh, describe=ev._describe)
-  db = evaluation.extract(model.params, model.config, s.database_paths, **kw)
-  q = evaluation.extract(model.params, model.config, s.query_paths, **kw)
+  db = descriptors.extract(model.params, model.config, s.database_paths, **kw)
+  q = descriptors.extract(model.params, model.config, s.query_paths, **kw)
   order = np.argsort(((q[:, None] - db[None]) ** 2).sum(-1), axis=1)
-  first = [next((r for r, j in enumerate(o) if j in set(p)), 99) for o, p in zip(order, s.positives)]
+  first = [
+    next((r for r, j in enumerate(o) if j in set(p)), 99) for o, p in zip(order, s.positives)
+  ]
   assert any(1 <= f < 5 for f in first)  # a hit below rank 1: the old code counted it as R@1
   assert flat["R@1"] == pytest.approx(100 * np.mean(np.array(first) < 1))
   assert flat[f"{s.name}/R@5"] == pytest.approx(100 * np.mean(np.array(first) < 5))
@@ -450,19 +616,22 @@ def test_epoch_evaluator_ranks_by_the_true_r1_whatever_the_k_order(tiny_model_di
 
 def test_bad_values_and_output_dirs_fail_before_any_compute(tmp_path):
   s = eval_sets.EvalSet("x", [str(tmp_path / "a.jpg")], [str(tmp_path / "b.jpg")], None)
-  for kw, words in ((dict(batch_size=0), "batch_size 0"), (dict(num_preds_to_save=-1), "num_preds_to_save -1"),
-                    (dict(recall_values=(5, 0)), "K must be a positive integer")):
+  for kw, words in (
+    (dict(batch_size=0), "batch_size 0"),
+    (dict(num_preds_to_save=-1), "num_preds_to_save -1"),
+    (dict(recall_values=(5, 0)), "K must be a positive integer"),
+  ):
     with pytest.raises(errors.UserError, match=words):
-      evaluation.evaluate_set(s, None, None, None, **kw)  # before the files, the model, the mesh
+      evaluate.evaluate_set(s, None, None, None, **kw)  # before the files, the model, the mesh
   (tmp_path / "file").write_text("mine")
   with pytest.raises(errors.UserError, match="is a file, not a directory"):
-    evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "file"))
+    evaluate.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "file"))
   assert (tmp_path / "file").read_text() == "mine"
   if os.geteuid() != 0:  # root may write anywhere
     os.makedirs(tmp_path / "ro")
     os.chmod(tmp_path / "ro", 0o500)
     with pytest.raises(errors.UserError, match="not writable"):
-      evaluation.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "ro" / "out"))
+      evaluate.evaluate_checkpoint("no/such/checkpoint", [s], str(tmp_path / "ro" / "out"))
 
 
 def test_a_hard_link_counts_as_the_same_image(tmp_path):
@@ -484,7 +653,9 @@ def test_an_output_dir_inside_an_image_folder_is_refused(tmp_path):
     _write(str(tmp_path / sub / f"@0.0@0.0@{sub}@.jpg"))
   for out in (tmp_path / "q" / "out", tmp_path / "db"):
     with pytest.raises(errors.UserError, match="is inside --(queries|database)_folder"):
-      eval_sets.requested_sets(str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0,
-                               output_dir=str(out))
-  assert eval_sets.requested_sets(str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0,
-                                  output_dir=str(tmp_path / "out"))
+      benchmarks.requested_sets(
+        str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0, output_dir=str(out)
+      )
+  assert benchmarks.requested_sets(
+    str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0, output_dir=str(tmp_path / "out")
+  )

@@ -11,19 +11,41 @@ import numpy as np
 import pytest
 
 import salad_jax
+from salad_jax import errors, sharding
+from salad_jax.train import checkpoint, optim, trainer
+
 from helpers import place_batch, random_params, tiny_train_setup
-from salad_jax import checkpoint, errors, optim, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32,
-            num_trainable_blocks=2, micro_batch=0, train_micro_batch=0, dropout=0.3)
+TINY = dict(
+  variant="Nano/14",
+  num_clusters=8,
+  cluster_dim=16,
+  token_dim=16,
+  hidden_dim=32,
+  num_trainable_blocks=2,
+  micro_batch=0,
+  train_micro_batch=0,
+  dropout=0.3,
+)
 LR = 6e-5
 
 
 def _optimizer():
-  cfg = ml_collections.ConfigDict(dict(lr=LR, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                       lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=10,
-                                       lightning_epoch_step=True, freeze="auto"))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      lr=LR,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=10,
+      lightning_epoch_step=True,
+      freeze="auto",
+    )
+  )
   return optim.make_optimizer(cfg, steps_per_epoch=2)
 
 
@@ -93,7 +115,9 @@ def test_checkpoint_restores_under_another_layout(runs, saved):
     target = checkpoint.abstract_like(runs[dst][1])  # a state in the other layout
     restored, meta = saved.restore(src, target, model=salad_jax.ModelConfig(**TINY).to_dict())
     assert meta["step"] == src
-    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(runs[src][1]), jax.tree.leaves(target)):
+    for a, b, t in zip(
+      jax.tree.leaves(restored), jax.tree.leaves(runs[src][1]), jax.tree.leaves(target)
+    ):
       assert a.sharding == t.sharding  # the new layout
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -102,8 +126,11 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(runs, saved):
   bigger = salad_jax.ModelConfig(**{**TINY, "cluster_dim": 32})
   tx, _ = _optimizer()
   shapes = trainer.abstract_state(bigger, tx, optim.default_freeze_regex(bigger))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        trainer.state_shardings(shapes, runs[8][2]))
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    trainer.state_shardings(shapes, runs[8][2]),
+  )
   with pytest.raises(errors.UserError, match="cluster_dim=32") as e:
     saved.restore(1, target, model=bigger.to_dict())
   assert "--workdir" in str(e.value)
@@ -121,8 +148,12 @@ def test_bad_layouts_are_clear_errors():
 
 def test_sharding_rules_pick_the_largest_dividing_dim():
   mesh = sharding.make_mesh(fsdp=8)
-  tree = {"a": np.zeros((768, 3072)), "b": np.zeros((1370, 768)), "c": np.zeros((768,)),
-          "d": np.zeros((1369, 1371))}
+  tree = {
+    "a": np.zeros((768, 3072)),
+    "b": np.zeros((1370, 768)),
+    "c": np.zeros((768,)),
+    "d": np.zeros((1369, 1371)),
+  }
   sh = sharding.tree_shardings(tree, mesh)
   P = jax.sharding.PartitionSpec
   assert sh["a"].spec == P(None, "fsdp") and sh["b"].spec == P(None, "fsdp")
@@ -132,11 +163,24 @@ def test_sharding_rules_pick_the_largest_dividing_dim():
 
 
 def test_train_py_with_an_fsdp_that_does_not_divide_stops_before_compiling(tmp_path):
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/demo.py"),
-         "--workdir", str(tmp_path / "w"), "--config.mesh.fsdp=3",
-         f"--config.data.root={tmp_path / 'demo'}"]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/demo.py"),
+    "--workdir",
+    str(tmp_path / "w"),
+    "--config.mesh.fsdp=3",
+    f"--config.data.root={tmp_path / 'demo'}",
+  ]
+  r = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
   assert "config.mesh.fsdp=3 does not divide the 8 device" in r.stderr
@@ -145,12 +189,13 @@ def test_train_py_with_an_fsdp_that_does_not_divide_stops_before_compiling(tmp_p
 
 def test_evaluation_takes_fsdp_sharded_params(runs):
   """The epoch-end evaluator gets the train state's params as they are (sharded under fsdp)."""
-  from salad_jax import evaluation
-  mc = salad_jax.ModelConfig(**TINY)
+  from salad_jax.evaluation import descriptors
+
+  model_cfg = salad_jax.ModelConfig(**TINY)
   images = _batch(5)["images"][:8]
   out = {}
   for fsdp in (1, 8):
     _, state, mesh = runs[fsdp]
     x = sharding.global_batch({"images": images}, mesh)["images"]
-    out[fsdp] = np.asarray(evaluation.make_describe(mc, mesh)(state["params"], x))
+    out[fsdp] = np.asarray(descriptors.make_describe(model_cfg, mesh)(state["params"], x))
   np.testing.assert_allclose(out[8], out[1], atol=1e-4)  # params equal up to AdamW float noise

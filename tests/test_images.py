@@ -34,24 +34,42 @@ def _ppm16(tmp_path):
 # (file name, writer, expected RGB or an error pattern)
 GRAY16 = np.repeat((G16 >> 8).astype(np.uint8)[..., None], 3, axis=2)
 CASES = {
-    "png 16-bit gray (I;16)": (lambda t: _save(t, "g16.png", Image.fromarray(G16), "PNG"), GRAY16),
-    "tiff 16-bit gray (I;16)": (lambda t: _save(t, "g16.tif", Image.fromarray(G16), "TIFF"), GRAY16),
-    "pgm 16-bit gray (I)": (_ppm16, GRAY16),
-    "png RGB": (lambda t: _save(t, "rgb.png", Image.fromarray(RGB8), "PNG"), RGB8),
-    "png L": (lambda t: _save(t, "l.png", Image.fromarray(RGB8[..., 0]), "PNG"),
-              np.repeat(RGB8[..., :1], 3, axis=2)),
-    "png 1-bit": (lambda t: _save(t, "b.png", Image.fromarray(RGB8[..., 0] > 127), "PNG"),
-                  np.repeat(np.where(RGB8[..., :1] > 127, 255, 0).astype(np.uint8), 3, axis=2)),
-    "png RGBA (alpha dropped)": (lambda t: _save(t, "rgba.png", Image.fromarray(
-        np.concatenate([RGB8, RGB8[..., :1]], axis=2)), "PNG"), RGB8),
-    "png LA": (lambda t: _save(t, "la.png", Image.fromarray(np.stack(
-        [RGB8[..., 0], RGB8[..., 1]], axis=2), "LA"), "PNG"), np.repeat(RGB8[..., :1], 3, axis=2)),
-    "png P": (lambda t: _save(t, "p.png", Image.fromarray(RGB8).quantize(256), "PNG"),
-              np.asarray(Image.fromarray(RGB8).quantize(256).convert("RGB"))),
-    "tiff 32-bit float (F)": (lambda t: _save(t, "f.tif", Image.fromarray(
-        G16.astype(np.float32) / 65535), "TIFF"), r"f\.tif.*mode F \(32-bit float\)"),
-    "tiff 32-bit int (I)": (lambda t: _save(t, "i.tif", Image.fromarray(
-        G16.astype(np.int32)), "TIFF"), r"i\.tif.*mode I \(32-bit integer\)"),
+  "png 16-bit gray (I;16)": (lambda t: _save(t, "g16.png", Image.fromarray(G16), "PNG"), GRAY16),
+  "tiff 16-bit gray (I;16)": (lambda t: _save(t, "g16.tif", Image.fromarray(G16), "TIFF"), GRAY16),
+  "pgm 16-bit gray (I)": (_ppm16, GRAY16),
+  "png RGB": (lambda t: _save(t, "rgb.png", Image.fromarray(RGB8), "PNG"), RGB8),
+  "png L": (
+    lambda t: _save(t, "l.png", Image.fromarray(RGB8[..., 0]), "PNG"),
+    np.repeat(RGB8[..., :1], 3, axis=2),
+  ),
+  "png 1-bit": (
+    lambda t: _save(t, "b.png", Image.fromarray(RGB8[..., 0] > 127), "PNG"),
+    np.repeat(np.where(RGB8[..., :1] > 127, 255, 0).astype(np.uint8), 3, axis=2),
+  ),
+  "png RGBA (alpha dropped)": (
+    lambda t: _save(
+      t, "rgba.png", Image.fromarray(np.concatenate([RGB8, RGB8[..., :1]], axis=2)), "PNG"
+    ),
+    RGB8,
+  ),
+  "png LA": (
+    lambda t: _save(
+      t, "la.png", Image.fromarray(np.stack([RGB8[..., 0], RGB8[..., 1]], axis=2), "LA"), "PNG"
+    ),
+    np.repeat(RGB8[..., :1], 3, axis=2),
+  ),
+  "png P": (
+    lambda t: _save(t, "p.png", Image.fromarray(RGB8).quantize(256), "PNG"),
+    np.asarray(Image.fromarray(RGB8).quantize(256).convert("RGB")),
+  ),
+  "tiff 32-bit float (F)": (
+    lambda t: _save(t, "f.tif", Image.fromarray(G16.astype(np.float32) / 65535), "TIFF"),
+    r"f\.tif.*mode F \(32-bit float\)",
+  ),
+  "tiff 32-bit int (I)": (
+    lambda t: _save(t, "i.tif", Image.fromarray(G16.astype(np.int32)), "TIFF"),
+    r"i\.tif.*mode I \(32-bit integer\)",
+  ),
 }
 
 
@@ -69,7 +87,11 @@ def test_every_mode_decodes_to_the_rgb_it_shows_or_names_the_file(case, tmp_path
 
 
 def test_cmyk_and_lab_use_pils_colour_conversion():
-  for mode, value in (("CMYK", (0, 255, 255, 0)), ("LAB", (136, 208, 195)), ("YCbCr", (76, 85, 255))):
+  for mode, value in (
+    ("CMYK", (0, 255, 255, 0)),
+    ("LAB", (136, 208, 195)),
+    ("YCbCr", (76, 85, 255)),
+  ):
     im = Image.new(mode, (2, 2), value)
     assert images.to_rgb(im).getpixel((0, 0)) == im.convert("RGB").getpixel((0, 0))
   assert images.to_rgb(Image.new("LAB", (1, 1), (136, 208, 195))).getpixel((0, 0))[0] > 200  # red
@@ -84,14 +106,16 @@ def _jpeg(w, h, seed, **kw):
 
 def _damaged_jpegs():
   out = {}
-  for name, data in (("baseline", _jpeg(120, 90, 0, quality=90)),
-                     ("large", _jpeg(400, 300, 1, quality=95)),  # > one 64 KiB read block
-                     ("progressive", _jpeg(160, 120, 2, progressive=True))):
+  for name, data in (
+    ("baseline", _jpeg(120, 90, 0, quality=90)),
+    ("large", _jpeg(400, 300, 1, quality=95)),  # > one 64 KiB read block
+    ("progressive", _jpeg(160, 120, 2, progressive=True)),
+  ):
     for frac in (0.3, 0.8, 0.999):
-      out[f"{name} cut at {frac}"] = data[:int(len(data) * frac)]
+      out[f"{name} cut at {frac}"] = data[: int(len(data) * frac)]
     broken = bytearray(data)
     mid = len(broken) // 2
-    broken[mid:mid + 200] = np.random.default_rng(3).integers(0, 256, 200, np.uint8).tobytes()
+    broken[mid : mid + 200] = np.random.default_rng(3).integers(0, 256, 200, np.uint8).tobytes()
     out[f"{name} with broken data"] = bytes(broken)
   return out
 
@@ -105,10 +129,12 @@ def flag_on_decodes(tmp_path_factory):
   d = tmp_path_factory.mktemp("damaged")
   for i, data in enumerate(DAMAGED.values()):
     (d / f"{i}.jpg").write_bytes(data)
-  code = ("import sys, numpy as np\nfrom PIL import Image, ImageFile\n"
-          "ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
-          "for p in sys.argv[1:]:\n"
-          "  np.save(p + '.npy', np.asarray(Image.open(p).convert('RGB')))\n")
+  code = (
+    "import sys, numpy as np\nfrom PIL import Image, ImageFile\n"
+    "ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
+    "for p in sys.argv[1:]:\n"
+    "  np.save(p + '.npy', np.asarray(Image.open(p).convert('RGB')))\n"
+  )
   paths = [str(d / f"{i}.jpg") for i in range(len(DAMAGED))]
   subprocess.run([sys.executable, "-c", code, *paths], check=True)
   return {name: np.load(p + ".npy") for name, p in zip(DAMAGED, paths)}
@@ -123,6 +149,7 @@ def test_damaged_jpegs_decode_exactly_as_with_load_truncated_images(flag_on_deco
 
 def test_evaluation_and_preprocess_reject_a_truncated_jpeg_naming_it(tmp_path):
   import salad_jax
+
   path = str(tmp_path / "cut.jpg")
   with open(path, "wb") as f:
     f.write(DAMAGED["baseline cut at 0.8"])

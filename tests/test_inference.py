@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from helpers import images as random_images, torch_describe, twin
+
+from helpers import images as random_images
+from helpers import torch_describe, twin
 
 
 def images(n=2, hw=(224, 224), seed=0):
@@ -40,7 +42,9 @@ def test_preprocess_of_a_16_bit_pil_image_keeps_its_grey_levels():
   """A 16-bit greyscale PIL image shows its high byte, as a file does (not clipped to white)."""
   ramp = (np.arange(56 * 56, dtype=np.uint32).reshape(56, 56) * 20).astype(np.uint16)
   x = salad_jax.preprocess(Image.fromarray(ramp), size=None)
-  want = salad_jax.preprocess(np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2), size=None)
+  want = salad_jax.preprocess(
+    np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2), size=None
+  )
   np.testing.assert_array_equal(x, want)
 
 
@@ -62,7 +66,7 @@ def test_describe_any_batch_size_unit_norm_and_matches_torch(s14):
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-6)
     assert np.abs(d - torch_describe(tm, x)).max() <= 1e-6
   # the token block is unit-norm inside: norm 1/sqrt(65) of the total
-  np.testing.assert_allclose(np.linalg.norm(d[:, :256], axis=1), 65 ** -0.5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(d[:, :256], axis=1), 65**-0.5, atol=1e-6)
 
 
 def test_compiled_once_per_shape(s14):
@@ -82,7 +86,9 @@ def test_bf16_compute_close_to_fp32(s14):
   assert cos.min() >= 0.999, cos
 
 
-@pytest.mark.parametrize("shape,match", [
+@pytest.mark.parametrize(
+  "shape,match",
+  [
     ((1, 320, 320, 3), r"image 320x320: height and width must be multiples of 14 \(try 322x322\)"),
     ((1, 224, 230, 3), r"multiples of 14 \(try 224x224\)"),
     ((224, 224, 3), r"batch \[B, H, W, 3\].*x\[None\]"),
@@ -91,7 +97,8 @@ def test_bf16_compute_close_to_fp32(s14):
     ((1, 112, 112, 3), r"gives 64 patches.*64 clusters.*126x126"),
     ((1, 98, 98, 3), r"gives 49 patches"),
     ((0, 224, 224, 3), r"empty batch"),
-])
+  ],
+)
 def test_bad_image_shapes_are_clear_value_errors(s14, shape, match):
   _, model = s14
   with pytest.raises(ValueError, match=match):
@@ -112,11 +119,16 @@ def test_nan_input_is_an_error_not_a_silent_nan(s14):
     model.describe(x)
 
 
-@pytest.mark.parametrize("images, size, words", [
+@pytest.mark.parametrize(
+  "images, size, words",
+  [
     ([], (56, 56), "empty list of images"),  # was numpy's "need at least one array to stack"
     (np.zeros((20, 20, 3), np.uint8), (112.5, 112), r"image size \(112.5, 112\)"),  # was 112x112
     ([np.zeros((20, 20, 3), np.uint8)], (0, 28), "positive integers"),
-])
-def test_preprocess_refuses_empty_lists_and_sizes_that_are_not_positive_integers(images, size, words):
+  ],
+)
+def test_preprocess_refuses_empty_lists_and_sizes_that_are_not_positive_integers(
+  images, size, words
+):
   with pytest.raises(salad_jax.errors.UserError, match=words):
     salad_jax.preprocess(images, size=size)

@@ -12,8 +12,9 @@ import salad_jax.losses as L
 
 def pml(desc, labels):
   miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
-  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0,
-                                       distance=distances.DotProductSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(
+    alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity()
+  )
   e = torch.tensor(desc, dtype=torch.float32, requires_grad=True)
   lab = torch.tensor(labels)
   mined = miner(e, lab)
@@ -31,7 +32,7 @@ def pml(desc, labels):
 def decision_margin(desc, labels, eps=0.1):
   """Smallest distance of any candidate pair to its miner threshold."""
   e = desc / np.linalg.norm(desc, axis=1, keepdims=True)
-  s = (e.astype(np.float64) @ e.T.astype(np.float64))
+  s = e.astype(np.float64) @ e.T.astype(np.float64)
   same = labels[:, None] == labels[None, :]
   cpos = same & ~np.eye(len(labels), dtype=bool)
   hn = np.where(~same, s, -np.inf).max(1, keepdims=True)
@@ -55,7 +56,9 @@ def batch(kind, seed, dim=None, sig_easy=0.5, sig_hard=1.5, frac_hard=0.3):
     centres = rng.standard_normal((60, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     sig = np.where(rng.random(60) < frac_hard, sig_hard, sig_easy)
-    desc = np.repeat(centres, 4, axis=0) + np.repeat(sig, 4)[:, None] * rng.standard_normal((240, dim)) / np.sqrt(dim)
+    desc = np.repeat(centres, 4, axis=0) + np.repeat(sig, 4)[:, None] * rng.standard_normal(
+      (240, dim)
+    ) / np.sqrt(dim)
   desc = desc.astype(np.float32)
   return desc / np.linalg.norm(desc, axis=1, keepdims=True), labels
 
@@ -64,7 +67,9 @@ def batch(kind, seed, dim=None, sig_easy=0.5, sig_hard=1.5, frac_hard=0.3):
 def test_matches_pytorch_metric_learning(kind, seed):
   desc, labels = batch(kind, seed)
   margin = decision_margin(desc, labels)
-  assert margin > 1e-4, f"test data too close to a mining threshold ({margin:.2e}); pick another seed"
+  assert margin > 1e-4, (
+    f"test data too close to a mining threshold ({margin:.2e}); pick another seed"
+  )
   loss_t, grad_t, pos_t, neg_t, bacc_t = pml(desc, labels)
 
   fn = jax.jit(lambda d, l: L.multi_similarity_loss(d, l))
@@ -130,9 +135,18 @@ def test_padding_mask_gives_the_loss_of_the_smaller_batch():
   loss_pad, aux_pad = L.multi_similarity_loss(padded, pad_labels, valid=valid)
   assert abs(float(loss_small) - float(loss_pad)) <= 1e-7
   assert abs(float(aux_small["b_acc"]) - float(aux_pad["b_acc"])) <= 1e-7
-  np.testing.assert_array_equal(np.asarray(aux_pad["pos_mask"])[:real, :real], np.asarray(aux_small["pos_mask"]))
-  assert not np.asarray(aux_pad["pos_mask"])[real:].any() and not np.asarray(aux_pad["neg_mask"])[:, real:].any()
-  g_small = jax.grad(lambda d: L.multi_similarity_loss(d, labels[:real])[0])(jnp.asarray(desc[:real]))
-  g_pad = jax.grad(lambda d: L.multi_similarity_loss(d, pad_labels, valid=valid)[0])(jnp.asarray(padded))
+  np.testing.assert_array_equal(
+    np.asarray(aux_pad["pos_mask"])[:real, :real], np.asarray(aux_small["pos_mask"])
+  )
+  assert (
+    not np.asarray(aux_pad["pos_mask"])[real:].any()
+    and not np.asarray(aux_pad["neg_mask"])[:, real:].any()
+  )
+  g_small = jax.grad(lambda d: L.multi_similarity_loss(d, labels[:real])[0])(
+    jnp.asarray(desc[:real])
+  )
+  g_pad = jax.grad(lambda d: L.multi_similarity_loss(d, pad_labels, valid=valid)[0])(
+    jnp.asarray(padded)
+  )
   np.testing.assert_allclose(np.asarray(g_pad)[:real], np.asarray(g_small), atol=1e-8)
   assert not np.asarray(g_pad)[real:].any()

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from salad_jax.models.vpr import VPRModel
+from salad_jax.weights import convert
+
 import torch_reference as tr
 from helpers import parity_diffs
-from salad_jax import convert
-from salad_jax.models.vpr import VPRModel
 
 SIZES = [(224, 224), (322, 322), (518, 518), (224, 322)]
 
@@ -45,8 +46,12 @@ def test_registers_variant_matches_torch():
   assert config.registers
   params = convert.torch_to_params(sd, config)
   model = VPRModel(config)
-  both = jax.jit(lambda x: (model.apply({"params": params}, x),
-                            model.apply({"params": params}, x, method=VPRModel.features)[0]))
+  both = jax.jit(
+    lambda x: (
+      model.apply({"params": params}, x),
+      model.apply({"params": params}, x, method=VPRModel.features)[0],
+    )
+  )
   for n, hw in [(2, (224, 224)), (2, (322, 224)), (1, (644, 644))]:  # down-, mixed, up-sampling
     x = np.random.default_rng(5).standard_normal((n,) + hw + (3,)).astype(np.float32)
     with torch.no_grad():

@@ -11,8 +11,10 @@ import tempfile
 import numpy as np
 import pytest
 
+from salad_jax.train import optim
+from salad_jax.weights import run_checkpoints
+
 from helpers import make_gsv
-from salad_jax import checkpoint, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITIES = {"Alpha": [4, 5, 6, 4, 4, 7, 4, 5, 4, 4, 6, 4], "Beta": [5, 4, 4, 6, 4, 4, 4, 5, 4, 4]}
@@ -21,6 +23,7 @@ CITIES = {"Alpha": [4, 5, 6, 4, 4, 7, 4, 5, 4, 4, 6, 4], "Beta": [5, 4, 4, 6, 4,
 def make_eval_folder(root, places=5, db_per_place=2, size=(64, 48)):
   """UTM-named database/queries folders: place p at east 1000 p, its images noisy views of it."""
   from PIL import Image
+
   rng = np.random.default_rng(1)
   for sub in ("database", "queries"):
     os.makedirs(os.path.join(root, sub))
@@ -47,11 +50,21 @@ def _run_two(args):
   for i in range(2):
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     files.append((out, err))
-    procs.append(subprocess.Popen(
-        args, stdout=out, stderr=err,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                 JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
+    procs.append(
+      subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=err,
+        env=dict(
+          os.environ,
+          XLA_FLAGS="--xla_force_host_platform_device_count=2",
+          JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+          JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+          JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID=str(i),
+        ),
+      )
+    )
   outs = []
   for p, (out, err) in zip(procs, files):
     p.wait(timeout=600)
@@ -68,23 +81,45 @@ def test_two_processes_match_one_process(tmp_path):
   root = str(tmp_path / "gsv")
   make_gsv(root, CITIES, size=(64, 48))
   make_eval_folder(str(tmp_path / "eval"))  # 10 + 5 images: 4 batches of 4, the last one padded
-  args = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/demo.py"),
-          "--config.data.source=folder", f"--config.data.root={root}", "--config.data.cities=Alpha,Beta",
-          "--config.data.places_per_batch=8", "--config.data.image_size=(56,56)",
-          "--config.data.num_workers=0", f"--config.eval.sets=folder:{tmp_path / 'eval'}",
-          "--config.eval.at_start=False", "--config.eval.image_size=(56,56)",
-          "--config.eval.batch_size=4", "--config.eval.num_workers=0",
-          "--config.num_epochs=1", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
-          "--config.model.variant=Nano/14", "--config.model.num_clusters=8",
-          "--config.model.cluster_dim=16", "--config.model.token_dim=16", "--config.model.hidden_dim=32"]
-  single = subprocess.run(args + ["--workdir", str(tmp_path / "one")], capture_output=True, text=True,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-                          timeout=600)
+  args = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/demo.py"),
+    "--config.data.source=folder",
+    f"--config.data.root={root}",
+    "--config.data.cities=Alpha,Beta",
+    "--config.data.places_per_batch=8",
+    "--config.data.image_size=(56,56)",
+    "--config.data.num_workers=0",
+    f"--config.eval.sets=folder:{tmp_path / 'eval'}",
+    "--config.eval.at_start=False",
+    "--config.eval.image_size=(56,56)",
+    "--config.eval.batch_size=4",
+    "--config.eval.num_workers=0",
+    "--config.num_epochs=1",
+    "--config.checkpoint.every_steps=2",
+    "--config.log_every_steps=1",
+    "--config.model.variant=Nano/14",
+    "--config.model.num_clusters=8",
+    "--config.model.cluster_dim=16",
+    "--config.model.token_dim=16",
+    "--config.model.hidden_dim=32",
+  ]
+  single = subprocess.run(
+    args + ["--workdir", str(tmp_path / "one")],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    timeout=600,
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   outs = _run_two(args + ["--workdir", str(tmp_path / "two")])
   assert "4 device(s)" in outs[0][0]  # process 0 sees the global mesh
-  logs = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-          for run in ("one", "two")}
+  logs = {
+    run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    for run in ("one", "two")
+  }
   one, two = ([x["loss"] for x in logs[run] if "loss" in x] for run in ("one", "two"))
   np.testing.assert_allclose(two, one, rtol=1e-6)
   # evaluation: each process loads half of every batch; every process reports the recalls of one
@@ -94,10 +129,13 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(set(d.split(" in ")[0] for d in done)) == 1, done
   assert f"(R@1 {val_one['val/R@1']:.2f})" in done[1], done
   step_dir = tmp_path / "two" / "checkpoints" / str(len(one))
-  assert sorted(os.listdir(step_dir / "data")) == ["commit_success.txt", "process_0-of-2.json",
-                                                  "process_1-of-2.json"]  # each process's data state
-  a = optim.flatten(checkpoint.load_for_inference(str(tmp_path / "one"), which="latest")[0])
-  b = optim.flatten(checkpoint.load_for_inference(str(tmp_path / "two"), which="latest")[0])
+  assert sorted(os.listdir(step_dir / "data")) == [
+    "commit_success.txt",
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]  # each process's data state
+  a = optim.flatten(run_checkpoints.load_for_inference(str(tmp_path / "one"), which="latest")[0])
+  b = optim.flatten(run_checkpoints.load_for_inference(str(tmp_path / "two"), which="latest")[0])
   # AdamW turns float-noise gradient differences into O(lr) steps for a few weights (README,
   # Parity); the rest must agree to 1e-6
   total = noisy = 0
@@ -126,11 +164,18 @@ def test_two_processes_match_one_process(tmp_path):
   # one process cannot take over the two processes' input positions: a one-line launch error
   # that names what to do, and the checkpoints are left as they are
   before = sorted(os.listdir(tmp_path / "two" / "checkpoints"))
-  alone = subprocess.run(args + ["--workdir", str(tmp_path / "two")], capture_output=True, text=True,
-                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-                         timeout=600)
+  alone = subprocess.run(
+    args + ["--workdir", str(tmp_path / "two")],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    timeout=600,
+  )
   assert alone.returncode == 2, alone.stderr[-3000:]
-  assert alone.stderr.startswith("error: checkpoint step ") and "saved by 2 process(es) and this run has 1" \
-      in alone.stderr and "JAX_NUM_PROCESSES=2" in alone.stderr, alone.stderr
+  assert (
+    alone.stderr.startswith("error: checkpoint step ")
+    and "saved by 2 process(es) and this run has 1" in alone.stderr
+    and "JAX_NUM_PROCESSES=2" in alone.stderr
+  ), alone.stderr
   assert len(alone.stderr.splitlines()) == 2 and "Traceback" not in alone.stderr
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == before

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_gsv
 from salad_jax import losses
-from salad_jax.data import gsv_cities, images, pack, pipeline, tfds_gsv
+from salad_jax.data import gsv_cities, images, pack, pack_records, pipeline, tfds_gsv
 from salad_jax.errors import UserError
 
-CITIES = {"Alpha": [4, 5, 3, 6, 4, 8, 4, 2, 5, 4], "Beta": [4, 4, 7, 4, 1, 4], "Gamma": [6, 4, 4, 4, 5]}
+from helpers import make_gsv
+
+CITIES = {
+  "Alpha": [4, 5, 3, 6, 4, 8, 4, 2, 5, 4],
+  "Beta": [4, 4, 7, 4, 1, 4],
+  "Gamma": [6, 4, 4, 4, 5],
+}
 SIZE = (28, 28)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +43,7 @@ def _textured_gsv(root):
   cut = os.path.join(root, "Images", "Beta", files[("Beta", 1)][2])
   data = open(cut, "rb").read()
   with open(cut, "wb") as f:
-    f.write(data[:len(data) * 2 // 3])
+    f.write(data[: len(data) * 2 // 3])
   return files
 
 
@@ -53,8 +58,15 @@ def packs(tmp_path_factory):
 
 
 def _epoch(ds, **kw):
-  args = dict(places_per_batch=4, img_per_place=4, image_size=SIZE, num_epochs=1, seed=7,
-              randaugment=True, num_threads=2)
+  args = dict(
+    places_per_batch=4,
+    img_per_place=4,
+    image_size=SIZE,
+    num_epochs=1,
+    seed=7,
+    randaugment=True,
+    num_threads=2,
+  )
   args.update(kw)
   return list(pipeline.train_dataset(ds, **args)[0])
 
@@ -65,6 +77,7 @@ PROJ = np.random.default_rng(0).standard_normal((SIZE[0] * SIZE[1] * 3, 32)).ast
 @functools.cache
 def _loss_fn():
   import jax
+
   return jax.jit(lambda d, lab, v: losses.multi_similarity_loss(d, lab, valid=v)[0])
 
 
@@ -92,7 +105,7 @@ def test_packed_batches_are_bit_identical_to_the_files(packs):
 
 def test_pack_flags_and_reports_unreadable_and_damaged_images(packs):
   _, raw, _ = packs
-  path = tfds_gsv.pack_dir(raw, SIZE)
+  path = pack_records.pack_dir(raw, SIZE)
   meta = json.load(open(os.path.join(path, "metadata.json")))
   assert (meta["unreadable"], meta["damaged"], meta["image_size"]) == (1, 1, list(SIZE))
   ds = tfds_gsv.open_gsv_cities(raw, image_size=SIZE)
@@ -107,46 +120,67 @@ def test_a_pack_of_another_size_is_a_clear_error(packs):
   with pytest.raises(UserError, match=r"resized to 28x28.*image_size is 32x32"):
     tfds_gsv.open_gsv_cities(raw, image_size=(32, 32))
   with pytest.raises(UserError, match=r"resized to 28x28.*image_size is 32x32"):
-    tfds_gsv.open_gsv_cities(tfds_gsv.pack_dir(raw, SIZE), image_size=(32, 32))
+    tfds_gsv.open_gsv_cities(pack_records.pack_dir(raw, SIZE), image_size=(32, 32))
 
 
 def test_corrupt_records_and_cut_shards_are_errors_naming_them(packs, tmp_path):
   _, raw, _ = packs
-  src = tfds_gsv.pack_dir(raw, SIZE)
+  src = pack_records.pack_dir(raw, SIZE)
   bad = str(tmp_path / "bad")
   shutil.copytree(src, bad)
   shard = os.path.join(bad, "gsv_cities-train.array_record-00001-of-00006")
   data = bytearray(open(shard, "rb").read())
-  data[5000:5064] = bytes(64)  # inside the 16 records of ~2.5 KB (the file is padded to 64 KiB blocks)
+  data[5000:5064] = bytes(
+    64
+  )  # inside the 16 records of ~2.5 KB (the file is padded to 64 KiB blocks)
   open(shard, "wb").write(bytes(data))
   ds = tfds_gsv.open_gsv_cities(bad, image_size=SIZE)
   with pytest.raises(tfds_gsv.CorruptRecordError, match=r"corrupt record 1\d in .*bad"):
     for i in range(16, 32):
       ds.read_image(i)
-  open(shard, "wb").write(bytes(data[:len(data) // 2]))
+  open(shard, "wb").write(bytes(data[: len(data) // 2]))
   with pytest.raises(tfds_gsv.CorruptRecordError, match=r"shard .*00001-of-00006 holds 0 records"):
     tfds_gsv.open_gsv_cities(bad, image_size=SIZE)
 
 
 def _records(path):
-  ds = tfds_gsv.open_gsv_cities(os.path.dirname(os.path.dirname(os.path.dirname(path))),
-                                image_size=SIZE, min_img_per_place=1)
-  return [(r["image"], int(r["status"]), r["name"]) for r in (ds.source[i] for i in range(len(ds.paths)))]
+  ds = tfds_gsv.open_gsv_cities(
+    os.path.dirname(os.path.dirname(os.path.dirname(path))), image_size=SIZE, min_img_per_place=1
+  )
+  return [
+    (r["image"], int(r["status"]), r["name"]) for r in (ds.source[i] for i in range(len(ds.paths)))
+  ]
 
 
 def test_a_killed_pack_resumes_in_parallel_and_equals_a_clean_pack(packs, tmp_path, capsys):
   root, raw, _ = packs
   out = str(tmp_path / "out")
-  final = tfds_gsv.pack_dir(out, SIZE)
+  final = pack_records.pack_dir(out, SIZE)
   staging = final + ".partial"
-  cmd = [sys.executable, "-m", "salad_jax.data.tfds_gsv", "--manual_dir", root, "--data_dir", out,
-         "--image_size", "28,28", "--num_workers", "1", "--images_per_shard", "2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "salad_jax.data.tfds_gsv",
+    "--manual_dir",
+    root,
+    "--data_dir",
+    out,
+    "--image_size",
+    "28,28",
+    "--num_workers",
+    "1",
+    "--images_per_shard",
+    "2",
+  ]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 120
     while time.time() < deadline:
-      done = [f for f in (os.listdir(staging) if os.path.isdir(staging) else [])
-              if f.endswith("-of-00046")]
+      done = [
+        f
+        for f in (os.listdir(staging) if os.path.isdir(staging) else [])
+        if f.endswith("-of-00046")
+      ]
       if done:
         proc.send_signal(signal.SIGSTOP)
         break
@@ -164,13 +198,13 @@ def test_a_killed_pack_resumes_in_parallel_and_equals_a_clean_pack(packs, tmp_pa
   pack.pack(root, out, image_size=SIZE, num_workers=2, images_per_shard=2, progress=False)
   assert f"resuming: {committed} of 46 shards" in capsys.readouterr().out
   assert not os.path.exists(staging)
-  assert _records(final) == _records(tfds_gsv.pack_dir(raw, SIZE))
+  assert _records(final) == _records(pack_records.pack_dir(raw, SIZE))
 
 
 def test_a_staging_dir_of_another_job_is_restarted_from_scratch(packs, tmp_path, capsys):
   root, raw, _ = packs
   out = str(tmp_path / "out")
-  staging = tfds_gsv.pack_dir(out, SIZE) + ".partial"
+  staging = pack_records.pack_dir(out, SIZE) + ".partial"
   os.makedirs(staging)
   with open(os.path.join(staging, pack.JOB_FILE), "w") as f:
     json.dump({"images": 3}, f)
@@ -180,14 +214,27 @@ def test_a_staging_dir_of_another_job_is_restarted_from_scratch(packs, tmp_path,
     json.dump({"records": 16, "damaged": [], "unreadable": []}, f)
   pack.pack(root, out, image_size=SIZE, num_workers=1, images_per_shard=16, progress=False)
   assert "starting from scratch" in capsys.readouterr().out
-  assert _records(tfds_gsv.pack_dir(out, SIZE)) == _records(tfds_gsv.pack_dir(raw, SIZE))
+  assert _records(pack_records.pack_dir(out, SIZE)) == _records(pack_records.pack_dir(raw, SIZE))
   with pytest.raises(UserError, match="already holds a different pack"):
     pack.pack(root, out, image_size=SIZE, cities=("Alpha", "Beta"), num_workers=1, progress=False)
 
 
 def test_cli_errors_are_one_line(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "salad_jax.data.tfds_gsv", "--manual_dir",
-                      str(tmp_path), "--data_dir", str(tmp_path / "o"), "--image_size", "224"],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "salad_jax.data.tfds_gsv",
+      "--manual_dir",
+      str(tmp_path),
+      "--data_dir",
+      str(tmp_path / "o"),
+      "--image_size",
+      "224",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: --image_size '224': expected H,W" in r.stderr

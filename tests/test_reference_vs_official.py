@@ -18,7 +18,8 @@ import torch_reference as tr  # noqa: E402
 
 SRC = os.environ.get("SALAD_OFFICIAL_SRC")
 pytestmark = pytest.mark.skipif(
-    not SRC, reason="set SALAD_OFFICIAL_SRC to a checkout of the official dinov2 + salad code")
+  not SRC, reason="set SALAD_OFFICIAL_SRC to a checkout of the official dinov2 + salad code"
+)
 
 
 def _load_file(name, path):
@@ -32,13 +33,24 @@ def _official_model(variant, registers):
   os.environ["XFORMERS_DISABLED"] = "1"
   sys.path.insert(0, SRC)
   from dinov2.models import vision_transformer as vits
-  arch = {"S/14": "vit_small", "B/14": "vit_base", "L/14": "vit_large", "g/14": "vit_giant2"}[variant]
-  kw = dict(img_size=518, patch_size=14, init_values=1.0, block_chunks=0,
-            ffn_layer="swiglufused" if variant == "g/14" else "mlp",
-            num_register_tokens=4 if registers else 0, interpolate_antialias=registers,
-            interpolate_offset=0.0 if registers else 0.1)
+
+  arch = {"S/14": "vit_small", "B/14": "vit_base", "L/14": "vit_large", "g/14": "vit_giant2"}[
+    variant
+  ]
+  kw = dict(
+    img_size=518,
+    patch_size=14,
+    init_values=1.0,
+    block_chunks=0,
+    ffn_layer="swiglufused" if variant == "g/14" else "mlp",
+    num_register_tokens=4 if registers else 0,
+    interpolate_antialias=registers,
+    interpolate_offset=0.0 if registers else 0.1,
+  )
   dino = getattr(vits, arch)(**kw)
-  backbone_mod = _load_file("official_dinov2_backbone", os.path.join(SRC, "salad/models/backbones/dinov2.py"))
+  backbone_mod = _load_file(
+    "official_dinov2_backbone", os.path.join(SRC, "salad/models/backbones/dinov2.py")
+  )
   salad_mod = _load_file("official_salad", os.path.join(SRC, "salad/models/aggregators/salad.py"))
   orig = torch.hub.load
   torch.hub.load = lambda *a, **k: dino  # the wrapper downloads the hub model in __init__
@@ -52,8 +64,9 @@ def _official_model(variant, registers):
     def __init__(self):
       super().__init__()
       self.backbone = backbone
-      self.aggregator = salad_mod.SALAD(num_channels=dino.embed_dim, num_clusters=64,
-                                        cluster_dim=128, token_dim=256)
+      self.aggregator = salad_mod.SALAD(
+        num_channels=dino.embed_dim, num_clusters=64, cluster_dim=128, token_dim=256
+      )
 
     def forward(self, x):
       return self.aggregator(self.backbone(x))
@@ -99,6 +112,7 @@ def test_oracle_registers_vit_matches_official(hw):
 def test_oracle_swiglu_matches_official():
   sys.path.insert(0, SRC)
   from dinov2.layers import SwiGLUFFNFused
+
   ours = tr.randomize_(tr.SwiGLU(96, 4 * 96), seed=5)
   official = SwiGLUFFNFused(in_features=96, hidden_features=4 * 96)
   official.load_state_dict(ours.state_dict(), strict=True)

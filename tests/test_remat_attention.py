@@ -5,37 +5,51 @@ import io
 import re
 
 import jax
-from jax.ad_checkpoint import print_saved_residuals
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import salad_jax
-from helpers import random_params
-from salad_jax import optim, trainer
-from salad_jax.models import kernels
+from salad_jax.models import attention as attention_lib
+from salad_jax.train import optim, trainer
 
-TINY = dict(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32,
-            num_trainable_blocks=2, dropout=0.3, micro_batch=0, train_micro_batch=0)
+from helpers import random_params
+
+TINY = dict(
+  variant="Nano/14",
+  num_clusters=8,
+  cluster_dim=16,
+  token_dim=16,
+  hidden_dim=32,
+  num_trainable_blocks=2,
+  dropout=0.3,
+  micro_batch=0,
+  train_micro_batch=0,
+)
 LOSS = dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1)
 
 
 @pytest.fixture(scope="module")
 def setup():
-  mc = salad_jax.ModelConfig(**TINY)
-  params = random_params(mc)
+  model_cfg = salad_jax.ModelConfig(**TINY)
+  params = random_params(model_cfg)
   rng = np.random.default_rng(0)
   base = rng.integers(0, 256, (4, 1, 56, 56, 3))
   images = np.clip(base + rng.integers(-30, 30, (4, 4, 56, 56, 3)), 0, 255).astype(np.uint8)
-  batch = (images.reshape(16, 56, 56, 3), np.repeat(np.arange(4), 4).astype(np.int32), np.ones(16, bool))
+  batch = (
+    images.reshape(16, 56, 56, 3),
+    np.repeat(np.arange(4), 4).astype(np.int32),
+    np.ones(16, bool),
+  )
   return params, batch
 
 
 def _loss_and_grads(params, batch, **model):
   """(loss, grads of the trainable params)."""
-  mc = salad_jax.ModelConfig(**{**TINY, **model})
-  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(mc))
-  loss_fn = trainer.make_loss_fn(mc, LOSS)
+  model_cfg = salad_jax.ModelConfig(**{**TINY, **model})
+  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(model_cfg))
+  loss_fn = trainer.make_loss_fn(model_cfg, LOSS)
   f = jax.jit(jax.value_and_grad(lambda t: loss_fn(t, frozen, *batch, jax.random.PRNGKey(3))[0]))
   loss, grads = f(train)
   return float(loss), jax.tree.map(np.asarray, grads)
@@ -49,23 +63,26 @@ def test_remat_gives_the_same_loss_and_gradients_and_keeps_less(setup):
     loss, g = _loss_and_grads(params, batch, remat=remat, train_micro_batch=micro)
     assert loss == pytest.approx(loss0, rel=1e-6), remat
     for k, v in g0.items():
-      np.testing.assert_allclose(g[k], v, rtol=1e-5, atol=1e-6 * np.abs(v).max(), err_msg=f"{remat} {k}")
+      np.testing.assert_allclose(
+        g[k], v, rtol=1e-5, atol=1e-6 * np.abs(v).max(), err_msg=f"{remat} {k}"
+      )
   # what the backward pass keeps (the memory the compiled program needs for it; XLA's temp
   # figure for a model this small is dominated by other buffers: benchmarks/memory.py shows it)
-  kept = {r: sum(n for _, n in _saved_residuals(params, batch, "float32", remat=r))
-          for r in ("none", "dots", "blocks")}
+  kept = {
+    r: sum(n for _, n in _saved_residuals(params, batch, "float32", remat=r))
+    for r in ("none", "dots", "blocks")
+  }
   assert kept["blocks"] < kept["dots"] < kept["none"], kept
   assert kept["blocks"] < 0.5 * kept["none"], kept
 
 
 def _saved_residuals(params, batch, dtype, remat="none"):
-  mc = salad_jax.ModelConfig(**{**TINY, "dtype": dtype, "attention": "xla", "remat": remat})
-  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(mc))
-  loss_fn = trainer.make_loss_fn(mc, LOSS)
+  model_cfg = salad_jax.ModelConfig(**{**TINY, "dtype": dtype, "attention": "xla", "remat": remat})
+  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(model_cfg))
+  loss_fn = trainer.make_loss_fn(model_cfg, LOSS)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    print_saved_residuals(
-        lambda t: loss_fn(t, frozen, *batch, jax.random.PRNGKey(3))[0], train)
+    print_saved_residuals(lambda t: loss_fn(t, frozen, *batch, jax.random.PRNGKey(3))[0], train)
   rows = []
   for line in out.getvalue().splitlines():
     m = re.match(r"(\w+)\[([\d,]*)\]", line)
@@ -90,18 +107,22 @@ def test_bf16_policy_keeps_activations_in_bf16(setup):
 
 def test_attention_kernel_choice():
   bf16, f32 = jnp.bfloat16, jnp.float32
-  assert kernels.attention_impl("auto", bf16, 64, backend="cpu") == "chunked"
-  assert kernels.attention_impl("auto", bf16, 64, backend="gpu") == "cudnn"
-  assert kernels.attention_impl("auto", jnp.float16, 64, backend="gpu") == "cudnn"
-  assert kernels.attention_impl("auto", f32, 64, backend="gpu") == "xla"  # cuDNN has no fp32 kernel
-  assert kernels.attention_impl("auto", bf16, 100, backend="gpu") == "xla"  # head dim not a multiple of 8
-  assert kernels.attention_impl("auto", bf16, 64, backend="tpu") == "xla"
-  assert kernels.attention_impl("dot_product_attention", bf16, 64, backend="cpu") == "xla"
-  assert kernels.attention_impl("xla", bf16, 64, backend="gpu") == "xla"
+  assert attention_lib.attention_impl("auto", bf16, 64, backend="cpu") == "chunked"
+  assert attention_lib.attention_impl("auto", bf16, 64, backend="gpu") == "cudnn"
+  assert attention_lib.attention_impl("auto", jnp.float16, 64, backend="gpu") == "cudnn"
+  assert (
+    attention_lib.attention_impl("auto", f32, 64, backend="gpu") == "xla"
+  )  # cuDNN has no fp32 kernel
+  assert (
+    attention_lib.attention_impl("auto", bf16, 100, backend="gpu") == "xla"
+  )  # head dim not a multiple of 8
+  assert attention_lib.attention_impl("auto", bf16, 64, backend="tpu") == "xla"
+  assert attention_lib.attention_impl("dot_product_attention", bf16, 64, backend="cpu") == "xla"
+  assert attention_lib.attention_impl("xla", bf16, 64, backend="gpu") == "xla"
   with pytest.raises(ValueError, match="needs a GPU"):
-    kernels.attention_impl("cudnn", bf16, 64, backend="tpu")
+    attention_lib.attention_impl("cudnn", bf16, 64, backend="tpu")
   with pytest.raises(ValueError, match="bf16 or fp16"):
-    kernels.attention_impl("cudnn", f32, 64, backend="gpu")
+    attention_lib.attention_impl("cudnn", f32, 64, backend="gpu")
   with pytest.raises(ValueError, match="remat must be one of"):
     salad_jax.ModelConfig(remat="all")
 
@@ -111,11 +132,12 @@ def test_xla_attention_matches_chunked(setup):
   path's descriptors: fp32 to 1e-5, bf16 within bf16 rounding; and the same gradients."""
   params, (images, _, _) = setup
   from salad_jax.data.pipeline import normalize_images
+
   imgs = normalize_images(images)
 
   def describe(attention, dtype="float32"):
-    mc = salad_jax.ModelConfig(**{**TINY, "attention": attention, "dtype": dtype})
-    model = salad_jax.models.vpr.VPRModel(mc)
+    model_cfg = salad_jax.ModelConfig(**{**TINY, "attention": attention, "dtype": dtype})
+    model = salad_jax.models.vpr.VPRModel(model_cfg)
     return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, imgs))
 
   ref = describe("chunked")
@@ -125,11 +147,13 @@ def test_xla_attention_matches_chunked(setup):
   assert cos.min() > 0.99, cos.min()
 
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 2, 64)) for i in range(3))
+
   def grads(f, dtype):
     loss = lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(x.astype(dtype) for x in (q, k, v)))
-  chunked = lambda q, k, v: kernels.chunked_attention(q, k, v, 2)
-  for a, b in zip(grads(kernels.xla_attention, jnp.float32), grads(chunked, jnp.float32)):
+
+  chunked = lambda q, k, v: attention_lib.chunked_attention(q, k, v, 2)
+  for a, b in zip(grads(attention_lib.xla_attention, jnp.float32), grads(chunked, jnp.float32)):
     np.testing.assert_allclose(a, b, atol=1e-5)
-  for a, b in zip(grads(kernels.xla_attention, jnp.bfloat16), grads(chunked, jnp.float32)):
+  for a, b in zip(grads(attention_lib.xla_attention, jnp.bfloat16), grads(chunked, jnp.float32)):
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.05 * np.abs(b).max())

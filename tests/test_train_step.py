@@ -7,19 +7,33 @@ import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners
 
+import salad_jax
+from salad_jax import sharding
+from salad_jax.train import optim, trainer
+from salad_jax.weights import convert
+
 import torch_reference as tr
 from helpers import state_dict_np
-import salad_jax
-from salad_jax import convert, optim, sharding, trainer
 
 SKIP = ("aggregator/dust_bin", "aggregator/score_3/bias")  # dead params (reference.md §10)
 PLACES, K, HW = 8, 4, (126, 126)
 
 
 def optim_cfg():
-  return ml_collections.ConfigDict(dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8,
-                                        lr_start_factor=1.0, lr_end_factor=0.2, lr_total_iters=4000,
-                                        lightning_epoch_step=False, freeze="auto"))
+  return ml_collections.ConfigDict(
+    dict(
+      lr=6e-5,
+      weight_decay=9.5e-9,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      lr_start_factor=1.0,
+      lr_end_factor=0.2,
+      lr_total_iters=4000,
+      lightning_epoch_step=False,
+      freeze="auto",
+    )
+  )
 
 
 def batches(n, seed=0):
@@ -38,7 +52,9 @@ def torch_steps(tm, data, steps):
   opt = torch.optim.AdamW(tm.parameters(), lr=6e-5, weight_decay=9.5e-9)
   sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.2, total_iters=4000)
   miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
-  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(
+    alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity()
+  )
   mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
   out, grads = [], None
@@ -51,20 +67,23 @@ def torch_steps(tm, data, steps):
     loss = loss_fn(desc, lab, miner(desc, lab))
     loss.backward()
     if grads is None:
-      grads = {k: (p.grad.detach().numpy().copy() if p.grad is not None else None)
-               for k, p in tm.named_parameters()}
+      grads = {
+        k: (p.grad.detach().numpy().copy() if p.grad is not None else None)
+        for k, p in tm.named_parameters()
+      }
     opt.step()
     sched.step()
     out.append(float(loss.detach()))
   return out, grads
 
 
-def jax_steps(params, mc, data, steps, mesh):
+def jax_steps(params, model_cfg, data, steps, mesh):
   tx, schedule = optim.make_optimizer(optim_cfg(), steps_per_epoch=1000)
-  freeze = optim.default_freeze_regex(mc)
+  freeze = optim.default_freeze_regex(model_cfg)
   state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
-  step_fn = trainer.make_train_step(mc, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1),
-                                    schedule, mesh)
+  step_fn = trainer.make_train_step(
+    model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
+  )
   out = []
   for b in data[:steps]:
     state, m = step_fn(state, sharding.global_batch(b, mesh))
@@ -73,11 +92,16 @@ def jax_steps(params, mc, data, steps, mesh):
   return out, jax.tree.map(np.asarray, state)
 
 
-def first_grads(params, mc, batch):
-  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(mc))
-  loss_fn = trainer.make_loss_fn(mc, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
-  g = jax.jit(jax.grad(lambda t: loss_fn(t, frozen, batch["images"], batch["labels"], batch["valid"],
-                                         jax.random.PRNGKey(0))[0]))(train)
+def first_grads(params, model_cfg, batch):
+  train, frozen = optim.split_trainable(params, optim.default_freeze_regex(model_cfg))
+  loss_fn = trainer.make_loss_fn(model_cfg, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+  g = jax.jit(
+    jax.grad(
+      lambda t: loss_fn(
+        t, frozen, batch["images"], batch["labels"], batch["valid"], jax.random.PRNGKey(0)
+      )[0]
+    )
+  )(train)
   return g, frozen
 
 
@@ -152,17 +176,23 @@ def torch_grads_f64(sd, batch):
   tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()})
   tm = tm.double()
   agg, seen = tm.aggregator, {}
-  layers = {"token_features": (agg.token_features, 1), "cluster_features": (agg.cluster_features, 2),
-            "score": (agg.score, 2)}
+  layers = {
+    "token_features": (agg.token_features, 1),
+    "cluster_features": (agg.cluster_features, 2),
+    "score": (agg.score, 2),
+  }
   for name, (seq, relu) in layers.items():
     seq[0].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name + ".x", i[0]))
 
     def keep(m, i, o, name=name):
       seen[name + ".h"] = i[0]
       o.register_hook(lambda g: seen.__setitem__(name + ".g", g))
+
     seq[relu].register_forward_hook(keep)
   miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
-  loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+  loss_fn = losses.MultiSimilarityLoss(
+    alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity()
+  )
   mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
   x = (torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).double() / 255.0 - mean) / std
@@ -213,7 +243,9 @@ def assert_first_grads_exact(setup, grads_t):
     gj = convert._to_torch(np.asarray(g_j[path]), kinds[tkey]).astype(np.float64)
     err = np.abs(gj - g64[tkey]) - slack.get(tkey, 0.0)
     assert err.max() <= 2e-4 * np.abs(g64[tkey]).max() + 1e-12, (
-        tkey, err.max() / np.abs(g64[tkey]).max())
+      tkey,
+      err.max() / np.abs(g64[tkey]).max(),
+    )
     checked += 1
   assert checked == len(trainable) - len(SKIP)
 
@@ -222,10 +254,23 @@ def test_frozen_params_have_no_optimizer_state(setup):
   _, _, config, params, _ = setup
   tx, _ = optim.make_optimizer(optim_cfg(), 100)
   freeze = optim.default_freeze_regex(config)
-  state = trainer.create_state(params, tx, freeze, sharding.make_mesh(jax.devices()[:1]), jax.random.PRNGKey(0))
+  state = trainer.create_state(
+    params, tx, freeze, sharding.make_mesh(jax.devices()[:1]), jax.random.PRNGKey(0)
+  )
   mu = state["opt"][0].mu
-  assert all(k.startswith(("backbone/blocks_8", "backbone/blocks_9", "backbone/blocks_10",
-                           "backbone/blocks_11", "backbone/norm/", "aggregator/")) for k in mu)
+  assert all(
+    k.startswith(
+      (
+        "backbone/blocks_8",
+        "backbone/blocks_9",
+        "backbone/blocks_10",
+        "backbone/blocks_11",
+        "backbone/norm/",
+        "aggregator/",
+      )
+    )
+    for k in mu
+  )
   n = sum(v.size for v in mu.values())
   # ViT-S/14: blocks 8-11 (1,775,232 each) + final norm + the SALAD head on 384 channels
   assert n == 4 * 1_775_232 + 768 + 821_185

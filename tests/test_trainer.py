@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import salad_jax
+from salad_jax import sharding
+from salad_jax.train import checkpoint, metrics, optim, trainer
+from salad_jax.weights import run_checkpoints
+
 from helpers import make_gsv, place_batch, tiny_train_setup
-from salad_jax import checkpoint, optim, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITIES = {"Alpha": [4, 5, 6, 4, 4, 7, 4, 5, 4, 4, 6, 4], "Beta": [5, 4, 4, 6, 4, 4, 4, 5, 4, 4]}
@@ -29,33 +32,52 @@ def gsv_root(tmp_path_factory):
 
 
 def tiny_overrides(root, **extra):
-  o = {"config.data.source": "folder", "config.data.root": root, "config.data.cities": "Alpha,Beta",
-       "config.data.places_per_batch": 8, "config.data.image_size": "(56,56)",
-       "config.data.num_workers": 0, "config.eval.sets": "", "config.eval.at_start": False,
-       "config.num_epochs": 2, "config.checkpoint.every_steps": 1, "config.log_every_steps": 1,
-       **{f"config.model.{k}": v for k, v in TINY.items()}}
+  o = {
+    "config.data.source": "folder",
+    "config.data.root": root,
+    "config.data.cities": "Alpha,Beta",
+    "config.data.places_per_batch": 8,
+    "config.data.image_size": "(56,56)",
+    "config.data.num_workers": 0,
+    "config.eval.sets": "",
+    "config.eval.at_start": False,
+    "config.num_epochs": 2,
+    "config.checkpoint.every_steps": 1,
+    "config.log_every_steps": 1,
+    **{f"config.model.{k}": v for k, v in TINY.items()},
+  }
   o.update(extra)
   return [f"--{k}={v}" for k, v in o.items()]
 
 
 def run_train(workdir, root, extra=(), **kw):
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/demo.py"),
-         "--workdir", str(workdir)] + tiny_overrides(root, **kw) + list(extra)
+  cmd = (
+    [
+      sys.executable,
+      os.path.join(REPO, "train.py"),
+      "--config",
+      os.path.join(REPO, "configs/demo.py"),
+      "--workdir",
+      str(workdir),
+    ]
+    + tiny_overrides(root, **kw)
+    + list(extra)
+  )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return cmd, env
 
 
 def final_params(workdir):
-  params, _, source = checkpoint.load_for_inference(str(workdir), which="latest")
+  params, _, source = run_checkpoints.load_for_inference(str(workdir), which="latest")
   return optim.flatten(params), source["step"]
 
 
 # ------------------------------------------------------------------------------ in-process
 def _tiny_setup(devices, seed=0):
-  mc = salad_jax.ModelConfig(**TINY, num_trainable_blocks=2, micro_batch=0, dropout=0.3)
-  params = salad_jax.init_params(mc, jax.random.key(seed), image_size=56)
+  model_cfg = salad_jax.ModelConfig(**TINY, num_trainable_blocks=2, micro_batch=0, dropout=0.3)
+  params = salad_jax.init_params(model_cfg, jax.random.key(seed), image_size=56)
   mesh = sharding.make_mesh(devices)
-  return (mesh,) + tiny_train_setup(mc, params, mesh)
+  return (mesh,) + tiny_train_setup(model_cfg, params, mesh)
 
 
 def _batch(i):
@@ -97,12 +119,15 @@ def test_first_step_gradients_match_across_device_counts():
   grads = {}
   for n in (1, 8):
     mesh, state, _ = _tiny_setup(jax.devices()[:n])
-    mc = salad_jax.ModelConfig(**TINY, num_trainable_blocks=2, micro_batch=0, dropout=0.3)
-    train, frozen = optim.split_trainable(state["params"], optim.default_freeze_regex(mc))
-    loss_fn = trainer.make_loss_fn(mc, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+    model_cfg = salad_jax.ModelConfig(**TINY, num_trainable_blocks=2, micro_batch=0, dropout=0.3)
+    train, frozen = optim.split_trainable(state["params"], optim.default_freeze_regex(model_cfg))
+    loss_fn = trainer.make_loss_fn(model_cfg, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
     b = sharding.global_batch(_batch(0), mesh)
-    g = jax.jit(jax.grad(lambda t: loss_fn(t, frozen, b["images"], b["labels"], b["valid"],
-                                           jax.random.PRNGKey(7))[0]))(train)
+    g = jax.jit(
+      jax.grad(
+        lambda t: loss_fn(t, frozen, b["images"], b["labels"], b["valid"], jax.random.PRNGKey(7))[0]
+      )
+    )(train)
     grads[n] = jax.tree.map(np.asarray, g)
   for k, v in grads[1].items():
     assert np.abs(grads[8][k] - v).max() <= 1e-6 * max(np.abs(v).max(), 1e-3), k
@@ -117,6 +142,7 @@ def test_batch_layout_keeps_places_on_one_device():
 
 def _tiny_config(gsv_root):
   import configs.demo as demo_cfg  # noqa: F401  (configs/ is importable from the repo root)
+
   cfg = demo_cfg.get_config()
   cfg.unlock()
   for k, v in TINY.items():
@@ -131,22 +157,27 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(gsv_root, tm
   cfg = _tiny_config(gsv_root)
   cfg.checkpoint.every_steps = 1
   cfg.optim.lr = 1e38  # the first update sends params to ~1e38: the next forward overflows
-  with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+).*last good checkpoint is step") as e:
+  with pytest.raises(
+    metrics.NonFiniteError, match=r"at step (\d+).*last good checkpoint is step"
+  ) as e:
     trainer.train_and_evaluate(cfg, str(tmp_path))
   bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), read_only=True)
   assert ckpt.latest_step() == bad_step - 1  # nothing saved for the bad step
-  params, _, _ = checkpoint.load_for_inference(str(tmp_path), which="latest")
+  params, _, _ = run_checkpoints.load_for_inference(str(tmp_path), which="latest")
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
 
 
 def test_pending_metrics_name_the_first_non_finite_step():
   """Metrics are read back in batches: the error names the first bad step, not the one that read."""
-  from salad_jax import train_loop
-  pending = train_loop.PendingMetrics("/ckpt", last_saved=4)
+  pending = metrics.PendingMetrics("/ckpt", last_saved=4)
   for step, ok in [(5, True), (6, False), (7, False)]:
-    pending.add(step, {"loss": jax.numpy.float32(1.0 if ok else np.nan), "finite": jax.numpy.bool_(ok)})
-  with pytest.raises(trainer.NonFiniteError, match=r"at step 6 .*last good checkpoint is step 4 in /ckpt"):
+    pending.add(
+      step, {"loss": jax.numpy.float32(1.0 if ok else np.nan), "finite": jax.numpy.bool_(ok)}
+    )
+  with pytest.raises(
+    metrics.NonFiniteError, match=r"at step 6 .*last good checkpoint is step 4 in /ckpt"
+  ):
     pending.fetch()
   assert len(pending) == 0 and pending.fetches == 1
   pending.add(8, {"loss": jax.numpy.float32(2.0), "finite": jax.numpy.bool_(True)})
@@ -154,13 +185,21 @@ def test_pending_metrics_name_the_first_non_finite_step():
 
 
 def test_done_line_says_what_is_saved():
-  from salad_jax.train_loop import done_line
+  from salad_jax.train.metrics import done_line
+
   r = {"step": 2, "saved_step": None, "evals": {}}
   assert done_line(r) == "done: step 2; no checkpoint saved"
-  r = {"step": 88, "saved_step": 88, "best_step": 77, "checkpoint_dir": "/w/checkpoints",
-       "evals": {77: {"R@1": 85.0}, 88: {"R@1": 76.666}}}
-  assert done_line(r) == ("done: step 88; checkpoint of step 88 (R@1 76.67) in /w/checkpoints; "
-                          "best by R@1: step 77 (R@1 85.00)")
+  r = {
+    "step": 88,
+    "saved_step": 88,
+    "best_step": 77,
+    "checkpoint_dir": "/w/checkpoints",
+    "evals": {77: {"R@1": 85.0}, 88: {"R@1": 76.666}},
+  }
+  assert done_line(r) == (
+    "done: step 88; checkpoint of step 88 (R@1 76.67) in /w/checkpoints; "
+    "best by R@1: step 77 (R@1 85.00)"
+  )
 
 
 def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(gsv_root, tmp_path):
@@ -172,10 +211,13 @@ def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(g
   cfg.checkpoint.every_steps, cfg.checkpoint.keep_last = 100, 5
   r = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert r["step"] == 8
-  assert checkpoint.TrainCheckpointer(str(tmp_path), read_only=True).manager.all_steps() == [3, 6, 8]
+  assert checkpoint.TrainCheckpointer(str(tmp_path), read_only=True).manager.all_steps() == [
+    3,
+    6,
+    8,
+  ]
   assert r["saved_step"] == 8 and r["metric_fetches"] == 5  # after steps 1, 3, 4, 6, 8
-  from salad_jax import train_loop
-  assert train_loop.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
+  assert metrics.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
   logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in logged] == [4, 8]
   for x in logged:
@@ -186,30 +228,37 @@ def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(g
 def test_init_from_files_and_dirs(tmp_path):
   import torch
 
+  from salad_jax.weights import convert
+
   import torch_reference as tr
-  from salad_jax import convert
+
   cfg = ml_collections.ConfigDict({"init": ""})
-  mc = salad_jax.ModelConfig(**TINY)
+  model_cfg = salad_jax.ModelConfig(**TINY)
   # a DINOv2 hub file: the backbone, and a fresh head of config.model's shape
   tm = tr.randomize_(tr.VPRModel("Nano/14", m=64, l=128, g=256), seed=2)
   torch.save(tm.backbone.model.state_dict(), tmp_path / "dinov2.pth")
   cfg.init = str(tmp_path / "dinov2.pth")
-  params = trainer.initial_params(cfg, mc, jax.random.key(0))
-  np.testing.assert_array_equal(params["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"],
-                                tm.backbone.model.blocks[1].attn.qkv.weight.detach().numpy().T)
+  params = trainer.initial_params(cfg, model_cfg, jax.random.key(0))
+  np.testing.assert_array_equal(
+    params["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"],
+    tm.backbone.model.blocks[1].attn.qkv.weight.detach().numpy().T,
+  )
   assert params["aggregator"]["score_3"]["kernel"].shape == (32, 8)
   # a SALAD file whose head does not fit config.model: the strict check names the keys
   torch.save(tm.state_dict(), tmp_path / "salad.ckpt")
   cfg.init = str(tmp_path / "salad.ckpt")
   with pytest.raises(convert.CheckpointMismatchError, match="aggregator.score.3.weight"):
-    trainer.initial_params(cfg, mc, jax.random.key(0))
+    trainer.initial_params(cfg, model_cfg, jax.random.key(0))
   # a converted dir of another head size
   salad_jax.load(str(tmp_path / "salad.ckpt")).save(str(tmp_path / "conv"))
   cfg.init = str(tmp_path / "conv")
   with pytest.raises(ValueError, match="num_clusters: checkpoint 64, config 8"):
-    trainer.initial_params(cfg, mc, jax.random.key(0))
-  assert trainer.initial_params(cfg, mc.replace(num_clusters=64, cluster_dim=128, token_dim=256,
-                                                hidden_dim=512), jax.random.key(0))
+    trainer.initial_params(cfg, model_cfg, jax.random.key(0))
+  assert trainer.initial_params(
+    cfg,
+    model_cfg.replace(num_clusters=64, cluster_dim=128, token_dim=256, hidden_dim=512),
+    jax.random.key(0),
+  )
 
 
 # ------------------------------------------------------------------------------ subprocesses
@@ -222,7 +271,9 @@ def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
   want, last = final_params(tmp_path / "straight")
 
   cmd, env = run_train(tmp_path / "killed", gsv_root)
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+  proc = subprocess.Popen(
+    cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+  )
   target = tmp_path / "killed" / "checkpoints" / "2"
   t0 = time.time()
   while not target.exists() and proc.poll() is None and time.time() - t0 < 300:
@@ -248,8 +299,15 @@ def test_bad_override_is_rejected(gsv_root, tmp_path):
 
 
 def test_gsv_recipe_without_the_dataset_says_where_to_get_it(tmp_path):
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/gsv.py"),
-         "--workdir", str(tmp_path / "w"), f"--config.data.root={tmp_path / 'GSVCities'}"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/gsv.py"),
+    "--workdir",
+    str(tmp_path / "w"),
+    f"--config.data.root={tmp_path / 'GSVCities'}",
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
   assert r.returncode != 0
   assert "GSV-Cities root" in r.stderr and "kaggle.com/datasets/amaralibey/gsv-cities" in r.stderr

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from salad_jax import argv_compat, desc_cache, errors
-from tiny_model import tiny_model_dir  # noqa: F401 (session fixture)
+from salad_jax import argv_compat, errors
+from salad_jax.evaluation import descriptor_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "evaluate.py")
@@ -21,16 +21,22 @@ LISTS = {"image_size", "recall_values", "datasets", "val_datasets"}
 BOOLS = {"no_labels", "save_only_wrong_preds", "save_descriptors"}
 
 # VPR-methods-evaluation README (gmberton/VPR-methods-evaluation @ adbb6e2), as written
-README_UNLABELLED = ("python3 main.py --method=cosplace --backbone=ResNet18 --descriptors_dimension=512 "
-                     "--database_folder=toy_dataset/database --queries_folder=toy_dataset/queries "
-                     "--no_labels --image_size 200 200 --num_preds_to_save 3 --log_dir toy_experiment")
-README_PREDS = ("python3 main.py --method=cosplace --backbone=ResNet18 --descriptors_dimension=512 "
-                "--num_preds_to_save=3 --log_dir=cosplace_on_stlucia "
-                "--database_folder=../VPR-datasets-downloader/datasets/st_lucia/images/test/database "
-                "--queries_folder=../VPR-datasets-downloader/datasets/st_lucia/images/test/queries")
+README_UNLABELLED = (
+  "python3 main.py --method=cosplace --backbone=ResNet18 --descriptors_dimension=512 "
+  "--database_folder=toy_dataset/database --queries_folder=toy_dataset/queries "
+  "--no_labels --image_size 200 200 --num_preds_to_save 3 --log_dir toy_experiment"
+)
+README_PREDS = (
+  "python3 main.py --method=cosplace --backbone=ResNet18 --descriptors_dimension=512 "
+  "--num_preds_to_save=3 --log_dir=cosplace_on_stlucia "
+  "--database_folder=../VPR-datasets-downloader/datasets/st_lucia/images/test/database "
+  "--queries_folder=../VPR-datasets-downloader/datasets/st_lucia/images/test/queries"
+)
 # serizba/salad README
-SALAD_EVAL = ("python3 eval.py --ckpt_path 'weights/dino_salad.ckpt' --image_size 322 322 "
-              "--batch_size 256 --val_datasets MSLS Nordland")
+SALAD_EVAL = (
+  "python3 eval.py --ckpt_path 'weights/dino_salad.ckpt' --image_size 322 322 "
+  "--batch_size 256 --val_datasets MSLS Nordland"
+)
 
 
 def _noted(flag):
@@ -38,52 +44,83 @@ def _noted(flag):
 
 
 def test_readme_command_lines_become_absl_ones():
-  theirs = {"method": _noted("method"), "backbone": _noted("backbone"),
-            "descriptors_dimension": _noted("dim"), "log_dir": _noted("log_dir")}
+  theirs = {
+    "method": _noted("method"),
+    "backbone": _noted("backbone"),
+    "descriptors_dimension": _noted("dim"),
+    "log_dir": _noted("log_dir"),
+  }
   out, notes = argv_compat.rewrite(shlex.split(README_UNLABELLED)[1:], LISTS, BOOLS, theirs)
-  assert out == ["main.py", "--database_folder=toy_dataset/database",
-                 "--queries_folder=toy_dataset/queries", "--no_labels", "--image_size=200,200",
-                 "--num_preds_to_save", "3"]
+  assert out == [
+    "main.py",
+    "--database_folder=toy_dataset/database",
+    "--queries_folder=toy_dataset/queries",
+    "--no_labels",
+    "--image_size=200,200",
+    "--num_preds_to_save",
+    "3",
+  ]
   assert notes == ["method=cosplace", "backbone=ResNet18", "dim=512", "log_dir=toy_experiment"]
   out, notes = argv_compat.rewrite(shlex.split(README_PREDS)[1:], LISTS, BOOLS, theirs)
   assert "--num_preds_to_save=3" in out and notes[-1] == "log_dir=cosplace_on_stlucia"
   out, _ = argv_compat.rewrite(shlex.split(SALAD_EVAL)[1:], LISTS, BOOLS)
-  assert out[1:] == ["--ckpt_path", "weights/dino_salad.ckpt", "--image_size=322,322",
-                     "--batch_size", "256", "--val_datasets=MSLS,Nordland"]
+  assert out[1:] == [
+    "--ckpt_path",
+    "weights/dino_salad.ckpt",
+    "--image_size=322,322",
+    "--batch_size",
+    "256",
+    "--val_datasets=MSLS,Nordland",
+  ]
   # lists in any position, both forms, negative numbers kept as values (checked later)
-  out, _ = argv_compat.rewrite(["x", "--recall_values", "1", "5", "-3", "--image_size=322,322",
-                                "--datasets", "msls_val"], LISTS, BOOLS)
+  out, _ = argv_compat.rewrite(
+    ["x", "--recall_values", "1", "5", "-3", "--image_size=322,322", "--datasets", "msls_val"],
+    LISTS,
+    BOOLS,
+  )
   assert out == ["x", "--recall_values=1,5,-3", "--image_size=322,322", "--datasets=msls_val"]
 
 
 def test_their_flags_we_do_not_have_say_what_we_do_instead():
   theirs = argv_compat.VPR_METHODS_EVALUATION
-  with pytest.raises(errors.UserError, match="--method cosplace: not an option .* the model is the SALAD"):
+  with pytest.raises(
+    errors.UserError, match="--method cosplace: not an option .* the model is the SALAD"
+  ):
     argv_compat.rewrite(shlex.split(README_UNLABELLED)[1:], LISTS, BOOLS, theirs)
-  line = README_UNLABELLED.replace("cosplace --backbone=ResNet18 --descriptors_dimension=512",
-                                   "salad --backbone=Dinov2 --descriptors_dimension=8448")
+  line = README_UNLABELLED.replace(
+    "cosplace --backbone=ResNet18 --descriptors_dimension=512",
+    "salad --backbone=Dinov2 --descriptors_dimension=8448",
+  )
   out, notes = argv_compat.rewrite(shlex.split(line)[1:], LISTS, BOOLS, theirs)
-  assert [n.split(":")[0] for n in notes] == ["--method salad", "--backbone Dinov2",
-                                              "--descriptors_dimension 8448", "--log_dir toy_experiment"]
+  assert [n.split(":")[0] for n in notes] == [
+    "--method salad",
+    "--backbone Dinov2",
+    "--descriptors_dimension 8448",
+    "--log_dir toy_experiment",
+  ]
   assert out[-1].startswith("--output_dir=logs/toy_experiment/20")  # their logs/<name>/<date_time>
   with pytest.raises(errors.UserError, match="--log_dir and --output_dir set the same thing"):
     argv_compat.rewrite(["x", "--output_dir", "o", "--log_dir=a"], LISTS, BOOLS, theirs)
 
 
-@pytest.mark.parametrize("argv, words", [
+@pytest.mark.parametrize(
+  "argv, words",
+  [
     ("--image_size=322 322", "ambiguous, '=' takes one value"),
     ("--recall_values 1,5 10", "ambiguous mix of commas and spaces"),
     ("--image_size --batch_size 4", "--image_size needs a value"),
     ("--save_descriptors True", "--save_descriptors takes no value"),
-])
+  ],
+)
 def test_ambiguous_or_wrong_syntax_is_refused(argv, words):
   with pytest.raises(errors.UserError, match=words.replace("(", r"\(")):
     argv_compat.rewrite(["x"] + argv.split(), LISTS, BOOLS)
 
 
 def _run(args, cwd=REPO, timeout=600):
-  return subprocess.run([sys.executable, EVALUATE] + args, capture_output=True, text=True,
-                        cwd=cwd, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, EVALUATE] + args, capture_output=True, text=True, cwd=cwd, timeout=timeout
+  )
 
 
 def _one_line_error(r, *words):
@@ -113,13 +150,30 @@ def tiny(tmp_path_factory, tiny_model_dir):
 def test_readme_line_runs_with_the_salad_model_and_the_cache_skips_extraction(tiny, tmp_path):
   # their README's labelled line, with what we need instead: a checkpoint and the SALAD method;
   # our size (multiples of 14), recall values spelled their way, and a descriptor cache
-  line = (README_PREDS.replace("python3 main.py ", "")
-          .replace("--method=cosplace --backbone=ResNet18 --descriptors_dimension=512",
-                   "--method=salad --backbone=Dinov2 --descriptors_dimension=8448")
-          .replace("../VPR-datasets-downloader/datasets/st_lucia/images/test", str(tiny)))
-  args = shlex.split(line) + ["--checkpoint", str(tiny / "model"), "--num_workers", "0",
-                              "--image_size", "56", "56", "--recall_values", "5", "1", "5",
-                              "--save_descriptors", "--cache_dir", str(tmp_path / "cache")]
+  line = (
+    README_PREDS.replace("python3 main.py ", "")
+    .replace(
+      "--method=cosplace --backbone=ResNet18 --descriptors_dimension=512",
+      "--method=salad --backbone=Dinov2 --descriptors_dimension=8448",
+    )
+    .replace("../VPR-datasets-downloader/datasets/st_lucia/images/test", str(tiny))
+  )
+  args = shlex.split(line) + [
+    "--checkpoint",
+    str(tiny / "model"),
+    "--num_workers",
+    "0",
+    "--image_size",
+    "56",
+    "56",
+    "--recall_values",
+    "5",
+    "1",
+    "5",
+    "--save_descriptors",
+    "--cache_dir",
+    str(tmp_path / "cache"),
+  ]
   runs = []
   for _ in range(2):
     r = _run(args, cwd=str(tmp_path))
@@ -128,8 +182,13 @@ def test_readme_line_runs_with_the_salad_model_and_the_cache_skips_extraction(ti
     out = r.stdout.split("wrote ")[-1].strip().replace("/recalls.json", "")
     assert out.startswith(str(tmp_path / "logs" / "cosplace_on_stlucia"))  # their --log_dir layout
     assert len(os.listdir(os.path.join(out, "preds"))) == 12
-    runs.append((r.stdout, json.loads(open(os.path.join(out, "recalls.json")).read()),
-                 np.load(os.path.join(out, "database_descriptors.npy"))))
+    runs.append(
+      (
+        r.stdout,
+        json.loads(open(os.path.join(out, "recalls.json")).read()),
+        np.load(os.path.join(out, "database_descriptors.npy")),
+      )
+    )
   assert runs[0][0].count("extracted and cached") == 2 and "from the cache" not in runs[0][0]
   assert runs[1][0].count("from the cache, extraction skipped") == 2
   assert runs[0][1] == runs[1][1] and [list(r) for r in runs[0][1].values()] == [["R@1", "R@5"]]
@@ -138,29 +197,64 @@ def test_readme_line_runs_with_the_salad_model_and_the_cache_skips_extraction(ti
 
 def test_their_flags_we_do_not_have_and_bad_values_are_one_line(tiny, tmp_path):
   # their README line as written: a clear message that says what we do instead
-  _one_line_error(_run(shlex.split(README_UNLABELLED)[2:] + ["--checkpoint", str(tiny / "model")]),
-                  "--method cosplace", "the model is the SALAD checkpoint in --checkpoint")
-  _one_line_error(_run(["--checkpoint", "x", "--positive_dist_threshold", "-5"]),
-                  "positive_dist_threshold", "positive number of metres")
+  _one_line_error(
+    _run(shlex.split(README_UNLABELLED)[2:] + ["--checkpoint", str(tiny / "model")]),
+    "--method cosplace",
+    "the model is the SALAD checkpoint in --checkpoint",
+  )
+  _one_line_error(
+    _run(["--checkpoint", "x", "--positive_dist_threshold", "-5"]),
+    "positive_dist_threshold",
+    "positive number of metres",
+  )
   (tmp_path / "afile").write_text("")
   base = ["--checkpoint", str(tiny / "model"), "--queries_folder", str(tiny / "queries")]
-  _one_line_error(_run(base + ["--database_folder", str(tmp_path / "afile")]), "is a file, not a folder")
+  _one_line_error(
+    _run(base + ["--database_folder", str(tmp_path / "afile")]), "is a file, not a folder"
+  )
   # a size whose batch alone cannot fit in memory: one line before loading (was numpy's
   # _ArrayMemoryError traceback)
-  _one_line_error(_run(base + ["--database_folder", str(tiny / "database"), "--image_size", "100002", "100002",
-                               "--output_dir", str(tmp_path / "o")]),
-                  "--image_size 100002 100002 with --batch_size 32: one batch of images is")
+  _one_line_error(
+    _run(
+      base
+      + [
+        "--database_folder",
+        str(tiny / "database"),
+        "--image_size",
+        "100002",
+        "100002",
+        "--output_dir",
+        str(tmp_path / "o"),
+      ]
+    ),
+    "--image_size 100002 100002 with --batch_size 32: one batch of images is",
+  )
 
 
 def test_output_dir_holds_one_runs_outputs_and_never_replaces_yours(tiny, tmp_path):
   out = tmp_path / "out"
-  base = ["--checkpoint", str(tiny / "model"), "--database_folder", str(tiny / "database"),
-          "--queries_folder", str(tiny / "queries"), "--image_size", "56", "56", "--num_workers", "0",
-          "--output_dir", str(out)]
+  base = [
+    "--checkpoint",
+    str(tiny / "model"),
+    "--database_folder",
+    str(tiny / "database"),
+    "--queries_folder",
+    str(tiny / "queries"),
+    "--image_size",
+    "56",
+    "56",
+    "--num_workers",
+    "0",
+    "--output_dir",
+    str(out),
+  ]
   os.makedirs(out / "preds")
   (out / "preds" / "000.jpg").write_text("mine")  # a file of yours where a picture would go
-  _one_line_error(_run(base + ["--num_preds_to_save", "1"]),
-                  "preds/000.jpg exists and was not written by evaluate.py", "hint: choose another")
+  _one_line_error(
+    _run(base + ["--num_preds_to_save", "1"]),
+    "preds/000.jpg exists and was not written by evaluate.py",
+    "hint: choose another",
+  )
   assert (out / "preds" / "000.jpg").read_text() == "mine"
   os.rename(out / "preds" / "000.jpg", tmp_path / "moved.jpg")
   r = _run(base + ["--num_preds_to_save", "1"])
@@ -183,22 +277,29 @@ def test_cache_entries_are_keyed_checked_and_recomputed_when_in_doubt(tmp_path):
   for i in range(3):
     paths.append(str(tmp_path / f"img{i}.jpg"))
     Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
-  config = salad_jax.ModelConfig(variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16,
-                                 hidden_dim=32)
+  config = salad_jax.ModelConfig(
+    variant="Nano/14", num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32
+  )
   log, calls = [], []
 
   def compute(value=1.0):
     calls.append(1)
     return np.full((3, 144), value, np.float32)
 
-  def cache(checksum="sum32:aa", size=(56, 56), mc=config):
-    return desc_cache.DescriptorCache(str(tmp_path / "c"), checksum, mc, size, log=log.append)
+  def cache(checksum="sum32:aa", size=(56, 56), model_cfg=config):
+    return descriptor_cache.DescriptorCache(
+      str(tmp_path / "c"), checksum, model_cfg, size, log=log.append
+    )
 
   np.testing.assert_array_equal(cache().get("database", paths, compute), compute())
   assert len(calls) == 2 and "extracted and cached" in log[-1]
   assert cache().get("database", paths, compute)[0, 0] == 1.0 and len(calls) == 2  # a hit
   assert "extraction skipped" in log[-1]
-  for other in (cache(checksum="sum32:bb"), cache(size=(70, 70)), cache(mc=config.replace(dtype="bfloat16"))):
+  for other in (
+    cache(checksum="sum32:bb"),
+    cache(size=(70, 70)),
+    cache(model_cfg=config.replace(dtype="bfloat16")),
+  ):
     other.get("database", paths, compute)  # another key: computed, never the stored entry
   assert len(calls) == 5
   entry = [f for f in os.listdir(tmp_path / "c") if "56x56_float32_aa" in f][0]
@@ -217,7 +318,11 @@ def test_cache_entries_are_keyed_checked_and_recomputed_when_in_doubt(tmp_path):
   z = dict(np.load(path))
   z["descriptors"] = z["descriptors"] + 1
   np.savez(path, **z)
-  assert desc_cache.read_entry(path, desc_cache.cache_key("sum32:aa", config, (56, 56), paths))[1] \
-      == "checksum mismatch (corrupt)"
+  assert (
+    descriptor_cache.read_entry(
+      path, descriptor_cache.cache_key("sum32:aa", config, (56, 56), paths)
+    )[1]
+    == "checksum mismatch (corrupt)"
+  )
   with pytest.raises(errors.UserError, match="--cache_dir .* is a file"):
-    desc_cache.DescriptorCache(paths[0], "sum32:aa", config, (56, 56))
+    descriptor_cache.DescriptorCache(paths[0], "sum32:aa", config, (56, 56))

@@ -1,8 +1,7 @@
 """One tiny converted SALAD for the eval, CLI and picture tests.
 
-Import the fixture into a test module: `from tiny_model import tiny_model_dir  # noqa: F401`.
-Each importing module gets its own fixture, so the model is kept in the session's base temp
-folder and built only by the first.
+tests/conftest.py makes the session fixture available to every test module; the model is kept
+in the session's base temp folder and built once.
 """
 
 import os

@@ -14,9 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = {"S/14": (384, 12, 6, "mlp"), "B/14": (768, 12, 12, "mlp"),
-            "L/14": (1024, 24, 16, "mlp"), "g/14": (1536, 40, 24, "swiglu"),
-            "Nano/14": (128, 4, 2, "mlp")}  # salad_jax's demo size, for cheap tests
+VARIANTS = {
+  "S/14": (384, 12, 6, "mlp"),
+  "B/14": (768, 12, 12, "mlp"),
+  "L/14": (1024, 24, 16, "mlp"),
+  "g/14": (1536, 40, 24, "swiglu"),
+  "Nano/14": (128, 4, 2, "mlp"),
+}  # salad_jax's demo size, for cheap tests
 
 
 class LayerScale(nn.Module):
@@ -116,8 +120,9 @@ class DinoViT(nn.Module):
     if self.registers:
       grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=True)
     else:
-      grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37), mode="bicubic",
-                           antialias=False)
+      grid = F.interpolate(
+        grid, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37), mode="bicubic", antialias=False
+      )
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.d)
     return torch.cat([pe[:, :1], grid], dim=1)
 
@@ -177,7 +182,9 @@ class Salad(nn.Module):
     self.dust_bin = nn.Parameter(torch.tensor(1.0))
     drop = nn.Dropout(dropout)
     self.token_features = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, g))
-    self.cluster_features = nn.Sequential(nn.Conv2d(d, hidden, 1), drop, nn.ReLU(), nn.Conv2d(hidden, l, 1))
+    self.cluster_features = nn.Sequential(
+      nn.Conv2d(d, hidden, 1), drop, nn.ReLU(), nn.Conv2d(hidden, l, 1)
+    )
     self.score = nn.Sequential(nn.Conv2d(d, hidden, 1), drop, nn.ReLU(), nn.Conv2d(hidden, m, 1))
     self.last_assignment = None
 
@@ -194,8 +201,17 @@ class Salad(nn.Module):
 
 
 class VPRModel(nn.Module):
-  def __init__(self, variant="B/14", registers=False, num_trainable_blocks=4, m=64, l=128, g=256,
-               hidden=512, dropout=0.3):
+  def __init__(
+    self,
+    variant="B/14",
+    registers=False,
+    num_trainable_blocks=4,
+    m=64,
+    l=128,
+    g=256,
+    hidden=512,
+    dropout=0.3,
+  ):
     super().__init__()
     self.backbone = Backbone(variant, registers, num_trainable_blocks)
     self.aggregator = Salad(VARIANTS[variant][0], m, l, g, hidden, dropout)
@@ -211,7 +227,9 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     for name, p in model.named_parameters():
       if name.endswith("gamma"):
         p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)
-      elif name.endswith("pos_embed") or name.endswith("cls_token") or name.endswith("register_tokens"):
+      elif (
+        name.endswith("pos_embed") or name.endswith("cls_token") or name.endswith("register_tokens")
+      ):
         p.copy_(torch.randn(p.shape, generator=g) * 0.5)
       elif name.endswith("mask_token"):
         p.copy_(torch.randn(p.shape, generator=g) * 0.02)
@@ -223,5 +241,5 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         p.copy_(0.05 * torch.randn(p.shape, generator=g))
       else:
         fan_in = p[0].numel()
-        p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+        p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
   return model

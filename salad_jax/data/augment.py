@@ -14,10 +14,33 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-       "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
-SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-          "Contrast", "Sharpness"}
+OPS = (
+  "Identity",
+  "ShearX",
+  "ShearY",
+  "TranslateX",
+  "TranslateY",
+  "Rotate",
+  "Brightness",
+  "Color",
+  "Contrast",
+  "Sharpness",
+  "Posterize",
+  "Solarize",
+  "AutoContrast",
+  "Equalize",
+)
+SIGNED = {
+  "ShearX",
+  "ShearY",
+  "TranslateX",
+  "TranslateY",
+  "Rotate",
+  "Brightness",
+  "Color",
+  "Contrast",
+  "Sharpness",
+}
 FILL = (0, 0, 0)
 
 
@@ -30,7 +53,9 @@ def _linspace_f32(start: float, end: float, steps: int, i: int) -> float:
   return float(f(end) - step * f(steps - 1 - i))
 
 
-def magnitude_of(op: str, image_hw: tuple[int, int], magnitude: int = 9, num_bins: int = 31) -> float:
+def magnitude_of(
+  op: str, image_hw: tuple[int, int], magnitude: int = 9, num_bins: int = 31
+) -> float:
   """Unsigned magnitude of `op` at bin `magnitude` (torchvision `_augmentation_space`)."""
   h, w = image_hw
   if op in ("Identity", "AutoContrast", "Equalize"):
@@ -224,8 +249,14 @@ def apply_op_fast(img: Image.Image, op: str, mag: float) -> Image.Image:
   return apply_op(img, op, mag)  # ShearX, ShearY, Rotate: PIL's affine transform
 
 
-def rand_augment(img: Image.Image, rng: np.random.Generator, num_ops: int = 3, magnitude: int = 9,
-                 num_bins: int = 31, fast: bool = True) -> Image.Image:
+def rand_augment(
+  img: Image.Image,
+  rng: np.random.Generator,
+  num_ops: int = 3,
+  magnitude: int = 9,
+  num_bins: int = 31,
+  fast: bool = True,
+) -> Image.Image:
   """RandAugment: `num_ops` ops, uniform with replacement; a signed op is negated on a coin flip.
 
   fast=True uses `apply_op_fast` (same bytes, less time); fast=False the PIL reference ops.

@@ -18,28 +18,54 @@ import glob
 import os
 from typing import Mapping, Sequence
 
-from salad_jax.data import eval_sets, gsv_cities
+from salad_jax.data import benchmarks, eval_sets, gsv_cities
 
 # name -> (queries, database images) of the published protocol (shared/reference.md, section 7)
-EXPECTED = {"msls_val": (740, 18871), "msls_test": (1135, 36565), "pitts30k_val": (7608, 10000),
-            "pitts30k_test": (6816, 10000), "pitts250k_test": (8280, 83952),
-            "nordland": (2760, 27592), "sped": (607, 607)}
-INDEX_SOURCE = ("the datasets/ folder of github.com/serizba/salad (the same files are in "
-                "github.com/amaralibey/gsv-cities)")
+EXPECTED = {
+  "msls_val": (740, 18871),
+  "msls_test": (1135, 36565),
+  "pitts30k_val": (7608, 10000),
+  "pitts30k_test": (6816, 10000),
+  "pitts250k_test": (8280, 83952),
+  "nordland": (2760, 27592),
+  "sped": (607, 607),
+}
+INDEX_SOURCE = (
+  "the datasets/ folder of github.com/serizba/salad (the same files are in "
+  "github.com/amaralibey/gsv-cities)"
+)
 SOURCES = {  # images folder -> where to get it, and the layout under <data_root>/<folder>
-    "mapillary": ("MSLS from github.com/FrederikWarburg/mapillary_sls (mapillary.com/dataset/places)",
-                  "train_val/<city>/{database,query}/images/*.jpg (val: cph, sf), test/<city>/..."),
-    "Pittsburgh": ("Pittsburgh250k from data.ciirc.cvut.cz/public/projects/2015netVLAD/Pittsburgh250k/",
-                   "000/..010/ (database) and queries_real/ (queries)"),
-    "Nordland": ("the VPR-Bench Nordland linked in serizba/salad's README "
-                 "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)", "ref/*.jpg and query/*.jpg"),
-    "SPEDTEST": ("the VPR-Bench SPED linked in serizba/salad's README "
-                 "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)", "ref/*.jpg and query/*.jpg"),
+  "mapillary": (
+    "MSLS from github.com/FrederikWarburg/mapillary_sls (mapillary.com/dataset/places)",
+    "train_val/<city>/{database,query}/images/*.jpg (val: cph, sf), test/<city>/...",
+  ),
+  "Pittsburgh": (
+    "Pittsburgh250k from data.ciirc.cvut.cz/public/projects/2015netVLAD/Pittsburgh250k/",
+    "000/..010/ (database) and queries_real/ (queries)",
+  ),
+  "Nordland": (
+    "the VPR-Bench Nordland linked in serizba/salad's README "
+    "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)",
+    "ref/*.jpg and query/*.jpg",
+  ),
+  "SPEDTEST": (
+    "the VPR-Bench SPED linked in serizba/salad's README "
+    "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)",
+    "ref/*.jpg and query/*.jpg",
+  ),
 }
 # other names a folder is often given (lower case) -> the name we expect
-OTHER_NAMES = {"msls": "mapillary", "mapillary_sls": "mapillary", "pitts": "Pittsburgh",
-               "pitts250k": "Pittsburgh", "pitts30k": "Pittsburgh", "pittsburgh250k": "Pittsburgh",
-               "sped": "SPEDTEST", "gsv-cities": "GSVCities", "gsv_cities": "GSVCities"}
+OTHER_NAMES = {
+  "msls": "mapillary",
+  "mapillary_sls": "mapillary",
+  "pitts": "Pittsburgh",
+  "pitts250k": "Pittsburgh",
+  "pitts30k": "Pittsburgh",
+  "pittsburgh250k": "Pittsburgh",
+  "sped": "SPEDTEST",
+  "gsv-cities": "GSVCities",
+  "gsv_cities": "GSVCities",
+}
 SEASONS = ("summer", "winter", "spring", "fall")
 
 
@@ -112,20 +138,27 @@ def nordland_variant(folder: str) -> str:
   if {"ref", "query"} <= entries:
     n_ref = _count_glob(folder, ["ref/*.jpg", "ref/*.png"])
     n_q = _count_glob(folder, ["query/*.jpg", "query/*.png"])
-    return (f"VPR-Bench version (ref/ {n_ref}, query/ {n_q} images; SALAD's protocol: "
-            f"{EXPECTED['nordland'][1]} / {EXPECTED['nordland'][0]})")
+    return (
+      f"VPR-Bench version (ref/ {n_ref}, query/ {n_q} images; SALAD's protocol: "
+      f"{EXPECTED['nordland'][1]} / {EXPECTED['nordland'][0]})"
+    )
   if glob.glob(os.path.join(folder, "images", "*", "database")):
-    return ("VPR-datasets-downloader version (UTM-named folders): evaluate it with "
-            "--database_folder/--queries_folder, not --datasets nordland")
+    return (
+      "VPR-datasets-downloader version (UTM-named folders): evaluate it with "
+      "--database_folder/--queries_folder, not --datasets nordland"
+    )
   if any(any(s in e for s in SEASONS) for e in entries):
-    return ("the original 4-season release: not the benchmark split; SALAD's protocol uses the "
-            "VPR-Bench subset (ref/, query/)")
+    return (
+      "the original 4-season release: not the benchmark split; SALAD's protocol uses the "
+      "VPR-Bench subset (ref/, query/)"
+    )
   return "unknown layout (expected ref/ and query/)"
 
 
-def check_benchmark(name: str, data_root: str, index_root: str,
-                    expected: Mapping[str, tuple[int, int]] = EXPECTED) -> Report:
-  folder, db_file, q_file, gt_file = eval_sets.BENCHMARKS[name]
+def check_benchmark(
+  name: str, data_root: str, index_root: str, expected: Mapping[str, tuple[int, int]] = EXPECTED
+) -> Report:
+  folder, db_file, q_file, gt_file = benchmarks.BENCHMARKS[name]
   r = Report(name)
   images = os.path.join(data_root, folder)
   want_q, want_db = expected[name]
@@ -136,16 +169,23 @@ def check_benchmark(name: str, data_root: str, index_root: str,
     path = os.path.join(index_root, f)
     if os.path.isfile(path):
       continue
-    if f == gt_file and name.startswith("pitts") and os.path.isfile(
-        os.path.join(index_root, "Pittsburgh", name + ".mat")):
+    if (
+      f == gt_file
+      and name.startswith("pitts")
+      and os.path.isfile(os.path.join(index_root, "Pittsburgh", name + ".mat"))
+    ):
       r.notes.append(f"ground truth from Pittsburgh/{name}.mat (no {os.path.basename(f)})")
       continue
     missing_index.append(path)
     elsewhere = _find_file(data_root, os.path.basename(f), path)
     if elsewhere:
-      r.notes.append(f"index file {elsewhere} is misplaced: move it to {path} (or pass --index_root)")
+      r.notes.append(
+        f"index file {elsewhere} is misplaced: move it to {path} (or pass --index_root)"
+      )
   if missing_index:
-    r.notes.append("missing index files: " + ", ".join(os.path.relpath(p, index_root) for p in missing_index))
+    r.notes.append(
+      "missing index files: " + ", ".join(os.path.relpath(p, index_root) for p in missing_index)
+    )
     r.index_root = index_root
   have_images = os.path.isdir(images)
   if not have_images:
@@ -159,39 +199,50 @@ def check_benchmark(name: str, data_root: str, index_root: str,
   counts = _listed_counts(name, index_root, images, missing_index, r) if have_images else None
   if counts is None:
     if have_images:
-      n = sum(f.lower().endswith(eval_sets.IMAGE_EXTENSIONS) for _, _, fs in os.walk(images) for f in fs)
-      r.notes.append(f"{n} image files under {images}; without the index files they cannot be "
-                     f"checked against the protocol")
+      n = sum(
+        f.lower().endswith(eval_sets.IMAGE_EXTENSIONS) for _, _, fs in os.walk(images) for f in fs
+      )
+      r.notes.append(
+        f"{n} image files under {images}; without the index files they cannot be "
+        f"checked against the protocol"
+      )
     r.status = "partial" if (have_images or len(missing_index) < len(index_files)) else "missing"
     return r
   (q_found, q_listed), (db_found, db_listed) = counts
   r.queries, r.database = f"{q_found}/{want_q}", f"{db_found}/{want_db}"
   if (q_listed, db_listed) != (want_q, want_db):
-    r.notes.append(f"the index lists {q_listed} queries / {db_listed} database images; the protocol "
-                   f"expects {want_q} / {want_db}: another version of the index files?")
-  complete = (not missing_index and (q_found, db_found) == (want_q, want_db)
-              and (q_listed, db_listed) == (want_q, want_db))
+    r.notes.append(
+      f"the index lists {q_listed} queries / {db_listed} database images; the protocol "
+      f"expects {want_q} / {want_db}: another version of the index files?"
+    )
+  complete = (
+    not missing_index
+    and (q_found, db_found) == (want_q, want_db)
+    and (q_listed, db_listed) == (want_q, want_db)
+  )
   r.status = "complete" if complete else "partial"
   return r
 
 
 def _listed_counts(name, index_root, images, missing_index, r: Report):
   """((queries found, listed), (database found, listed)) from the index files, or None."""
-  folder, db_file, q_file, _ = eval_sets.BENCHMARKS[name]
+  folder, db_file, q_file, _ = benchmarks.BENCHMARKS[name]
   if any(p.endswith((db_file, q_file)) for p in missing_index):
     return None
-  db = [str(x) for x in eval_sets.load_npy(os.path.join(index_root, db_file))]
-  q = [str(x) for x in eval_sets.load_npy(os.path.join(index_root, q_file))]
+  db = [str(x) for x in benchmarks.load_npy(os.path.join(index_root, db_file))]
+  q = [str(x) for x in benchmarks.load_npy(os.path.join(index_root, q_file))]
   if name == "msls_val":
     qidx = os.path.join(index_root, "msls_val/msls_val_qIdx.npy")
     if not os.path.isfile(qidx):
       return None
-    q = [q[i] for i in eval_sets.load_npy(qidx)]
+    q = [q[i] for i in benchmarks.load_npy(qidx)]
   out = []
   for role, paths in (("query", q), ("database", db)):
     found, first_missing = _count_existing(images, paths)
     if first_missing:
-      r.notes.append(f"{len(paths) - found} of {len(paths)} {role} images missing, e.g. {first_missing}")
+      r.notes.append(
+        f"{len(paths) - found} of {len(paths)} {role} images missing, e.g. {first_missing}"
+      )
       get, layout = SOURCES[folder]
       todo = f"images: {get}; put them in {images}/ as {layout}"
       if todo not in r.todo:
@@ -200,13 +251,19 @@ def _listed_counts(name, index_root, images, missing_index, r: Report):
   return tuple(out)
 
 
-def check_gsv(gsv_root: str, data_root: str, cities: Sequence[str] = gsv_cities.TRAIN_CITIES) -> Report:
+def check_gsv(
+  gsv_root: str, data_root: str, cities: Sequence[str] = gsv_cities.TRAIN_CITIES
+) -> Report:
   """GSV-Cities: a dataframe per training city, and the images its rows name."""
   r = Report("GSV-Cities")
   if not os.path.isdir(os.path.join(gsv_root, "Dataframes")):
-    elsewhere = _find_folder(data_root, os.path.basename(gsv_root.rstrip(os.sep)) or "GSVCities", gsv_root)
+    elsewhere = _find_folder(
+      data_root, os.path.basename(gsv_root.rstrip(os.sep)) or "GSVCities", gsv_root
+    )
     if elsewhere:
-      r.notes.append(f"folder {elsewhere} looks like GSV-Cities: move it to {gsv_root} or pass --gsv_root")
+      r.notes.append(
+        f"folder {elsewhere} looks like GSV-Cities: move it to {gsv_root} or pass --gsv_root"
+      )
     r.todo.append(f"{gsv_cities.HOW_TO_GET.replace('<root>', gsv_root)}")
     r.status = "partial" if os.path.isdir(gsv_root) else "missing"
     return r
@@ -234,20 +291,29 @@ def check_gsv(gsv_root: str, data_root: str, cities: Sequence[str] = gsv_cities.
   return r
 
 
-def check_all(data_root: str, index_root: str | None = None, gsv_root: str | None = None,
-              names: Sequence[str] | None = None, expected: Mapping[str, tuple[int, int]] = EXPECTED,
-              gsv_cities_list: Sequence[str] = gsv_cities.TRAIN_CITIES) -> list[Report]:
+def check_all(
+  data_root: str,
+  index_root: str | None = None,
+  gsv_root: str | None = None,
+  names: Sequence[str] | None = None,
+  expected: Mapping[str, tuple[int, int]] = EXPECTED,
+  gsv_cities_list: Sequence[str] = gsv_cities.TRAIN_CITIES,
+) -> list[Report]:
   index_root = index_root or os.path.join(data_root, "datasets")
   _index_files.cache_clear()  # the tree may have changed since the last check
   names = list(names) if names is not None else list(EXPECTED) + ["gsv_cities"]
   out = []
   for n in names:
     if n.lower() in ("gsv_cities", "gsv-cities", "gsvcities"):
-      out.append(check_gsv(gsv_root or os.path.join(data_root, "GSVCities"), data_root, gsv_cities_list))
+      out.append(
+        check_gsv(gsv_root or os.path.join(data_root, "GSVCities"), data_root, gsv_cities_list)
+      )
     else:
-      key = eval_sets.ALIASES.get(n.lower(), n.lower())
-      if key not in eval_sets.BENCHMARKS:
-        raise ValueError(f"unknown benchmark {n!r}; known: {sorted(eval_sets.BENCHMARKS)} and gsv_cities")
+      key = benchmarks.ALIASES.get(n.lower(), n.lower())
+      if key not in benchmarks.BENCHMARKS:
+        raise ValueError(
+          f"unknown benchmark {n!r}; known: {sorted(benchmarks.BENCHMARKS)} and gsv_cities"
+        )
       out.append(check_benchmark(key, data_root, index_root, expected))
   return out
 
@@ -268,12 +334,14 @@ def _main(argv) -> None:
   import sys
 
   from absl import app, flags
+
   F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not os.path.isdir(F.data_root):
     raise (NotADirectoryError if os.path.exists(F.data_root) else FileNotFoundError)(
-        f"--data_root {F.data_root} is not a folder")
+      f"--data_root {F.data_root} is not a folder"
+    )
   reports = check_all(F.data_root, F.index_root or None, F.gsv_root or None, F.datasets or None)
   print(f"data_root {os.path.abspath(F.data_root)}  (counts: images found / the protocol's)")
   print(format_reports(reports))
@@ -286,8 +354,13 @@ if __name__ == "__main__":
   from absl import flags
 
   from salad_jax import argv_compat, cli, errors
-  flags.DEFINE_string("data_root", None, "Root of the benchmark images (and datasets/ index files).")
-  flags.DEFINE_string("index_root", "", "The reference's .npy index files (default <data_root>/datasets).")
+
+  flags.DEFINE_string(
+    "data_root", None, "Root of the benchmark images (and datasets/ index files)."
+  )
+  flags.DEFINE_string(
+    "index_root", "", "The reference's .npy index files (default <data_root>/datasets)."
+  )
   flags.DEFINE_string("gsv_root", "", "GSV-Cities (default <data_root>/GSVCities).")
   flags.DEFINE_list("datasets", [], "Only these (default: every benchmark and gsv_cities).")
   flags.mark_flag_as_required("data_root")

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from salad_jax.data.gsv_cities import image_name
+from salad_jax.errors import UserError
 
 VERSION = 1
 CITIES = ("DemoNorth", "DemoSouth")
@@ -60,7 +61,11 @@ def scene(rng: np.random.Generator) -> Image.Image:
       for xx in range(x0 + gap, x0 + bw - win, win + gap):
         d.rectangle([xx, yy, xx + win, yy + win], fill=wc)
   for _ in range(int(rng.integers(1, 5))):  # trees
-    x, y, r = int(rng.integers(0, w)), horizon + int(rng.integers(-10, 30)), int(rng.integers(8, 25))
+    x, y, r = (
+      int(rng.integers(0, w)),
+      horizon + int(rng.integers(-10, 30)),
+      int(rng.integers(8, 25)),
+    )
     d.rectangle([x - 2, y, x + 2, y + r], fill=(80, 50, 20))
     d.ellipse([x - r, y - 2 * r, x + r, y], fill=_color(rng, 0, 180))
   for _ in range(int(rng.integers(1, 4))):  # signs / road markings
@@ -117,10 +122,16 @@ def _write_train(root: str, seed: int) -> None:
       lat, lon = round(float(rng.uniform(40, 60)), 6), round(float(rng.uniform(-10, 30)), 6)
       n_img = 3 if pid % 15 == 14 else int(rng.integers(4, 8))  # a few places too small to keep
       for k in range(n_img):
-        year, month, north = int(rng.integers(2008, 2022)), int(rng.integers(1, 13)), int(rng.integers(0, 360))
+        year, month, north = (
+          int(rng.integers(2008, 2022)),
+          int(rng.integers(1, 13)),
+          int(rng.integers(0, 360)),
+        )
         pano = _panoid(rng)
-        view(base, rng).save(os.path.join(img_dir, image_name(city, pid, year, month, north, lat, lon, pano)),
-                             quality=90)
+        view(base, rng).save(
+          os.path.join(img_dir, image_name(city, pid, year, month, north, lat, lon, pano)),
+          quality=90,
+        )
         rows.append([pid, year, month, north, city, lat, lon, pano])
     with open(os.path.join(root, "Dataframes", f"{city}.csv"), "w", newline="") as f:
       wr = csv.writer(f)
@@ -144,11 +155,12 @@ def _write_eval(root: str, seed: int) -> None:
 
 def ensure(gsv_root: str, seed: int = 0) -> str:
   """Generates the demo dataset next to `gsv_root` (= <base>/gsv) unless already there."""
-  from salad_jax.errors import UserError
   if os.path.basename(os.path.normpath(gsv_root)) != "gsv":
-    raise UserError(f"config.data.root {gsv_root!r}: the demo's training set is the gsv/ folder "
-                    "of the demo dataset (it writes <dir>/gsv and <dir>/eval)",
-                    "use --config.data.root=<dir>/gsv, e.g. demo_data/gsv")
+    raise UserError(
+      f"config.data.root {gsv_root!r}: the demo's training set is the gsv/ folder "
+      "of the demo dataset (it writes <dir>/gsv and <dir>/eval)",
+      "use --config.data.root=<dir>/gsv, e.g. demo_data/gsv",
+    )
   base = os.path.dirname(os.path.abspath(gsv_root))
   marker = os.path.join(base, MARKER)
   want = {"version": VERSION, "seed": seed}
@@ -156,11 +168,14 @@ def ensure(gsv_root: str, seed: int = 0) -> str:
     with open(marker) as f:
       if json.load(f) == want:
         return base
-    raise FileExistsError(f"{base} holds a demo dataset of another version/seed; delete it or "
-                          "choose another --config.data.root")
+    raise FileExistsError(
+      f"{base} holds a demo dataset of another version/seed; delete it or "
+      "choose another --config.data.root"
+    )
   if os.path.isdir(base) and os.listdir(base):
-    raise FileExistsError(f"{base} exists and is not a demo dataset (no {MARKER}); choose another "
-                          "--config.data.root")
+    raise FileExistsError(
+      f"{base} exists and is not a demo dataset (no {MARKER}); choose another --config.data.root"
+    )
   os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".demo_tmp_", dir=os.path.dirname(base) or ".")
   try:

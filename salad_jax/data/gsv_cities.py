@@ -18,32 +18,74 @@ from PIL import Image
 from salad_jax.data import images
 
 # The 23 training cities of the SALAD / GSV-Cities recipe, in the reference's order.
-TRAIN_CITIES = ("Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona",
-                "Chicago", "Madrid", "Miami", "Phoenix", "TRT", "Boston", "Lisbon", "Medellin",
-                "Minneapolis", "PRG", "WashingtonDC", "Brussels", "London", "Melbourne", "Osaka", "PRS")
-CITY_STRIDE = 10 ** 5
+TRAIN_CITIES = (
+  "Bangkok",
+  "BuenosAires",
+  "LosAngeles",
+  "MexicoCity",
+  "OSL",
+  "Rome",
+  "Barcelona",
+  "Chicago",
+  "Madrid",
+  "Miami",
+  "Phoenix",
+  "TRT",
+  "Boston",
+  "Lisbon",
+  "Medellin",
+  "Minneapolis",
+  "PRG",
+  "WashingtonDC",
+  "Brussels",
+  "London",
+  "Melbourne",
+  "Osaka",
+  "PRS",
+)
+CITY_STRIDE = 10**5
 COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
-HOW_TO_GET = ("GSV-Cities is at https://www.kaggle.com/datasets/amaralibey/gsv-cities (see "
-              "github.com/amaralibey/gsv-cities); unpack it so that <root>/Dataframes/<City>.csv and "
-              "<root>/Images/<city>/ exist, and pass --config.data.root=<root>")
+HOW_TO_GET = (
+  "GSV-Cities is at https://www.kaggle.com/datasets/amaralibey/gsv-cities (see "
+  "github.com/amaralibey/gsv-cities); unpack it so that <root>/Dataframes/<City>.csv and "
+  "<root>/Images/<city>/ exist, and pass --config.data.root=<root>"
+)
 
 
-def image_name(city_id: str, place_id: int, year: int, month: int, northdeg: int, lat: float,
-               lon: float, panoid: str) -> str:
-  return (f"{city_id}_{str(place_id % CITY_STRIDE).zfill(7)}_{str(year).zfill(4)}_"
-          f"{str(month).zfill(2)}_{str(northdeg).zfill(3)}_{lat!r}_{lon!r}_{panoid}.jpg")
+def city_names(cities) -> tuple[str, ...]:
+  """`config.data.cities`: a comma-separated string or a sequence -> tuple of names."""
+  return tuple(c.strip() for c in cities.split(",")) if isinstance(cities, str) else tuple(cities)
+
+
+def image_name(
+  city_id: str,
+  place_id: int,
+  year: int,
+  month: int,
+  northdeg: int,
+  lat: float,
+  lon: float,
+  panoid: str,
+) -> str:
+  return (
+    f"{city_id}_{str(place_id % CITY_STRIDE).zfill(7)}_{str(year).zfill(4)}_"
+    f"{str(month).zfill(2)}_{str(northdeg).zfill(3)}_{lat!r}_{lon!r}_{panoid}.jpg"
+  )
 
 
 @dataclasses.dataclass
 class GSVCities:
   """Images of the kept places (>= min_img_per_place images), grouped by place."""
+
   root: str
   cities: tuple[str, ...]
   paths: np.ndarray  # [num_images] str, relative to root
   image_place: np.ndarray  # [num_images] position of the image's place in `place_ids`
   place_ids: np.ndarray  # [num_places] city-prefixed ids, CSV order within each city
   place_city: np.ndarray  # [num_places] index into `cities`
-  place_start: np.ndarray  # [num_places + 1] images of place p: order[place_start[p]:place_start[p+1]]
+  place_start: (
+    np.ndarray
+  )  # [num_places + 1] images of place p: order[place_start[p]:place_start[p+1]]
   order: np.ndarray  # image indices grouped by place
   min_img_per_place: int
 
@@ -52,7 +94,7 @@ class GSVCities:
     return len(self.place_ids)
 
   def place_images(self, p: int) -> np.ndarray:
-    return self.order[self.place_start[p]:self.place_start[p + 1]]
+    return self.order[self.place_start[p] : self.place_start[p + 1]]
 
   def image_path(self, i: int) -> str:
     return os.path.join(self.root, str(self.paths[i]))
@@ -83,8 +125,16 @@ def _read_city(path: str, city_index: int):
   for r in rows:
     pid = int(r["place_id"])
     ids.append(pid + city_index * CITY_STRIDE)
-    name = image_name(r["city_id"], pid, int(r["year"]), int(r["month"]), int(r["northdeg"]),
-                      float(r["lat"]), float(r["lon"]), r["panoid"])
+    name = image_name(
+      r["city_id"],
+      pid,
+      int(r["year"]),
+      int(r["month"]),
+      int(r["northdeg"]),
+      float(r["lat"]),
+      float(r["lon"]),
+      r["panoid"],
+    )
     names.append(os.path.join("Images", r["city_id"], name))
   return ids, names
 
@@ -92,7 +142,9 @@ def _read_city(path: str, city_index: int):
 def read_gsv_cities(root: str, cities=TRAIN_CITIES, min_img_per_place: int = 4) -> GSVCities:
   """Reads the dataframes of `cities` (in order) and keeps places with >= min_img_per_place images."""
   if not os.path.isdir(os.path.join(root, "Dataframes")):
-    raise FileNotFoundError(f"GSV-Cities not found at {root!r}: no Dataframes/ folder. {HOW_TO_GET}")
+    raise FileNotFoundError(
+      f"GSV-Cities not found at {root!r}: no Dataframes/ folder. {HOW_TO_GET}"
+    )
   cities = tuple(cities)
   if not cities:
     raise ValueError("no cities selected")
@@ -108,7 +160,9 @@ def read_gsv_cities(root: str, cities=TRAIN_CITIES, min_img_per_place: int = 4) 
     all_paths += names
     all_city += [i] * len(ids)
   ids = np.asarray(all_ids, np.int64)
-  uniq, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
+  uniq, first, inverse, counts = np.unique(
+    ids, return_index=True, return_inverse=True, return_counts=True
+  )
   keep = counts >= min_img_per_place
   if not keep.any():
     raise ValueError(f"no place in {root} ({', '.join(cities)}) has >= {min_img_per_place} images")
@@ -121,9 +175,17 @@ def read_gsv_cities(root: str, cities=TRAIN_CITIES, min_img_per_place: int = 4) 
   images = np.flatnonzero(image_place >= 0)
   order = images[np.argsort(image_place[images], kind="stable")]
   start = np.concatenate([[0], np.cumsum(counts[kept])])
-  return GSVCities(root=root, cities=cities, paths=np.asarray(all_paths), image_place=image_place,
-                   place_ids=uniq[kept], place_city=np.asarray(all_city, np.int64)[first[kept]],
-                   place_start=start, order=order, min_img_per_place=min_img_per_place)
+  return GSVCities(
+    root=root,
+    cities=cities,
+    paths=np.asarray(all_paths),
+    image_place=image_place,
+    place_ids=uniq[kept],
+    place_city=np.asarray(all_city, np.int64)[first[kept]],
+    place_start=start,
+    order=order,
+    min_img_per_place=min_img_per_place,
+  )
 
 
 def epoch_place_order(ds: GSVCities, seed: int, epoch: int) -> np.ndarray:

@@ -32,8 +32,22 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class UnreadableImage(ValueError):
   """An image file that cannot be decoded into the RGB image it shows; the message names it."""
 
-_EIGHT_BIT = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB",
-              "HSV"}
+
+_EIGHT_BIT = {
+  "1",
+  "L",
+  "LA",
+  "P",
+  "PA",
+  "RGB",
+  "RGBA",
+  "RGBX",
+  "RGBa",
+  "CMYK",
+  "YCbCr",
+  "LAB",
+  "HSV",
+}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _SIXTEEN_BIT_I = {"PNG", "PPM"}  # formats whose mode "I" holds 16-bit samples (0..65535)
 
@@ -46,8 +60,10 @@ def as_size(size) -> tuple[int, int]:
   except (TypeError, ValueError, OverflowError):
     ok = False
   if not ok:
-    raise UserError(f"image size {size!r}: height and width must be positive integers",
-                    "give (height, width), or one integer for a square, e.g. size=(322, 322)")
+    raise UserError(
+      f"image size {size!r}: height and width must be positive integers",
+      "give (height, width), or one integer for a square, e.g. size=(322, 322)",
+    )
   return int(values[0]), int(values[1])
 
 
@@ -62,8 +78,10 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     high = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)  # as PIL does for RGB;16
     return Image.fromarray(high, "L").convert("RGB")
   kind = {"F": "32-bit float", "I": "32-bit integer"}.get(mode, "")
-  raise UnreadableImage(f"cannot read image {name}: PIL mode {mode}{f' ({kind})' if kind else ''} "
-                   "has no unambiguous 8-bit RGB form; save it as 8-bit RGB (JPEG/PNG)")
+  raise UnreadableImage(
+    f"cannot read image {name}: PIL mode {mode}{f' ({kind})' if kind else ''} "
+    "has no unambiguous 8-bit RGB form; save it as 8-bit RGB (JPEG/PNG)"
+  )
 
 
 def _open_like_load_truncated(data: bytes) -> Image.Image:
@@ -162,7 +180,9 @@ def check_batch_memory(image_size, batch_size: int, flag: str = "--image_size") 
   need = batch_size * h * w * 3 * 4
   have = available_memory()
   if have is not None and need > have:
-    raise UserError(f"{flag} {h} {w} with --batch_size {batch_size}: one batch of images is "
-                    f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of memory "
-                    "available here", "the paper evaluates at 322 322; use a smaller --image_size "
-                    "(or --batch_size)")
+    raise UserError(
+      f"{flag} {h} {w} with --batch_size {batch_size}: one batch of images is "
+      f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of memory "
+      "available here",
+      "the paper evaluates at 322 322; use a smaller --image_size (or --batch_size)",
+    )

@@ -30,8 +30,10 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 from PIL import Image
 
-from salad_jax.data import gsv_cities, images
-from salad_jax.errors import UserError, check_output_dir
+from salad_jax.data import gsv_cities, images, pack_records
+from salad_jax.errors import UserError
+from salad_jax.files import atomic
+from salad_jax.files.destinations import check_dir
 
 JOB_FILE = "job.json"
 LOCK_FILE = "pack.lock"
@@ -50,8 +52,9 @@ def cities_in(root: str, cities=None) -> tuple[str, ...]:
     return tuple(cities)
   frames = os.path.join(root, "Dataframes")
   if not os.path.isdir(frames):
-    raise FileNotFoundError(f"GSV-Cities not found at {root!r}: no Dataframes/ folder. "
-                            f"{gsv_cities.HOW_TO_GET}")
+    raise FileNotFoundError(
+      f"GSV-Cities not found at {root!r}: no Dataframes/ folder. {gsv_cities.HOW_TO_GET}"
+    )
   present = {os.path.splitext(f)[0] for f in os.listdir(frames) if f.endswith(".csv")}
   ordered = [c for c in gsv_cities.TRAIN_CITIES if c in present]
   return tuple(ordered + sorted(present - set(ordered)))
@@ -78,21 +81,21 @@ def _write_shard(task: dict) -> dict:
   """Writes one shard (runs in a worker process); returns its summary."""
   from array_record.python import array_record_module
 
-  from salad_jax.data import tfds_gsv
-  feats = tfds_gsv.features()
+  feats = pack_records.features()
   final, n = task["path"], len(task["files"])
   tmp = f"{final}.tmp-{os.getpid()}"
   options = "group_size:1" + (",uncompressed" if task["compression"] == "none" else "")
   writer = array_record_module.ArrayRecordWriter(tmp, options)
   damaged, unreadable = [], []
-  for (path, name, place) in task["files"]:
+  for path, name, place in task["files"]:
     data, status, msg = encode_image(path, task["image_size"])
     if status == images.DAMAGED:
       damaged.append(name)
     elif status == images.UNREADABLE:
       unreadable.append(f"{name}: {msg}")
-    writer.write(feats.serialize_example(
-        {"image": data, "status": status, "name": name, "place": place}))
+    writer.write(
+      feats.serialize_example({"image": data, "status": status, "name": name, "place": place})
+    )
   writer.close()
   with open(tmp, "rb") as f:  # on disk before the rename commits it
     os.fsync(f.fileno())
@@ -110,6 +113,7 @@ def _write_shard(task: dict) -> dict:
 def _committed(path: str, n: int) -> dict | None:
   """The summary of a committed shard of n records, or None."""
   from array_record.python import array_record_module
+
   if not (os.path.isfile(path) and os.path.isfile(f"{path}.json")):
     return None
   try:
@@ -147,35 +151,54 @@ def _lock(staging: str) -> str:
         except PermissionError:
           alive = True
       if alive:
-        raise UserError(f"another pack ({host} pid {pid}) is writing {staging}",
-                        f"wait for it to finish, or delete {path} if it is gone") from None
+        raise UserError(
+          f"another pack ({host} pid {pid}) is writing {staging}",
+          f"wait for it to finish, or delete {path} if it is gone",
+        ) from None
       print(f"taking over the lock of a finished pack ({host} pid {pid}) in {staging}")
       os.remove(path)
   raise UserError(f"cannot lock {staging}")
 
 
-def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_workers: int = 0,
-         images_per_shard: int = 1000, compression: str = "none", progress: bool = True) -> str:
+def pack(
+  manual_dir: str,
+  data_dir: str,
+  cities=None,
+  image_size=None,
+  num_workers: int = 0,
+  images_per_shard: int = 1000,
+  compression: str = "none",
+  progress: bool = True,
+) -> str:
   """Writes the pack; returns its directory. See the module docstring."""
   import tensorflow_datasets as tfds
 
-  from salad_jax.data import tfds_gsv
   image_size = images.as_size(image_size) if image_size is not None else None
   if compression not in ("none", "zstd"):
     raise UserError(f"compression {compression!r}: use none or zstd")
   ds = gsv_cities.read_gsv_cities(manual_dir, cities_in(manual_dir, cities), min_img_per_place=1)
-  check_output_dir(data_dir, "--data_dir")
-  final = tfds_gsv.pack_dir(data_dir, image_size)
+  check_dir(data_dir, "--data_dir")
+  final = pack_records.pack_dir(data_dir, image_size)
   counts = np.diff(ds.place_start)
-  metadata = {"format": tfds_gsv.FORMAT, "image_size": list(image_size) if image_size else None,
-              "cities": list(ds.cities), "place_ids": [int(x) for x in ds.place_ids],
-              "place_city": [int(x) for x in ds.place_city], "num_images": [int(x) for x in counts]}
+  metadata = {
+    "format": pack_records.FORMAT,
+    "image_size": list(image_size) if image_size else None,
+    "cities": list(ds.cities),
+    "place_ids": [int(x) for x in ds.place_ids],
+    "place_city": [int(x) for x in ds.place_city],
+    "num_images": [int(x) for x in counts],
+  }
   if os.path.isfile(os.path.join(final, "dataset_info.json")):
     return _existing(final, metadata)
   order = ds.order  # records: images grouped by place, places in order, CSV order within
   n = len(order)
-  job = {"source": os.path.abspath(manual_dir), "images": n, "images_per_shard": images_per_shard,
-         "compression": compression, "metadata": metadata}
+  job = {
+    "source": os.path.abspath(manual_dir),
+    "images": n,
+    "images_per_shard": images_per_shard,
+    "compression": compression,
+    "metadata": metadata,
+  }
   staging = final + ".partial"
   _check_staging(staging)
   os.makedirs(staging, exist_ok=True)
@@ -184,8 +207,11 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
     _reset_if_other_job(staging, job)
     num_shards = max(1, -(-n // images_per_shard))
     names = tfds.core.ShardedFileTemplate(
-        data_dir=staging, dataset_name=tfds_gsv.NAME, split="train",
-        filetype_suffix="array_record").sharded_filepaths(num_shards)
+      data_dir=staging,
+      dataset_name=pack_records.NAME,
+      split="train",
+      filetype_suffix="array_record",
+    ).sharded_filepaths(num_shards)
     tasks, summaries = [], {}
     for s in range(num_shards):
       lo, hi = s * images_per_shard, min(n, (s + 1) * images_per_shard)
@@ -194,16 +220,28 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
       if done is not None:
         summaries[s] = done
         continue
-      files = [(ds.image_path(int(i)), str(ds.paths[int(i)]), int(ds.image_place[int(i)]))
-               for i in order[lo:hi]]
-      tasks.append({"shard": s, "path": path, "files": files, "image_size": image_size,
-                    "compression": compression})
+      files = [
+        (ds.image_path(int(i)), str(ds.paths[int(i)]), int(ds.image_place[int(i)]))
+        for i in order[lo:hi]
+      ]
+      tasks.append(
+        {
+          "shard": s,
+          "path": path,
+          "files": files,
+          "image_size": image_size,
+          "compression": compression,
+        }
+      )
     if image_size:  # raw images: the size is known before writing (+3 % record overhead)
       need = sum(len(t["files"]) for t in tasks) * image_size[0] * image_size[1] * 3 * 1.03
       free = shutil.disk_usage(staging).free
       if need > free:
-        raise UserError(f"packing needs ~{need / 2**30:.1f} GiB more in {data_dir}, "
-                        f"{free / 2**30:.1f} GiB are free", "free space or choose another --data_dir")
+        raise UserError(
+          f"packing needs ~{need / 2**30:.1f} GiB more in {data_dir}, "
+          f"{free / 2**30:.1f} GiB are free",
+          "free space or choose another --data_dir",
+        )
     what = "resized to {}x{} (raw uint8)".format(*image_size) if image_size else "as JPEG bytes"
     if summaries:
       print(f"resuming: {len(summaries)} of {num_shards} shards already written in {staging}")
@@ -216,19 +254,27 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
     damaged = [x for s in range(num_shards) for x in summaries[s]["damaged"]]
     unreadable = [x for s in range(num_shards) for x in summaries[s]["unreadable"]]
     metadata.update(damaged=len(damaged), unreadable=len(unreadable))
-    builder = tfds_gsv.GsvCities(data_dir=data_dir, image_size=image_size,
-                                 staged=Staged([os.fspath(p) for p in names], lengths, metadata))
+    builder = pack_records.GsvCities(
+      data_dir=data_dir,
+      image_size=image_size,
+      staged=Staged([os.fspath(p) for p in names], lengths, metadata),
+    )
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   finally:
     if os.path.exists(lock):
       os.remove(lock)
   _remove_staging(staging, names)
   size = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
-  print(f"packed {n} images in {time.time() - t0:.0f} s: {size / 2**30:.2f} GiB, "
-        f"{size / n * 1000 / 2**20:.1f} MiB per 1,000 images, in {final}")
-  for label, items in (("unreadable source images (stored as black images)", unreadable),
-                       ("damaged JPEGs (stored decoded with grey fill, as the reference)", damaged)):
+  print(
+    f"packed {n} images in {time.time() - t0:.0f} s: {size / 2**30:.2f} GiB, "
+    f"{size / n * 1000 / 2**20:.1f} MiB per 1,000 images, in {final}"
+  )
+  for label, items in (
+    ("unreadable source images (stored as black images)", unreadable),
+    ("damaged JPEGs (stored decoded with grey fill, as the reference)", damaged),
+  ):
     if items:
       print(f"{len(items)} {label}: " + "; ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
   return final
@@ -237,11 +283,16 @@ def pack(manual_dir: str, data_dir: str, cities=None, image_size=None, num_worke
 def _existing(final: str, metadata: dict) -> str:
   with open(os.path.join(final, "metadata.json")) as f:
     have = json.load(f)
-  diff = [k for k in ("format", "image_size", "cities", "place_ids", "num_images")
-          if have.get(k) != metadata[k]]
+  diff = [
+    k
+    for k in ("format", "image_size", "cities", "place_ids", "num_images")
+    if have.get(k) != metadata[k]
+  ]
   if diff:
-    raise UserError(f"{final} already holds a different pack (differs in {', '.join(diff)})",
-                    "use another --data_dir, or delete that directory to replace it")
+    raise UserError(
+      f"{final} already holds a different pack (differs in {', '.join(diff)})",
+      "use another --data_dir, or delete that directory to replace it",
+    )
   print(f"already packed: {final}")
   return final
 
@@ -251,23 +302,32 @@ def _check_staging(staging: str) -> None:
   pack did not make (a file, a link, a directory without our job file) is refused, never used."""
   if not os.path.lexists(staging):
     return
-  ours = (not os.path.islink(staging) and os.path.isdir(staging)
-          and (not os.listdir(staging) or os.path.isfile(os.path.join(staging, JOB_FILE))
-               or os.path.isfile(os.path.join(staging, LOCK_FILE))))
+  ours = (
+    not os.path.islink(staging)
+    and os.path.isdir(staging)
+    and (
+      not os.listdir(staging)
+      or os.path.isfile(os.path.join(staging, JOB_FILE))
+      or os.path.isfile(os.path.join(staging, LOCK_FILE))
+    )
+  )
   if not ours:
-    raise UserError(f"{staging} exists and is not an unfinished pack (no {JOB_FILE}); salad_jax "
-                    "writes its staging files there and will not use a folder of yours",
-                    "move it away, or choose another --data_dir")
+    raise UserError(
+      f"{staging} exists and is not an unfinished pack (no {JOB_FILE}); salad_jax "
+      "writes its staging files there and will not use a folder of yours",
+      "move it away, or choose another --data_dir",
+    )
 
 
 def _pack_file(staging: str, name: str) -> bool:
   """A name the pack writes in its staging folder: the job and lock files, its shards (and
   their summaries and temporaries), each a regular file."""
-  from salad_jax.data import tfds_gsv
   path = os.path.join(staging, name)
   if os.path.islink(path) or not os.path.isfile(path):
     return False
-  return name in (JOB_FILE, LOCK_FILE) or name.startswith(f"{tfds_gsv.NAME}-train.array_record-")
+  return name in (JOB_FILE, LOCK_FILE) or name.startswith(
+    f"{pack_records.NAME}-train.array_record-"
+  )
 
 
 def _reset_if_other_job(staging: str, job: dict) -> None:
@@ -280,8 +340,11 @@ def _reset_if_other_job(staging: str, job: dict) -> None:
       same = False
     foreign = [f for f in os.listdir(staging) if not _pack_file(staging, f)]
     if not same and foreign:  # only files a pack writes are ever deleted
-      raise UserError(f"{staging} holds an unfinished pack of another job and {foreign[0]}, which "
-                      "a pack does not write", "move that file away (or the whole folder), then rerun")
+      raise UserError(
+        f"{staging} holds an unfinished pack of another job and {foreign[0]}, which "
+        "a pack does not write",
+        "move that file away (or the whole folder), then rerun",
+      )
     if not same:
       print(f"{staging} holds an unfinished pack of another job: starting from scratch")
       for f in os.listdir(staging):
@@ -290,7 +353,6 @@ def _reset_if_other_job(staging: str, job: dict) -> None:
   for f in os.listdir(staging):  # temporary files of killed writers
     if ".tmp-" in f and _pack_file(staging, f):
       os.remove(os.path.join(staging, f))
-  from salad_jax import atomic
   with atomic.new_file(path) as tmp, open(tmp, "w") as f:
     json.dump(job, f)
 
@@ -310,9 +372,11 @@ def _remove_staging(staging: str, shards) -> None:
 
 def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial: int) -> None:
   from tqdm import tqdm
+
   total = initial + sum(len(t["files"]) for t in tasks)
-  bar = tqdm(total=total, initial=initial, unit="img", desc="pack", disable=not progress,
-             mininterval=2.0)
+  bar = tqdm(
+    total=total, initial=initial, unit="img", desc="pack", disable=not progress, mininterval=2.0
+  )
   workers = min(num_workers or os.cpu_count() or 1, max(1, len(tasks)))
   try:
     if workers <= 1:
@@ -329,7 +393,9 @@ def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial
           summaries[t["shard"]] = summary
           bar.update(len(t["files"]))
       except BrokenProcessPool:
-        raise RuntimeError("a pack worker process died (killed, or out of memory?); the shards "
-                           "written so far are kept: run the same command again to resume") from None
+        raise RuntimeError(
+          "a pack worker process died (killed, or out of memory?); the shards "
+          "written so far are kept: run the same command again to resume"
+        ) from None
   finally:
     bar.close()

@@ -28,8 +28,16 @@ from PIL import Image
 
 from salad_jax.data import augment
 from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
-from salad_jax.data.images import (DAMAGED, IMAGENET_MEAN, IMAGENET_STD, OK, UNREADABLE,
-                                   UnreadableImage, load_image, resize)
+from salad_jax.data.images import (
+  DAMAGED,
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  OK,
+  UNREADABLE,
+  UnreadableImage,
+  load_image,
+  resize,
+)
 
 PREFETCH_BATCHES = 2
 
@@ -43,6 +51,7 @@ def normalize_images(images_u8):
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
   """Static shape and schedule of the training stream (global and per process)."""
+
   num_places: int
   places_per_batch: int  # P (global)
   img_per_place: int  # K
@@ -51,8 +60,10 @@ class TrainSpec:
 
   def __post_init__(self):
     if self.places_per_batch % self.process_count:
-      raise ValueError(f"{self.places_per_batch} places per batch cannot be split over "
-                       f"{self.process_count} processes; use a multiple of {self.process_count}")
+      raise ValueError(
+        f"{self.places_per_batch} places per batch cannot be split over "
+        f"{self.process_count} processes; use a multiple of {self.process_count}"
+      )
 
   @property
   def steps_per_epoch(self) -> int:  # the reference keeps the last, smaller batch (drop_last=False)
@@ -89,8 +100,14 @@ class Batches:
   place (no copy to assemble the batch) and returns its other fields; items run on the thread
   pool. `finish` adds fields computed over the batch."""
 
-  def __init__(self, item: Callable[[int, np.ndarray], dict], n: int, shape: tuple[int, ...],
-               num_threads: int, finish: Callable[[dict], dict] | None = None):
+  def __init__(
+    self,
+    item: Callable[[int, np.ndarray], dict],
+    n: int,
+    shape: tuple[int, ...],
+    num_threads: int,
+    finish: Callable[[dict], dict] | None = None,
+  ):
     self.item, self.n, self.shape, self.num_threads = item, n, tuple(shape), num_threads
     self.finish = finish
 
@@ -110,8 +127,13 @@ class Batches:
 def _iter(num_batches: int, batches: Batches, num_workers: int) -> grain.IterDataset:
   """Batch indices -> batches, at most PREFETCH_BATCHES ahead per process (computed two at a
   time, so the thread pool has the next batch's places while the last ones of a batch finish)."""
-  it = grain.MapDataset.range(num_batches).map(batches).to_iter_dataset(
-      grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES))
+  it = (
+    grain.MapDataset.range(num_batches)
+    .map(batches)
+    .to_iter_dataset(
+      grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES)
+    )
+  )
   return _with_workers(it, num_workers)
 
 
@@ -122,9 +144,17 @@ class PlaceRecords:
   Positions past the end of an epoch pad the last batch to a static shape (valid=False).
   """
 
-  def __init__(self, ds: GSVCities, spec: TrainSpec, image_size: tuple[int, int], seed: int,
-               randaugment: bool = True, num_ops: int = 3, magnitude: int = 9,
-               fast_augment: bool = True):
+  def __init__(
+    self,
+    ds: GSVCities,
+    spec: TrainSpec,
+    image_size: tuple[int, int],
+    seed: int,
+    randaugment: bool = True,
+    num_ops: int = 3,
+    magnitude: int = 9,
+    fast_augment: bool = True,
+  ):
     self.ds, self.spec, self.image_size, self.seed = ds, spec, tuple(image_size), seed
     self.randaugment, self.num_ops, self.magnitude = randaugment, num_ops, magnitude
     self.fast_augment = fast_augment
@@ -160,8 +190,12 @@ class PlaceRecords:
     k = self.spec.img_per_place
     if pos >= self.spec.num_places:
       out[:] = 0
-      return {"labels": np.full((k,), -1, np.int32), "valid": np.zeros((k,), bool),
-              "status": np.zeros((k,), np.int8), "image": np.full((k,), -1, np.int64)}
+      return {
+        "labels": np.full((k,), -1, np.int32),
+        "valid": np.zeros((k,), bool),
+        "status": np.zeros((k,), np.int8),
+        "image": np.full((k,), -1, np.int64),
+      }
     place = int(self.order(epoch)[pos])
     rng = np.random.default_rng([self.seed, epoch, pos, 1])
     ids = sample_place_images(self.ds, place, k, rng)
@@ -169,8 +203,12 @@ class PlaceRecords:
     for j, i in enumerate(ids):
       out[j], status[j] = self.load(int(i), rng)
     label = int(self.ds.place_ids[place])
-    return {"labels": np.full((k,), label, np.int32), "valid": np.ones((k,), bool),
-            "status": status, "image": np.asarray(ids, np.int64)}
+    return {
+      "labels": np.full((k,), label, np.int32),
+      "valid": np.ones((k,), bool),
+      "status": status,
+      "image": np.asarray(ids, np.int64),
+    }
 
 
 class ReportDamaged:
@@ -186,8 +224,11 @@ class ReportDamaged:
     for s, i in zip(status[status != OK], ids[status != OK]):
       name = self.ds.image_name(int(i))
       if s == DAMAGED:
-        logging.warning("damaged training image %s: decoded with grey fill, as the reference "
-                        "does (PIL LOAD_TRUNCATED_IMAGES)", name)
+        logging.warning(
+          "damaged training image %s: decoded with grey fill, as the reference "
+          "does (PIL LOAD_TRUNCATED_IMAGES)",
+          name,
+        )
       else:
         logging.warning("unreadable training image %s: using a black image", name)
     batch["corrupt"] = np.int32(np.count_nonzero(status != OK))
@@ -201,15 +242,26 @@ def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 1) -> g
     return it
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=buffer))
+  return it.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+  )
 
 
-def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
-                  image_size: Sequence[int], num_epochs: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, num_workers: int = 0, num_threads: int = 8,
-                  randaugment: bool = True, fast_augment: bool = True
-                  ) -> tuple[grain.IterDataset, TrainSpec]:
+def train_dataset(
+  ds: GSVCities,
+  *,
+  places_per_batch: int,
+  img_per_place: int,
+  image_size: Sequence[int],
+  num_epochs: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  num_threads: int = 8,
+  randaugment: bool = True,
+  fast_augment: bool = True,
+) -> tuple[grain.IterDataset, TrainSpec]:
   """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}.
 
   `fast_augment=False` runs RandAugment with the PIL reference ops: the same images, slower (for
@@ -217,8 +269,7 @@ def train_dataset(ds: GSVCities, *, places_per_batch: int, img_per_place: int,
   `corrupt` counts the batch's damaged and unreadable images, each logged as a warning when
   the batch is consumed."""
   spec = TrainSpec(ds.num_places, places_per_batch, img_per_place, process_index, process_count)
-  records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment,
-                         fast_augment=fast_augment)
+  records = PlaceRecords(ds, spec, tuple(image_size), seed, randaugment, fast_augment=fast_augment)
   num_batches = num_epochs * spec.steps_per_epoch
   k, (h, w) = img_per_place, tuple(image_size)
   batches = Batches(records, spec.local_places, (k, h, w, 3), num_threads)
@@ -238,9 +289,16 @@ class EvalRecords:
     return {"index": np.int64(index)}
 
 
-def eval_dataset(paths: Sequence[str], *, image_size: tuple[int, int], batch_size: int,
-                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                 num_threads: int = 8) -> grain.IterDataset:
+def eval_dataset(
+  paths: Sequence[str],
+  *,
+  image_size: tuple[int, int],
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  num_threads: int = 8,
+) -> grain.IterDataset:
   """Fixed-shape local batches {images uint8 [b,H,W,3], index [b] (-1 = padding), valid [b]}.
 
   Global batch g holds images g*batch_size ...; this process loads its contiguous share of it.

@@ -13,7 +13,7 @@ equal the packed size (or a JPEG pack is used).
 Records are in place order (cities in list order, places and images in CSV order); the place
 index and the pack's size are in the dataset's metadata. `tfds.builder_from_directory` and
 `as_data_source` read it (random access, grain-friendly, no tensorflow needed). The parallel,
-resumable writing is in `salad_jax.data.pack`.
+resumable writing is in `salad_jax.data.pack`, the format in `salad_jax.data.pack_records`.
 """
 
 from __future__ import annotations
@@ -24,75 +24,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from salad_jax.data import gsv_cities, images
+from salad_jax.data import gsv_cities, images, pack
+from salad_jax.data.pack_records import FORMAT, NAME, VERSION, pack_dir
 from salad_jax.errors import UserError
-
-NAME = "gsv_cities"
-VERSION = "2.0.0"  # 1.0.0 held one record per place
-FORMAT = 2
-
-
-def config_name(image_size) -> str:
-  return "jpeg" if image_size is None else "{}x{}".format(*images.as_size(image_size))
-
-
-def features() -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      # raw uint8 [H, W, 3] bytes (a resized pack) or the file's bytes (a JPEG pack)
-      "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-      "status": np.int64,  # images.OK / DAMAGED (decoded with grey fill) / UNREADABLE (black)
-      "name": tfds.features.Text(),  # Images/<city>/<file>.jpg
-      "place": np.int64,  # index of the image's place in the metadata lists
-  })
-
-
-class GsvCities(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """GSV-Cities (Ali-bey et al.), one example per image. Written by `salad_jax.data.pack`:
-  `_download_and_prepare` links its finished shards in and records the splits and metadata."""
-
-  VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {"2.0.0": "One record per image; optional pre-resized raw uint8 images.",
-                   "1.0.0": "One record per place (JPEG bytes)."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = gsv_cities.HOW_TO_GET
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="jpeg", description="original JPEG bytes"),
-                     tfds.core.BuilderConfig(name="224x224", description="images resized to "
-                                             "224x224 (raw uint8)")]
-
-  def __init__(self, *, image_size=None, staged=None, **kwargs):
-    self._staged = staged  # pack.Staged: finished shards, their lengths and the metadata
-    name = config_name(image_size)
-    config = name if name in {c.name for c in self.BUILDER_CONFIGS} else tfds.core.BuilderConfig(
-        name=name, description="images resized to {} (raw uint8)".format(name))
-    super().__init__(config=config, file_format="array_record", **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description="GSV-Cities image records for SALAD training (salad_jax).",
-        features=features(), metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True)  # keep place order: the sampler reproduces the reference's
-
-  def _download_and_prepare(self, dl_manager, download_config=None) -> None:
-    staged = self._staged
-    if staged is None:
-      raise UserError("build GSV-Cities records with `python -m salad_jax.data.tfds_gsv`")
-    template = self._get_filename_template(split_name="train")
-    targets = template.sharded_filepaths(len(staged.shards))
-    for src, dst in zip(staged.shards, targets):
-      try:  # a hard link keeps the staged shard until the dataset is complete
-        os.link(src, dst)
-      except OSError:
-        os.replace(src, dst)
-    self.info.metadata.update(staged.metadata)
-    split = tfds.core.SplitInfo(name="train", shard_lengths=list(staged.lengths),
-                                num_bytes=int(sum(os.path.getsize(t) for t in targets)),
-                                filename_template=template)
-    self.info.set_splits(tfds.core.SplitDict([split]))
-
-  def _split_generators(self, dl_manager):  # pragma: no cover - written by _download_and_prepare
-    raise NotImplementedError
-
-  def _generate_examples(self):  # pragma: no cover
-    raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------ reading
@@ -107,6 +41,7 @@ def check_shards(builder, path: str) -> None:
   """Each shard file holds the number of records the dataset info says (a cut or missing file
   reads as empty records otherwise)."""
   from array_record.python import array_record_module
+
   split = builder.info.splits["train"]
   for f, n in zip(split.filepaths, split.shard_lengths):
     try:
@@ -128,12 +63,16 @@ def _parse(source, i: int) -> dict:
   if not raw:
     return {}
   f = _EXAMPLE.FromString(raw).features.feature
-  return {"image": f["image"].bytes_list.value[0], "status": f["status"].int64_list.value[0],
-          "name": f["name"].bytes_list.value[0]}
+  return {
+    "image": f["image"].bytes_list.value[0],
+    "status": f["status"].int64_list.value[0],
+    "name": f["name"].bytes_list.value[0],
+  }
 
 
 try:
   from tensorflow_datasets.core.example_parser import tf_example_pb2 as _pb2
+
   _EXAMPLE = _pb2.Example
 except ImportError:  # pragma: no cover
   _EXAMPLE = None
@@ -164,15 +103,18 @@ class TfdsGSVCities(gsv_cities.GSVCities):
     try:
       rec = _parse(self.source, int(i))
     except Exception as e:  # noqa: BLE001 - any failure to read a record back is corruption
-      raise CorruptRecordError(f"corrupt record {int(i)} in {self.root}: {type(e).__name__}: {e}",
-                               REBUILD) from e
+      raise CorruptRecordError(
+        f"corrupt record {int(i)} in {self.root}: {type(e).__name__}: {e}", REBUILD
+      ) from e
     data, name = rec.get("image"), rec.get("name")
     if name is None or not isinstance(data, bytes):  # array_record reads b"" past a cut file
       raise CorruptRecordError(f"corrupt record {int(i)} in {self.root}: empty", REBUILD)
     if self.image_size is not None and len(data) != self.image_size[0] * self.image_size[1] * 3:
       raise CorruptRecordError(
-          f"corrupt record {int(i)} ({_text(name)}) in {self.root}: {len(data)} bytes, expected a "
-          f"{self.image_size[0]}x{self.image_size[1]}x3 image", REBUILD)
+        f"corrupt record {int(i)} ({_text(name)}) in {self.root}: {len(data)} bytes, expected a "
+        f"{self.image_size[0]}x{self.image_size[1]}x3 image",
+        REBUILD,
+      )
     return rec
 
   def read_array(self, i: int) -> tuple[np.ndarray, int]:
@@ -183,14 +125,11 @@ class TfdsGSVCities(gsv_cities.GSVCities):
   def read_image(self, i: int) -> tuple[Image.Image, int]:
     rec = self._record(i)
     if self.image_size is None:  # JPEG bytes: decoded as the file would be
-      return images.decode(rec["image"], f"{self.image_path(i)} ({_text(rec['name'])})",
-                           damaged="allow")
+      return images.decode(
+        rec["image"], f"{self.image_path(i)} ({_text(rec['name'])})", damaged="allow"
+      )
     h, w = self.image_size
     return Image.frombuffer("RGB", (w, h), rec["image"], "raw", "RGB", 0, 1), int(rec["status"])
-
-
-def pack_dir(data_dir: str, image_size=None) -> str:
-  return os.path.join(data_dir, NAME, config_name(image_size), VERSION)
 
 
 def find_pack(data_dir: str, image_size) -> str:
@@ -203,17 +142,26 @@ def find_pack(data_dir: str, image_size) -> str:
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
       return path
   root = os.path.join(data_dir, NAME)
-  found = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if os.path.isfile(os.path.join(root, d, VERSION, "dataset_info.json")))
-  build = ("python -m salad_jax.data.tfds_gsv --manual_dir <GSVCities> --data_dir "
-           f"{data_dir} --image_size {image_size[0]},{image_size[1]}")
+  found = sorted(
+    d
+    for d in (os.listdir(root) if os.path.isdir(root) else [])
+    if os.path.isfile(os.path.join(root, d, VERSION, "dataset_info.json"))
+  )
+  build = (
+    "python -m salad_jax.data.tfds_gsv --manual_dir <GSVCities> --data_dir "
+    f"{data_dir} --image_size {image_size[0]},{image_size[1]}"
+  )
   if found:
-    raise UserError(f"{data_dir} holds GSV-Cities packs resized to {', '.join(found)}, but "
-                    f"config.data.image_size is {image_size[0]}x{image_size[1]}",
-                    f"set --config.data.image_size to a packed size, or pack it: {build}")
+    raise UserError(
+      f"{data_dir} holds GSV-Cities packs resized to {', '.join(found)}, but "
+      f"config.data.image_size is {image_size[0]}x{image_size[1]}",
+      f"set --config.data.image_size to a packed size, or pack it: {build}",
+    )
   if os.path.isfile(os.path.join(root, "1.0.0", "dataset_info.json")):
-    raise UserError(f"{root}/1.0.0 was built by an older salad_jax (one record per place)",
-                    f"build the current format: {build}")
+    raise UserError(
+      f"{root}/1.0.0 was built by an older salad_jax (one record per place)",
+      f"build the current format: {build}",
+    )
   raise FileNotFoundError(f"no {NAME} TFDS build in {data_dir}; build it with `{build}`")
 
 
@@ -224,19 +172,25 @@ def open_gsv_cities(data_dir: str, min_img_per_place: int = 4, image_size=None) 
   builder = tfds.builder_from_directory(path)
   meta = builder.info.metadata
   if meta.get("format") != FORMAT:
-    raise UserError(f"{path} is not a salad_jax GSV-Cities pack of format {FORMAT}",
-                    "build it again with `python -m salad_jax.data.tfds_gsv`")
+    raise UserError(
+      f"{path} is not a salad_jax GSV-Cities pack of format {FORMAT}",
+      "build it again with `python -m salad_jax.data.tfds_gsv`",
+    )
   packed = tuple(meta["image_size"]) if meta.get("image_size") else None
   if packed is not None and image_size is not None and packed != images.as_size(image_size):
-    raise UserError(f"{path} holds images resized to {packed[0]}x{packed[1]}, but "
-                    f"config.data.image_size is {image_size[0]}x{image_size[1]}",
-                    "set --config.data.image_size to the packed size, or pack the data at this "
-                    "size (--image_size H,W)")
+    raise UserError(
+      f"{path} holds images resized to {packed[0]}x{packed[1]}, but "
+      f"config.data.image_size is {image_size[0]}x{image_size[1]}",
+      "set --config.data.image_size to the packed size, or pack the data at this "
+      "size (--image_size H,W)",
+    )
   counts = np.asarray(meta["num_images"], np.int64)
   total = builder.info.splits["train"].num_examples
   if total != counts.sum():
-    raise UserError(f"{path} is incomplete: {total} records, its metadata lists {counts.sum()}",
-                    "delete it and build it again")
+    raise UserError(
+      f"{path} is incomplete: {total} records, its metadata lists {counts.sum()}",
+      "delete it and build it again",
+    )
   check_shards(builder, path)
   keep = counts >= min_img_per_place
   if not keep.any():
@@ -246,12 +200,17 @@ def open_gsv_cities(data_dir: str, min_img_per_place: int = 4, image_size=None) 
   order = np.concatenate([np.arange(first[r], first[r] + counts[r]) for r in records])
   image_place = np.full(int(total), -1, np.int64)
   image_place[order] = np.repeat(np.arange(len(records)), counts[records])
-  ds = TfdsGSVCities(root=path, cities=tuple(meta["cities"]), paths=np.arange(int(total)),
-                     image_place=image_place,
-                     place_ids=np.asarray(meta["place_ids"], np.int64)[records],
-                     place_city=np.asarray(meta["place_city"], np.int64)[records],
-                     place_start=np.concatenate([[0], np.cumsum(counts[records])]),
-                     order=order, min_img_per_place=min_img_per_place)
+  ds = TfdsGSVCities(
+    root=path,
+    cities=tuple(meta["cities"]),
+    paths=np.arange(int(total)),
+    image_place=image_place,
+    place_ids=np.asarray(meta["place_ids"], np.int64)[records],
+    place_city=np.asarray(meta["place_city"], np.int64)[records],
+    place_start=np.concatenate([[0], np.cumsum(counts[records])]),
+    order=order,
+    min_img_per_place=min_img_per_place,
+  )
   ds.source = builder.as_data_source(split="train")
   ds.image_size = packed
   return ds
@@ -259,7 +218,6 @@ def open_gsv_cities(data_dir: str, min_img_per_place: int = 4, image_size=None) 
 
 def build(manual_dir: str, data_dir: str, cities=None, image_size=None, **kwargs) -> str:
   """Packs GSV-Cities (see `salad_jax.data.pack.pack`); returns the pack's directory."""
-  from salad_jax.data import pack
   return pack.pack(manual_dir, data_dir, cities=cities, image_size=image_size, **kwargs)
 
 
@@ -267,6 +225,7 @@ def main(argv) -> None:
   from absl import flags
 
   from salad_jax import cli
+
   cli.quiet_logs()
   f = flags.FLAGS
   if len(argv) > 1:
@@ -279,27 +238,45 @@ def main(argv) -> None:
     except (ValueError, AssertionError):
       raise UserError(f"--image_size {f.image_size!r}: expected H,W (e.g. 224,224)") from None
     from salad_jax.models import vit
+
     try:  # train.py refuses other sizes: do not pack hours of images it cannot use
       vit.check_image_shape((1,) + size + (3,))
     except ValueError as e:
       raise UserError(f"--image_size {f.image_size}: {e}", "the paper trains at 224,224") from None
-  build(f.manual_dir, f.data_dir, [c for c in f.cities.split(",") if c] or None, size,
-        num_workers=f.num_workers, compression=f.compression, images_per_shard=f.images_per_shard)
+  build(
+    f.manual_dir,
+    f.data_dir,
+    [c for c in f.cities.split(",") if c] or None,
+    size,
+    num_workers=f.num_workers,
+    compression=f.compression,
+    images_per_shard=f.images_per_shard,
+  )
 
 
 if __name__ == "__main__":
   from absl import flags
 
   from salad_jax import cli
+
   flags.DEFINE_string("manual_dir", None, "GSV-Cities root (Dataframes/, Images/).")
   flags.DEFINE_string("data_dir", None, "TFDS data dir to write.")
-  flags.DEFINE_string("image_size", "", "H,W: store images resized to this size (the training "
-                      "size, e.g. 224,224); empty: store the JPEG files as they are.")
+  flags.DEFINE_string(
+    "image_size",
+    "",
+    "H,W: store images resized to this size (the training "
+    "size, e.g. 224,224); empty: store the JPEG files as they are.",
+  )
   flags.DEFINE_string("cities", "", "Comma-separated subset (default: all CSVs present).")
   flags.DEFINE_integer("num_workers", 0, "Worker processes (0: one per CPU core).")
-  flags.DEFINE_integer("images_per_shard", 1000, "Images per shard file (the unit of resuming).",
-                       lower_bound=1)
-  flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Record compression: none reads "
-                    "fastest; zstd is ~17% smaller on disk for raw images.")
+  flags.DEFINE_integer(
+    "images_per_shard", 1000, "Images per shard file (the unit of resuming).", lower_bound=1
+  )
+  flags.DEFINE_enum(
+    "compression",
+    "none",
+    ["none", "zstd"],
+    "Record compression: none reads fastest; zstd is ~17% smaller on disk for raw images.",
+  )
   flags.mark_flags_as_required(["manual_dir", "data_dir"])
   cli.run(main)

@@ -66,35 +66,41 @@ def antialias_size_matrix(out_size: int, in_size: int) -> np.ndarray:
     lo = max(int(center - support + np.float32(0.5)), 0)
     hi = min(int(center + support + np.float32(0.5)), in_size)
     x = np.abs((np.arange(lo, hi, dtype=np.float32) - center + np.float32(0.5)) * invscale)
-    w = np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                 np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0)).astype(np.float32)
+    w = np.where(
+      x <= 1,
+      ((a + 2) * x - (a + 3)) * x * x + 1,
+      np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0),
+    ).astype(np.float32)
     total = w.sum(dtype=np.float32)
     mat[d, lo:hi] = w / total if total != 0 else w
   return mat
 
 
-def resample_matrices(grid_hw: tuple[int, int], src_grid: int,
-                      antialias: bool, offset: float) -> tuple[np.ndarray, np.ndarray]:
+def resample_matrices(
+  grid_hw: tuple[int, int], src_grid: int, antialias: bool, offset: float
+) -> tuple[np.ndarray, np.ndarray]:
   """The (rows, cols) resampling matrices DINOv2 uses for a patch grid of `grid_hw`."""
   h0, w0 = grid_hw
   if antialias and offset == 0:
     return antialias_size_matrix(h0, src_grid), antialias_size_matrix(w0, src_grid)
   if antialias or offset == 0:
     raise NotImplementedError(
-        f"pos-embed resampling with antialias={antialias}, offset={offset} is not a DINOv2 "
-        "hub configuration (plain: offset 0.1 without antialias; registers: offset 0 with antialias)")
+      f"pos-embed resampling with antialias={antialias}, offset={offset} is not a DINOv2 "
+      "hub configuration (plain: offset 0.1 without antialias; registers: offset 0 with antialias)"
+    )
   return scale_factor_matrix(h0, src_grid, offset), scale_factor_matrix(w0, src_grid, offset)
 
 
-def interpolate_pos_embed(pos_embed: jnp.ndarray, grid_hw: tuple[int, int], *,
-                          antialias: bool = False, offset: float = 0.1) -> jnp.ndarray:
+def interpolate_pos_embed(
+  pos_embed: jnp.ndarray, grid_hw: tuple[int, int], *, antialias: bool = False, offset: float = 0.1
+) -> jnp.ndarray:
   """Resamples a DINOv2 `pos_embed` [1, 1 + M*M, D] to [1, 1 + H0*W0, D] as torch does.
 
   The 518x518 shortcut of the reference applies: a square grid of M x M returns the stored
   table unchanged. The resampling runs in float32 whatever the parameter dtype.
   """
   n = pos_embed.shape[1] - 1
-  m = int(round(n ** 0.5))
+  m = int(round(n**0.5))
   if m * m != n:
     raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
   h0, w0 = grid_hw

@@ -25,6 +25,7 @@ class SALAD(nn.Module):
   Output: [B, m*l + g] float32, unit norm; the token part first, then the per-cluster
   intra-normalised aggregates flattened channel-major (element (c, k) at c*m + k).
   """
+
   num_clusters: int = 64
   cluster_dim: int = 128
   token_dim: int = 256
@@ -49,11 +50,12 @@ class SALAD(nn.Module):
     f = self._conv_mlp(x, self.cluster_dim, "cluster_features", train)  # [B, n, l]
     s = self._conv_mlp(x, self.num_clusters, "score", train)  # [B, n, m]
     t = self._dense(self.token_dim, "token_features_2")(
-        jax.nn.relu(self._dense(self.hidden_dim, "token_features_0")(token)))
+      jax.nn.relu(self._dense(self.hidden_dim, "token_features_0")(token))
+    )
     dust_bin = self.param("dust_bin", nn.initializers.constant(1.0), ())
 
     log_p = log_assignment(jnp.swapaxes(s, 1, 2), dust_bin, self.sinkhorn_iters)
-    p = jnp.exp(log_p)[:, :self.num_clusters, :]  # drop the dustbin row: [B, m, n]
+    p = jnp.exp(log_p)[:, : self.num_clusters, :]  # drop the dustbin row: [B, m, n]
     self.sow("intermediates", "assignment", p)
     v = jnp.einsum("bnc,bkn->bck", f.astype(jnp.float32), p)  # [B, l, m]
     v = l2_normalize(v, axis=1).reshape(b, self.cluster_dim * self.num_clusters)

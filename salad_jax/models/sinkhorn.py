@@ -16,16 +16,19 @@ def log_marginals(m: int, n: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
   dustbin row the remaining (n-m)/(n+m), so both sides sum to n/(n+m).
   """
   if n <= m:
-    raise ValueError(f"Sinkhorn needs more features than clusters (n={n} <= m={m}): the dustbin "
-                     "marginal log(n - m) is undefined; use a larger image")
+    raise ValueError(
+      f"Sinkhorn needs more features than clusters (n={n} <= m={m}): the dustbin "
+      "marginal log(n - m) is undefined; use a larger image"
+    )
   norm = np.float32(-math.log(n + m))
   log_a = np.full((m + 1,), norm, np.float32)
   log_a[m] = norm + np.float32(math.log(n - m))
   return log_a, np.full((n,), norm, np.float32), norm
 
 
-def log_assignment(scores: jax.Array, dust_bin: jax.Array, num_iters: int = 3,
-                   reg: float = 1.0) -> jax.Array:
+def log_assignment(
+  scores: jax.Array, dust_bin: jax.Array, num_iters: int = 3, reg: float = 1.0
+) -> jax.Array:
   """Returns log P + log(n+m), [B, m+1, n] float32, for scores [B, m, n].
 
   Row m is the dustbin (every entry `dust_bin`). Iterations update u (rows) then v (columns),

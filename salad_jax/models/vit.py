@@ -14,19 +14,24 @@ import jax
 import jax.numpy as jnp
 
 from salad_jax.models import posembed
-from salad_jax.models.kernels import attention_impl, chunked_attention, low_precision, xla_attention
+from salad_jax.models.attention import (
+  attention_impl,
+  chunked_attention,
+  low_precision,
+  xla_attention,
+)
 
 PATCH = 14
 PRETRAIN_SIZE = 518  # the 37 x 37 pos-embed grid of the hub checkpoints
 
 # One table of the hub factories (dinov2/hub/backbones.py); head dim 64 everywhere.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "S/14": dict(width=384, depth=12, heads=6, ffn="mlp"),
-    "B/14": dict(width=768, depth=12, heads=12, ffn="mlp"),
-    "L/14": dict(width=1024, depth=24, heads=16, ffn="mlp"),
-    "g/14": dict(width=1536, depth=40, heads=24, ffn="swiglu"),
-    # not a DINOv2 release: a small ViT for the embedded demo and quick experiments
-    "Nano/14": dict(width=128, depth=4, heads=2, ffn="mlp"),
+  "S/14": dict(width=384, depth=12, heads=6, ffn="mlp"),
+  "B/14": dict(width=768, depth=12, heads=12, ffn="mlp"),
+  "L/14": dict(width=1024, depth=24, heads=16, ffn="mlp"),
+  "g/14": dict(width=1536, depth=40, heads=24, ffn="swiglu"),
+  # not a DINOv2 release: a small ViT for the embedded demo and quick experiments
+  "Nano/14": dict(width=128, depth=4, heads=2, ffn="mlp"),
 }
 NUM_REGISTERS = 4  # the `*_reg` hub models
 
@@ -46,32 +51,42 @@ def ffn_hidden(width: int, ffn: str) -> int:
 def check_image_shape(shape: tuple[int, ...], min_patches: int = 0) -> tuple[int, int]:
   """Validates an NHWC image batch shape; returns the patch grid (H/14, W/14)."""
   if len(shape) != 4:
-    raise ValueError(f"images must be a batch [B, H, W, 3] (NHWC), got shape {tuple(shape)}; "
-                     "add a batch axis with x[None] for a single image")
+    raise ValueError(
+      f"images must be a batch [B, H, W, 3] (NHWC), got shape {tuple(shape)}; "
+      "add a batch axis with x[None] for a single image"
+    )
   _, h, w, c = shape
   if c != 3:
-    raise ValueError(f"images must have 3 channels last (NHWC RGB), got {c} channels in shape "
-                     f"{tuple(shape)}; convert NCHW with x.transpose(0, 2, 3, 1)")
-  side = PATCH * (int(min_patches ** 0.5) + 1)  # the smallest square with enough patches
+    raise ValueError(
+      f"images must have 3 channels last (NHWC RGB), got {c} channels in shape "
+      f"{tuple(shape)}; convert NCHW with x.transpose(0, 2, 3, 1)"
+    )
+  side = PATCH * (int(min_patches**0.5) + 1)  # the smallest square with enough patches
   if h % PATCH or w % PATCH or h <= 0 or w <= 0:
+
     def near(v):
       return max(PATCH, round(v / PATCH) * PATCH)
+
     th, tw = near(h), near(w)
     if (th // PATCH) * (tw // PATCH) <= min_patches:
       th = tw = max(side, th, tw)
-    raise ValueError(f"image {h}x{w}: height and width must be multiples of {PATCH} "
-                     f"(try {th}x{tw})")
+    raise ValueError(
+      f"image {h}x{w}: height and width must be multiples of {PATCH} (try {th}x{tw})"
+    )
   grid = (h // PATCH, w // PATCH)
   if grid[0] * grid[1] <= min_patches:
-    raise ValueError(f"image {h}x{w} gives {grid[0] * grid[1]} patches, but SALAD needs more "
-                     f"patches than its {min_patches} clusters (the dustbin marginal is "
-                     f"log(n - m)); use a larger image, e.g. {side}x{side}")
+    raise ValueError(
+      f"image {h}x{w} gives {grid[0] * grid[1]} patches, but SALAD needs more "
+      f"patches than its {min_patches} clusters (the dustbin marginal is "
+      f"log(n - m)); use a larger image, e.g. {side}x{side}"
+    )
   return grid
 
 
 def _uniform(bound: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -81,6 +96,7 @@ class Dense(nn.Module):
   Init: DINOv2's (truncated normal std 0.02, zero bias) by default; with `torch_init`, torch's
   nn.Linear / nn.Conv2d default (weight and bias uniform in +-1/sqrt(fan_in)), used by the head.
   """
+
   features: int
   dtype: Any = jnp.float32
   torch_init: bool = False
@@ -89,7 +105,7 @@ class Dense(nn.Module):
   def __call__(self, x):
     fan_in = x.shape[-1]
     if self.torch_init:
-      k_init = b_init = _uniform(fan_in ** -0.5)
+      k_init = b_init = _uniform(fan_in**-0.5)
     else:
       k_init, b_init = nn.initializers.truncated_normal(0.02), nn.initializers.zeros
     kernel = self.param("kernel", k_init, (fan_in, self.features))
@@ -106,7 +122,8 @@ def constrain_batch(x):
   if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
     return x
   return jax.lax.with_sharding_constraint(
-      x, jax.sharding.PartitionSpec(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
+    x, jax.sharding.PartitionSpec(tuple(mesh.axis_names), *([None] * (x.ndim - 1)))
+  )
 
 
 def _layer_norm(x, scale, bias, epsilon: float, dtype):
@@ -125,6 +142,7 @@ class LayerNorm(nn.Module):
   saved input (kept in the compute dtype), as torch saves only the input and the per-token
   mean/rstd: autodiff would keep two float32 copies of every normed activation (`low_precision`).
   """
+
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
 
@@ -133,7 +151,8 @@ class LayerNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
     return low_precision(_layer_norm, self.dtype, static_argnums=(3, 4))(
-        x, scale, bias, self.epsilon, self.dtype)
+      x, scale, bias, self.epsilon, self.dtype
+    )
 
 
 class LayerScale(nn.Module):
@@ -148,13 +167,17 @@ REMAT = ("none", "blocks", "dots")
 
 def check_remat(name: str) -> None:
   if name not in REMAT:
-    raise ValueError(f"remat must be one of {REMAT} (none: keep activations; blocks: recompute "
-                     f"each trainable block in the backward pass; dots: keep only matmul "
-                     f"outputs), got {name!r}")
+    raise ValueError(
+      f"remat must be one of {REMAT} (none: keep activations; blocks: recompute "
+      f"each trainable block in the backward pass; dots: keep only matmul "
+      f"outputs), got {name!r}"
+    )
 
 
 def check_micro_batch(setting: int | str) -> None:
-  if setting != "auto" and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0):
+  if setting != "auto" and (
+    not isinstance(setting, int) or isinstance(setting, bool) or setting < 0
+  ):
     raise ValueError(f"micro_batch must be 'auto' or an int >= 0 (0: whole batch), got {setting!r}")
 
 
@@ -183,7 +206,9 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, t, d = x.shape
     # torch qkv output channels are laid out [3][heads][head_dim].
-    qkv = Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, t, 3, self.heads, d // self.heads)
+    qkv = Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(
+      b, t, 3, self.heads, d // self.heads
+    )
     q, k, v = (constrain_batch(qkv[:, :, i]) for i in range(3))
     kernel = attention_impl(self.attention, q.dtype, d // self.heads)
     if kernel == "chunked":
@@ -215,12 +240,13 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = constrain_batch(Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x))
-    h = jax.nn.silu(h[..., :self.hidden]) * h[..., self.hidden:]
+    h = jax.nn.silu(h[..., : self.hidden]) * h[..., self.hidden :]
     return Dense(x.shape[-1], dtype=self.dtype, name="w3")(h)
 
 
 class Block(nn.Module):
   """Pre-norm transformer block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x))."""
+
   width: int
   heads: int
   ffn: str
@@ -257,13 +283,17 @@ def remat_block(cls, remat: str):
   check_remat(remat)
   if remat == "none":
     return cls
-  policy = (jax.checkpoint_policies.nothing_saveable if remat == "blocks"
-            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  policy = (
+    jax.checkpoint_policies.nothing_saveable
+    if remat == "blocks"
+    else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  )
   return nn.remat(cls, policy=policy, prevent_cse=cls is not ScanBlock)
 
 
 class PatchProj(nn.Module):
   """Conv2d(3, D, 14, stride 14) as a patchify + matmul; kernel stored as a Flax conv [14,14,3,D]."""
+
   width: int
   dtype: Any = jnp.float32
 
@@ -281,6 +311,7 @@ class PatchProj(nn.Module):
 
 class PatchEmbed(nn.Module):
   """Tokens [B, H'W', D] in row-major (h, w) order; keeps the `patch_embed/proj` path."""
+
   width: int
   dtype: Any = jnp.float32
 
@@ -295,6 +326,7 @@ class DinoViT(nn.Module):
   `num_trainable_blocks` puts a `stop_gradient` after the first depth - k blocks: no gradient
   flows into them, the patch embedding or the tokens (the SALAD backbone wrapper).
   """
+
   variant: str = "B/14"
   registers: bool = False
   num_trainable_blocks: int | None = None  # None: everything differentiable
@@ -314,16 +346,23 @@ class DinoViT(nn.Module):
 
     x = PatchEmbed(width, self.dtype, name="patch_embed")(images)
     cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width))
-    pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + m * m, width))
-    self.param("mask_token", nn.initializers.zeros, (1, width))  # unused by SALAD; kept for the checkpoint
+    pos_embed = self.param(
+      "pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + m * m, width)
+    )
+    self.param(
+      "mask_token", nn.initializers.zeros, (1, width)
+    )  # unused by SALAD; kept for the checkpoint
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, width)), x], axis=1)
-    pos = posembed.interpolate_pos_embed(pos_embed, grid, antialias=self.registers,
-                                         offset=0.0 if self.registers else 0.1)
+    pos = posembed.interpolate_pos_embed(
+      pos_embed, grid, antialias=self.registers, offset=0.0 if self.registers else 0.1
+    )
     x = x + pos.astype(x.dtype)
     if self.registers:
       reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, NUM_REGISTERS, width))
-      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, NUM_REGISTERS, width)),
-                           x[:, 1:]], axis=1)
+      x = jnp.concatenate(
+        [x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, NUM_REGISTERS, width)), x[:, 1:]],
+        axis=1,
+      )
     frozen = 0 if self.num_trainable_blocks is None else depth - self.num_trainable_blocks
     if not 0 <= frozen <= depth:
       raise ValueError(f"num_trainable_blocks={self.num_trainable_blocks} must be in [0, {depth}]")
@@ -340,8 +379,13 @@ class DinoViT(nn.Module):
       n = mb_train if trained else mb
       remat = self.remat if (train and trained) else "none"
       if n < b:
-        scan = nn.scan(remat_block(ScanBlock, remat), variable_broadcast="params",
-                       split_rngs={"params": False}, in_axes=0, out_axes=0)
+        scan = nn.scan(
+          remat_block(ScanBlock, remat),
+          variable_broadcast="params",
+          split_rngs={"params": False},
+          in_axes=0,
+          out_axes=0,
+        )
         _, y = scan(*block_args, name=f"blocks_{i}")(None, x.reshape(b // n, n, *x.shape[1:]))
         x = y.reshape(x.shape)
       else:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salad_jax.models import kernels, vit
+from salad_jax.models import attention, vit
 from salad_jax.models.salad import SALAD
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -18,6 +18,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything that fixes the parameter shapes and the forward pass (saved next to weights)."""
+
   variant: str = "B/14"  # S/14, B/14, L/14, g/14
   registers: bool = False  # the `*_reg` DINOv2 models (4 register tokens)
   num_trainable_blocks: int = 4  # last blocks that receive gradients (SALAD: 4)
@@ -32,7 +33,23 @@ class ModelConfig:
   attention: str = "auto"
   micro_batch: int | str = "auto"  # images per ViT block call; auto: 1 on CPU, all elsewhere
   train_micro_batch: int | str = "auto"  # the same for trainable blocks in training; auto: 4 on CPU
-  remat: str = "none"  # trainable blocks in training: none | blocks (recompute) | dots (keep matmuls)
+  remat: str = (
+    "none"  # trainable blocks in training: none | blocks (recompute) | dots (keep matmuls)
+  )
+
+  # The fields that fix the parameter shapes (a saved model cannot change them)...
+  SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+    "variant",
+    "registers",
+    "num_clusters",
+    "cluster_dim",
+    "token_dim",
+    "hidden_dim",
+  )
+  # ... and, with the trainable set, the optimizer state's (a checkpoint to resume from)
+  TRAIN_STATE_FIELDS: ClassVar[tuple[str, ...]] = SHAPE_FIELDS + ("num_trainable_blocks",)
+  # ... and, with the compute dtype, the descriptors given the params (the descriptor cache key)
+  DESCRIPTOR_FIELDS: ClassVar[tuple[str, ...]] = SHAPE_FIELDS + ("dtype",)
 
   def __post_init__(self):
     vit.decode_variant(self.variant)
@@ -41,7 +58,7 @@ class ModelConfig:
     depth = vit.VARIANTS[self.variant]["depth"]
     if not 0 <= self.num_trainable_blocks <= depth:
       raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
-    kernels.check_attention(self.attention)
+    attention.check_attention(self.attention)
     vit.check_remat(self.remat)
     vit.check_micro_batch(self.micro_batch)
     vit.check_micro_batch(self.train_micro_batch)
@@ -57,6 +74,10 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def fields(self, names) -> dict[str, Any]:
+    """{name: value} of the named fields (e.g. `ModelConfig.SHAPE_FIELDS`)."""
+    return {n: getattr(self, n) for n in names}
+
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     names = {f.name for f in dataclasses.fields(cls)}
@@ -71,15 +92,25 @@ class ModelConfig:
 
 class VPRModel(nn.Module):
   """`__call__(images [B,H,W,3], train)` -> descriptors [B, m*l+g]; `features` -> (map, token)."""
+
   config: ModelConfig
 
   def setup(self):
     c = self.config
     dtype = DTYPES[c.dtype]
-    self.backbone = vit.DinoViT(c.variant, c.registers, c.num_trainable_blocks, dtype, c.attention,
-                                 c.micro_batch, c.train_micro_batch, c.remat)
-    self.aggregator = SALAD(c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout,
-                            dtype=dtype)
+    self.backbone = vit.DinoViT(
+      c.variant,
+      c.registers,
+      c.num_trainable_blocks,
+      dtype,
+      c.attention,
+      c.micro_batch,
+      c.train_micro_batch,
+      c.remat,
+    )
+    self.aggregator = SALAD(
+      c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout, dtype=dtype
+    )
 
   def features(self, images, train: bool = False):
     """Backbone outputs after the final norm: patch map [B, H/14, W/14, C] and cls token [B, C]."""

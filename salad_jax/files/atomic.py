@@ -26,11 +26,13 @@ from salad_jax.errors import UserError, note
 
 TAG = ".salad_tmp_"
 MARKER = ".salad_jax_tmp"  # inside a temporary directory: "<host> <pid>"
-DISK_ERRNOS = {errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted"}
+DISK_ERRNOS = {
+  errno.ENOSPC: "no space left on the device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EROFS: "read-only file system",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
+}
 
 
 def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -60,8 +62,11 @@ def write_error(path: str, exc: BaseException) -> UserError | None:
   if code is None:
     return None
   reason = DISK_ERRNOS.get(code) or os.strerror(code).lower()
-  hint = ("free some space there, or choose another destination"
-          if code in (errno.ENOSPC, errno.EDQUOT) else "choose a destination you can write to")
+  hint = (
+    "free some space there, or choose another destination"
+    if code in (errno.ENOSPC, errno.EDQUOT)
+    else "choose a destination you can write to"
+  )
   return UserError(f"cannot write {path}: {reason}; nothing was written", hint)
 
 
@@ -73,9 +78,11 @@ def check_space(path: str, nbytes: int) -> None:
   free = shutil.disk_usage(parent).free
   need = int(nbytes * 1.05) + (1 << 20)
   if free < need:
-    raise UserError(f"cannot write {path}: it needs ~{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB "
-                    "are free there; nothing was written",
-                    "free some space there, or choose another destination")
+    raise UserError(
+      f"cannot write {path}: it needs ~{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB "
+      "are free there; nothing was written",
+      "free some space there, or choose another destination",
+    )
 
 
 def probe(path: str) -> None:
@@ -83,7 +90,7 @@ def probe(path: str) -> None:
   write to (read-only, /proc, permissions) is refused before any work."""
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
-    return  # created later; errors.check_output_dir checked its nearest existing ancestor
+    return  # created later; destinations.check_dir checked its nearest existing ancestor
   try:
     os.remove(_fresh(path, _make_file))
   except OSError as e:
@@ -167,6 +174,10 @@ def remove_leftovers(path: str) -> None:
   except OSError:
     return
   if names:
-    where = os.path.join(parent, names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-    note(f"{where} look(s) like leftovers of an interrupted salad_jax save of {path}; delete them "
-         "if no salad_jax run is writing there")
+    where = os.path.join(parent, names[0]) + (
+      f" and {len(names) - 1} more" if len(names) > 1 else ""
+    )
+    note(
+      f"{where} look(s) like leftovers of an interrupted salad_jax save of {path}; delete them "
+      "if no salad_jax run is writing there"
+    )

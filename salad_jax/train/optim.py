@@ -48,32 +48,46 @@ def split_trainable(params: Mapping, freeze_regex: str) -> tuple[dict, dict]:
   return train, frozen
 
 
-def linear_lr(base_lr: float, start_factor: float, end_factor: float, total_iters: int,
-              steps_per_epoch: int | None = None):
+def linear_lr(
+  base_lr: float,
+  start_factor: float,
+  end_factor: float,
+  total_iters: int,
+  steps_per_epoch: int | None = None,
+):
   """torch LinearLR as a function of the optimizer step.
 
   With `steps_per_epoch`, the scheduler also advances once at every epoch end, as Lightning's
   automatic epoch-interval step does on top of SALAD's per-step `scheduler.step()`.
   """
+
   def schedule(count):
     k = count
     if steps_per_epoch:
       k = count + count // steps_per_epoch
     frac = jnp.minimum(k, total_iters).astype(jnp.float32) / total_iters
     return base_lr * (start_factor + (end_factor - start_factor) * frac)
+
   return schedule
 
 
-def adamw(schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.0) -> optax.GradientTransformation:
-  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                     optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_learning_rate(schedule))
+def adamw(
+  schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+  return optax.chain(
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(schedule),
+  )
 
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
-  schedule = linear_lr(optim_cfg.lr, optim_cfg.lr_start_factor, optim_cfg.lr_end_factor,
-                       optim_cfg.lr_total_iters,
-                       steps_per_epoch if optim_cfg.lightning_epoch_step else None)
+  schedule = linear_lr(
+    optim_cfg.lr,
+    optim_cfg.lr_start_factor,
+    optim_cfg.lr_end_factor,
+    optim_cfg.lr_total_iters,
+    steps_per_epoch if optim_cfg.lightning_epoch_step else None,
+  )
   tx = adamw(schedule, optim_cfg.b1, optim_cfg.b2, optim_cfg.eps, optim_cfg.weight_decay)
   return tx, schedule

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from salad_jax.errors import UserError, note
+from salad_jax.files import atomic
 
 MANIFEST = ".salad_jax_outputs.json"
 
@@ -56,22 +57,26 @@ def _read(output_dir: str) -> dict:
     with open(path) as f:
       data = json.load(f)
     ok = isinstance(data, dict) and all(
-        isinstance(v, dict) and isinstance(v.get("files", {}), dict)
-        and all(_safe(output_dir, k) and isinstance(s, list) and len(s) == 2
-                for k, s in v.get("files", {}).items())
-        and all(_safe(output_dir, k) for k in v.get("pending", {}).get("files", []))
-        for v in data.values())
+      isinstance(v, dict)
+      and isinstance(v.get("files", {}), dict)
+      and all(
+        _safe(output_dir, k) and isinstance(s, list) and len(s) == 2
+        for k, s in v.get("files", {}).items()
+      )
+      and all(_safe(output_dir, k) for k in v.get("pending", {}).get("files", []))
+      for v in data.values()
+    )
     if not ok:
       raise ValueError("not a manifest salad_jax wrote")
   except (OSError, ValueError) as e:
-    raise UserError(f"{path} is unreadable ({e}): cannot tell which files in {output_dir} "
-                    "salad_jax wrote", "choose another --output_dir, or delete that file if the "
-                    "folder holds nothing of yours") from None
+    raise UserError(
+      f"{path} is unreadable ({e}): cannot tell which files in {output_dir} salad_jax wrote",
+      "choose another --output_dir, or delete that file if the folder holds nothing of yours",
+    ) from None
   return data
 
 
 def _write(output_dir: str, manifest: dict) -> None:
-  from salad_jax import atomic
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, MANIFEST)
   with atomic.new_file(path) as tmp:
@@ -82,8 +87,9 @@ def _write(output_dir: str, manifest: dict) -> None:
 class Claim:
   """This run's right to write `files` in `output_dir`; `finish()` once they are written."""
 
-  def __init__(self, output_dir: str, files: Sequence[str], tool: str, write: bool,
-               before: dict, earlier: dict):
+  def __init__(
+    self, output_dir: str, files: Sequence[str], tool: str, write: bool, before: dict, earlier: dict
+  ):
     self.output_dir, self.files, self.tool, self.write = output_dir, list(files), tool, write
     self.before = before  # planned file -> its stat when claimed (None: absent)
     self.earlier = earlier  # the tool's manifest entry when claimed
@@ -97,19 +103,29 @@ class Claim:
       st = _stat(os.path.join(self.output_dir, rel))
       if st is not None and st != self.before.get(rel):
         written[rel] = st
-    stale = [rel for rel, st in self.earlier.get("files", {}).items() if rel not in written and
-             _stat(os.path.join(self.output_dir, rel)) == st]  # unchanged since that run wrote it
+    stale = [
+      rel
+      for rel, st in self.earlier.get("files", {}).items()
+      if rel not in written and _stat(os.path.join(self.output_dir, rel)) == st
+    ]  # unchanged since that run wrote it
     crashed = self.earlier.get("pending", {})
-    stale += [rel for rel in crashed.get("files", []) if rel not in written and rel not in stale
-              and _left_by(os.path.join(self.output_dir, rel), crashed)]
+    stale += [
+      rel
+      for rel in crashed.get("files", [])
+      if rel not in written
+      and rel not in stale
+      and _left_by(os.path.join(self.output_dir, rel), crashed)
+    ]
     for rel in stale:
       os.remove(os.path.join(self.output_dir, rel))
     manifest = _read(self.output_dir)
     manifest[self.tool] = {"files": written}
     _write(self.output_dir, manifest)
     if stale:
-      note(f"{self.output_dir}: removed {len(stale)} file(s) of an earlier {self.tool} run that "
-           "this run did not rewrite, so its outputs do not mix with this run's")
+      note(
+        f"{self.output_dir}: removed {len(stale)} file(s) of an earlier {self.tool} run that "
+        "this run did not rewrite, so its outputs do not mix with this run's"
+      )
 
 
 def _left_by(path: str, pending: dict) -> bool:
@@ -119,8 +135,9 @@ def _left_by(path: str, pending: dict) -> bool:
   return st is not None and isinstance(start, int) and st[1] >= start - 1_000_000_000
 
 
-def claim(output_dir: str, files: Sequence[str], tool: str, flag: str = "--output_dir",
-          write: bool = True) -> Claim:
+def claim(
+  output_dir: str, files: Sequence[str], tool: str, flag: str = "--output_dir", write: bool = True
+) -> Claim:
   """Checks, before any compute, that this run of `tool` may write `files` (paths relative to
   `output_dir`); raises `UserError` naming the first that exists and salad_jax did not write.
   `write=False` only checks (the processes of a multi-process run other than process 0)."""
@@ -131,17 +148,23 @@ def claim(output_dir: str, files: Sequence[str], tool: str, flag: str = "--outpu
   for rel in files:
     path = os.path.join(output_dir, rel)
     if not _safe(output_dir, rel):
-      raise UserError(f"{flag} {output_dir}: the path to {rel} passes through a link",
-                      f"choose another {flag}, or replace the link by a folder")
+      raise UserError(
+        f"{flag} {output_dir}: the path to {rel} passes through a link",
+        f"choose another {flag}, or replace the link by a folder",
+      )
     if not os.path.lexists(path):
       continue
     st = before[rel] = _stat(path)
-    ours = st is not None and (recorded.get(rel) == st or any(
-        rel in p.get("files", []) and _left_by(path, p) for p in pending))
+    ours = st is not None and (
+      recorded.get(rel) == st
+      or any(rel in p.get("files", []) and _left_by(path, p) for p in pending)
+    )
     if not ours:
-      raise UserError(f"{flag} {output_dir}: {rel} exists and was not written by {tool} "
-                      f"(not recorded, as it is now, in {MANIFEST}); it would be overwritten",
-                      f"choose another {flag}, or move the file away")
+      raise UserError(
+        f"{flag} {output_dir}: {rel} exists and was not written by {tool} "
+        f"(not recorded, as it is now, in {MANIFEST}); it would be overwritten",
+        f"choose another {flag}, or move the file away",
+      )
   earlier = dict(manifest.get(tool, {}))
   if write:  # announce the outputs, so a run that stops half-way still owns what it left
     manifest[tool] = {**earlier, "pending": {"start": time.time_ns(), "files": sorted(set(files))}}

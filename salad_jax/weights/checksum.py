@@ -14,6 +14,9 @@ import hashlib
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
+
+from salad_jax.errors import UserError
 
 _MASK = (1 << 32) - 1
 
@@ -35,13 +38,14 @@ def _sums_np(x: np.ndarray) -> tuple[int, int]:
   # (the weighted sum block by block: row r of the [n, 65536] view gets weights 1..65536)
   n = w.size - w.size % _BLOCK
   weighted = int(np.sum(w[:n].reshape(-1, _BLOCK) @ _WEIGHTS, dtype=np.uint64))
-  weighted += int(w[n:] @ _WEIGHTS[:w.size - n]) if w.size > n else 0
+  weighted += int(w[n:] @ _WEIGHTS[: w.size - n]) if w.size > n else 0
   return int(np.sum(w, dtype=np.uint64)) & _MASK, weighted & _MASK
 
 
 def _sums(x):
   import jax
   import jax.numpy as jnp
+
   if x.dtype.itemsize == 4:
     w = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
   else:
@@ -54,15 +58,20 @@ def _sums(x):
 def _jitted_sums(out_sharding):
   """One jitted function per output sharding, so repeated calls (every checkpoint) compile once."""
   import jax
+
   return jax.jit(lambda t: jax.tree.map(_sums, t), out_shardings=out_sharding)
 
 
 def _sums_device(tree):
   import jax
+
   # replicated output: readable on every process when the params span several
   sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
-  out = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-         if isinstance(sharding, jax.sharding.NamedSharding) else None)
+  out = (
+    jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if isinstance(sharding, jax.sharding.NamedSharding)
+    else None
+  )
   return jax.device_get(_jitted_sums(out)(tree))
 
 
@@ -78,15 +87,43 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def params_checksum(params: Mapping[str, Any]) -> str:
-  """'sum32:<hex>' of a nested params dict of numpy arrays or (sharded) jax arrays."""
+  """'sum32:<hex>' of a nested params dict of numpy arrays or (sharded) jax arrays.
+
+  Computed on the host when this process holds all of the params (no compile), else on the
+  devices (params spread over several processes).
+  """
   flat = _flat(params)
-  on_host = all(isinstance(v, np.ndarray) for v in flat.values())
+  on_host = all(getattr(v, "is_fully_addressable", True) for v in flat.values())
   if on_host:
+    import jax
+
+    flat = {k: np.asarray(v) for k, v in jax.device_get(flat).items()}
     sums = {k: _sums_np(v) for k, v in flat.items()}
   else:
     dev = _sums_device(flat)
     sums = {k: (int(v[0]), int(v[1])) for k, v in dev.items()}
   h = hashlib.sha256()
   for k, v in flat.items():
-    h.update(f"{k}|{np.dtype(v.dtype).str}|{tuple(v.shape)}|{sums[k][0]:08x}{sums[k][1]:08x};".encode())
+    h.update(
+      f"{k}|{np.dtype(v.dtype).str}|{tuple(v.shape)}|{sums[k][0]:08x}{sums[k][1]:08x};".encode()
+    )
   return "sum32:" + h.hexdigest()
+
+
+class CorruptCheckpointError(UserError):
+  """A checkpoint's params do not match the checksum recorded when it was written."""
+
+
+def verify(params, meta: Mapping[str, Any], where: str) -> None:
+  """Raises CorruptCheckpointError if `params` do not match `meta["params_checksum"]`."""
+  want = meta.get("params_checksum")
+  if want is None:
+    logging.info("%s has no params checksum (written before salad_jax recorded one)", where)
+    return
+  got = params_checksum(params)
+  if got != want:
+    raise CorruptCheckpointError(
+      f"{where} is corrupt: its params do not match the checksum recorded when it was saved "
+      f"({got[:16]}... != {want[:16]}...)",
+      "use another checkpoint, or restore it from a backup",
+    )

@@ -12,15 +12,18 @@ import functools
 import os
 from typing import Iterable, Mapping
 
+import jax
 import numpy as np
 
-from salad_jax import weights
 from salad_jax.models import vit
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.vpr import ModelConfig, VPRModel
+from salad_jax.weights import torch_files
 
 BACKBONE = "backbone.model."
 AGGREGATOR = "aggregator."
-_WIDTH_TO_VARIANT = {spec["width"]: name for name, spec in vit.VARIANTS.items()}  # widths are unique
+_WIDTH_TO_VARIANT = {
+  spec["width"]: name for name, spec in vit.VARIANTS.items()
+}  # widths are unique
 
 # kinds of tensors and how a torch tensor becomes a Flax leaf
 _LINEAR, _CONV1X1, _PATCH, _RAW = "linear", "conv1x1", "patch", "raw"
@@ -35,13 +38,18 @@ def _backbone_layout(config: ModelConfig) -> list[tuple[str, tuple[str, ...], st
   rows = [("cls_token", ("cls_token",), _RAW), ("pos_embed", ("pos_embed",), _RAW)]
   if config.registers:
     rows.append(("register_tokens", ("register_tokens",), _RAW))
-  rows += [("mask_token", ("mask_token",), _RAW),
-           ("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), _PATCH),
-           ("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), _RAW)]
+  rows += [
+    ("mask_token", ("mask_token",), _RAW),
+    ("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), _PATCH),
+    ("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), _RAW),
+  ]
   ffn = ("w12", "w3") if spec["ffn"] == "swiglu" else ("fc1", "fc2")
 
   def linear(tkey, fpath):
-    return [(f"{tkey}.weight", fpath + ("kernel",), _LINEAR), (f"{tkey}.bias", fpath + ("bias",), _RAW)]
+    return [
+      (f"{tkey}.weight", fpath + ("kernel",), _LINEAR),
+      (f"{tkey}.bias", fpath + ("bias",), _RAW),
+    ]
 
   def norm(tkey, fpath):
     return [(f"{tkey}.weight", fpath + ("scale",), _RAW), (f"{tkey}.bias", fpath + ("bias",), _RAW)]
@@ -49,10 +57,14 @@ def _backbone_layout(config: ModelConfig) -> list[tuple[str, tuple[str, ...], st
   for i in range(spec["depth"]):
     t, f = f"blocks.{i}", (f"blocks_{i}",)
     rows += norm(f"{t}.norm1", f + ("norm1",))
-    rows += linear(f"{t}.attn.qkv", f + ("attn", "qkv")) + linear(f"{t}.attn.proj", f + ("attn", "proj"))
+    rows += linear(f"{t}.attn.qkv", f + ("attn", "qkv")) + linear(
+      f"{t}.attn.proj", f + ("attn", "proj")
+    )
     rows.append((f"{t}.ls1.gamma", f + ("ls1", "gamma"), _RAW))
     rows += norm(f"{t}.norm2", f + ("norm2",))
-    rows += linear(f"{t}.mlp.{ffn[0]}", f + ("mlp", ffn[0])) + linear(f"{t}.mlp.{ffn[1]}", f + ("mlp", ffn[1]))
+    rows += linear(f"{t}.mlp.{ffn[0]}", f + ("mlp", ffn[0])) + linear(
+      f"{t}.mlp.{ffn[1]}", f + ("mlp", ffn[1])
+    )
     rows.append((f"{t}.ls2.gamma", f + ("ls2", "gamma"), _RAW))
   rows += norm("norm", ("norm",))
   return rows
@@ -60,11 +72,16 @@ def _backbone_layout(config: ModelConfig) -> list[tuple[str, tuple[str, ...], st
 
 def _aggregator_layout() -> list[tuple[str, tuple[str, ...], str]]:
   rows = [("dust_bin", ("dust_bin",), _RAW)]
-  for name, idx, kind in [("token_features", (0, 2), _LINEAR), ("cluster_features", (0, 3), _CONV1X1),
-                          ("score", (0, 3), _CONV1X1)]:
+  for name, idx, kind in [
+    ("token_features", (0, 2), _LINEAR),
+    ("cluster_features", (0, 3), _CONV1X1),
+    ("score", (0, 3), _CONV1X1),
+  ]:
     for i in idx:
-      rows += [(f"{name}.{i}.weight", (f"{name}_{i}", "kernel"), kind),
-               (f"{name}.{i}.bias", (f"{name}_{i}", "bias"), _RAW)]
+      rows += [
+        (f"{name}.{i}.weight", (f"{name}_{i}", "kernel"), kind),
+        (f"{name}.{i}.bias", (f"{name}_{i}", "bias"), _RAW),
+      ]
   return rows
 
 
@@ -111,8 +128,11 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
   want = {t: torch_shape(expected_shapes[f], k) for t, f, k in rows}
   missing = set(want) - set(state_dict)
   unexpected = set(state_dict) - set(want)
-  bad = [f"{t}: checkpoint {tuple(np.shape(state_dict[t]))}, model {want[t]}"
-         for t in want if t in state_dict and tuple(np.shape(state_dict[t])) != want[t]]
+  bad = [
+    f"{t}: checkpoint {tuple(np.shape(state_dict[t]))}, model {want[t]}"
+    for t in want
+    if t in state_dict and tuple(np.shape(state_dict[t])) != want[t]
+  ]
   if missing or unexpected or bad:
     parts = []  # one line: the command-line tools print it as `error: ...`
     if missing:
@@ -127,8 +147,6 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
 @functools.lru_cache(maxsize=8)
 def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flax param path -> shape for `config` (traced once per config; do not mutate)."""
-  import jax  # local: keeps `convert` importable without initialising a backend
-  from salad_jax.models.vpr import VPRModel
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
   shapes = jax.eval_shape(lambda r, x: VPRModel(config).init(r, x), jax.random.key(0), x)["params"]
   flat = {}
@@ -137,8 +155,9 @@ def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   return flat
 
 
-def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig,
-                    backbone_only: bool = False) -> dict:
+def torch_to_params(
+  state_dict: Mapping[str, np.ndarray], config: ModelConfig, backbone_only: bool = False
+) -> dict:
   """Official-layout state_dict -> nested Flax param dict (numpy float32).
 
   With `backbone_only`, only `backbone.model.*` keys are expected and the result holds only the
@@ -149,7 +168,8 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig,
   model_paths = {p for p in shapes if not backbone_only or p[0] == "backbone"}
   table_paths = {f for _, f, _ in rows}
   assert model_paths == table_paths, (
-      f"conversion table out of sync with the model: {sorted(model_paths ^ table_paths)}")
+    f"conversion table out of sync with the model: {sorted(model_paths ^ table_paths)}"
+  )
   check_state_dict(state_dict, rows, shapes)
   params: dict = {}
   for tkey, fpath, kind in rows:
@@ -160,7 +180,9 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig,
   return params
 
 
-def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.OrderedDict[str, np.ndarray]":
+def params_to_torch(
+  params: Mapping, config: ModelConfig
+) -> "collections.OrderedDict[str, np.ndarray]":
   """Nested Flax params -> state_dict in the official key order (numpy float32)."""
   flat = {}
 
@@ -177,9 +199,10 @@ def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.Ordere
   missing, extra = paths - set(flat), set(flat) - paths
   if missing or extra:
     raise CheckpointMismatchError(
-        "params do not match the model config: "
-        f"in model, not in params: {_format_keys('/'.join(p) for p in missing)} | "
-        f"in params, not in model: {_format_keys('/'.join(p) for p in extra)}")
+      "params do not match the model config: "
+      f"in model, not in params: {_format_keys('/'.join(p) for p in missing)} | "
+      f"in params, not in model: {_format_keys('/'.join(p) for p in extra)}"
+    )
   out = collections.OrderedDict()
   for tkey, fpath, kind in rows:
     out[tkey] = np.array(_to_torch(flat[fpath].astype(np.float32), kind), order="C")
@@ -187,27 +210,27 @@ def params_to_torch(params: Mapping, config: ModelConfig) -> "collections.Ordere
 
 
 # ------------------------------------------------------------------------------------ files
-TORCH_SUFFIXES, SAFETENSORS_SUFFIX = weights.TORCH_SUFFIXES, weights.SAFETENSORS_SUFFIX
-sha256, read_state_dict = weights.sha256, weights.read_state_dict
-
-
 def _vote(sd: Mapping[str, np.ndarray], what: str, where: list[tuple[str, int]]) -> int:
   """The size of dimension `what` that most tensors carrying it agree on.
 
   So one wrong-shaped tensor is reported by name, instead of fixing the inferred config and
   making all its neighbours look wrong. A tie between two tensors names both.
   """
-  seen = [(k, sd[k].shape[axis]) for k, axis in where
-          if k in sd and -sd[k].ndim <= axis < sd[k].ndim]
+  seen = [
+    (k, sd[k].shape[axis]) for k, axis in where if k in sd and -sd[k].ndim <= axis < sd[k].ndim
+  ]
   if not seen:
-    raise CheckpointMismatchError(f"checkpoint has none of {_format_keys([k for k, _ in where], 4)}")
+    raise CheckpointMismatchError(
+      f"checkpoint has none of {_format_keys([k for k, _ in where], 4)}"
+    )
   counts = collections.Counter(v for _, v in seen)
   (best, n), *rest = counts.most_common()
   if rest and rest[0][1] == n:
     named = "; ".join(f"{k} {tuple(sd[k].shape)}" for k, _ in where if k in sd)
     raise CheckpointMismatchError(
-        f"checkpoint does not match the model: tensors disagree on {what} ({named}); one of "
-        "them has the wrong shape")
+      f"checkpoint does not match the model: tensors disagree on {what} ({named}); one of "
+      "them has the wrong shape"
+    )
   return best
 
 
@@ -224,52 +247,94 @@ def infer_config(state_dict: Mapping[str, np.ndarray], **overrides) -> tuple[Mod
     prefix, backbone_only = "", True
   else:
     raise CheckpointMismatchError(
-        "not a SALAD or DINOv2 checkpoint: expected keys 'backbone.model.*' and 'aggregator.*' "
-        f"(SALAD) or 'cls_token', 'pos_embed', 'blocks.*' (DINOv2); found {_format_keys(keys, 8)}")
-  width_keys = [(prefix + k, -1) for k in ("cls_token", "pos_embed", "mask_token", "register_tokens")]
-  width_keys += [(k, 0) for k in sorted(keys) if k.startswith(prefix) and k.endswith(
-      ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "ls1.gamma", "ls2.gamma",
-       "attn.proj.bias", "norm.weight", "norm.bias", "patch_embed.proj.bias"))]
+      "not a SALAD or DINOv2 checkpoint: expected keys 'backbone.model.*' and 'aggregator.*' "
+      f"(SALAD) or 'cls_token', 'pos_embed', 'blocks.*' (DINOv2); found {_format_keys(keys, 8)}"
+    )
+  width_keys = [
+    (prefix + k, -1) for k in ("cls_token", "pos_embed", "mask_token", "register_tokens")
+  ]
+  width_keys += [
+    (k, 0)
+    for k in sorted(keys)
+    if k.startswith(prefix)
+    and k.endswith(
+      (
+        "norm1.weight",
+        "norm1.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "ls1.gamma",
+        "ls2.gamma",
+        "attn.proj.bias",
+        "norm.weight",
+        "norm.bias",
+        "patch_embed.proj.bias",
+      )
+    )
+  ]
   width = _vote(state_dict, "the embedding width", width_keys)
   if width not in _WIDTH_TO_VARIANT:
-    raise CheckpointMismatchError(f"embedding width {width} is not a DINOv2 ViT/14 "
-                                  f"({sorted(_WIDTH_TO_VARIANT)})")
+    raise CheckpointMismatchError(
+      f"embedding width {width} is not a DINOv2 ViT/14 ({sorted(_WIDTH_TO_VARIANT)})"
+    )
   cfg = dict(variant=_WIDTH_TO_VARIANT[width], registers=prefix + "register_tokens" in keys)
   if not backbone_only:
     a = AGGREGATOR
-    hidden = [(a + k, 0) for k in ("score.0.weight", "score.0.bias", "cluster_features.0.weight",
-                                   "cluster_features.0.bias", "token_features.0.weight",
-                                   "token_features.0.bias")]
-    hidden += [(a + k, 1) for k in ("score.3.weight", "cluster_features.3.weight",
-                                    "token_features.2.weight")]
+    hidden = [
+      (a + k, 0)
+      for k in (
+        "score.0.weight",
+        "score.0.bias",
+        "cluster_features.0.weight",
+        "cluster_features.0.bias",
+        "token_features.0.weight",
+        "token_features.0.bias",
+      )
+    ]
+    hidden += [
+      (a + k, 1) for k in ("score.3.weight", "cluster_features.3.weight", "token_features.2.weight")
+    ]
     cfg.update(
-        num_clusters=_vote(state_dict, "num_clusters", [(a + "score.3.weight", 0), (a + "score.3.bias", 0)]),
-        cluster_dim=_vote(state_dict, "cluster_dim", [(a + "cluster_features.3.weight", 0),
-                                                      (a + "cluster_features.3.bias", 0)]),
-        token_dim=_vote(state_dict, "token_dim", [(a + "token_features.2.weight", 0),
-                                                  (a + "token_features.2.bias", 0)]),
-        hidden_dim=_vote(state_dict, "hidden_dim", hidden))
+      num_clusters=_vote(
+        state_dict, "num_clusters", [(a + "score.3.weight", 0), (a + "score.3.bias", 0)]
+      ),
+      cluster_dim=_vote(
+        state_dict,
+        "cluster_dim",
+        [(a + "cluster_features.3.weight", 0), (a + "cluster_features.3.bias", 0)],
+      ),
+      token_dim=_vote(
+        state_dict,
+        "token_dim",
+        [(a + "token_features.2.weight", 0), (a + "token_features.2.bias", 0)],
+      ),
+      hidden_dim=_vote(state_dict, "hidden_dim", hidden),
+    )
   cfg.update(overrides)
   return ModelConfig(**cfg), backbone_only
 
 
 def read_checkpoint(path: str, **overrides) -> tuple[dict, ModelConfig, bool, dict]:
   """Reads a torch/safetensors checkpoint -> (params, config, backbone_only, source info)."""
-  sd = read_state_dict(path)
+  sd = torch_files.read_state_dict(path)
   if "cls_token" in sd and not any(k.startswith(BACKBONE) for k in sd):  # plain DINOv2 hub file
     sd = {BACKBONE + k: v for k, v in sd.items()}
   config, backbone_only = infer_config(sd, **overrides)
   params = torch_to_params(sd, config, backbone_only)
-  source = {"file": os.path.abspath(path), "sha256": sha256(path),
-            "kind": "dinov2" if backbone_only else "salad"}
+  source = {
+    "file": os.path.abspath(path),
+    "sha256": torch_files.sha256(path),
+    "kind": "dinov2" if backbone_only else "salad",
+  }
   return params, config, backbone_only, source
 
 
-def write_torch_checkpoint(path: str, params: Mapping, config: ModelConfig,
-                           overwrite: bool = False) -> None:
+def write_torch_checkpoint(
+  path: str, params: Mapping, config: ModelConfig, overwrite: bool = False
+) -> None:
   """Writes params as a flat state_dict (.pth/.ckpt via torch, or .safetensors).
 
   An existing `path` is replaced only with `overwrite` and only if salad_jax wrote it.
   """
-  weights.check_file_destination(path, overwrite)
-  weights.write_state_dict(path, params_to_torch(params, config))
+  torch_files.check_file_destination(path, overwrite)
+  torch_files.write_state_dict(path, params_to_torch(params, config))

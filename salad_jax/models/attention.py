@@ -47,8 +47,10 @@ def chunked_attention(q, k, v, chunk: int):
   def heads_first(x):
     return x.transpose(0, 2, 1, 3).reshape(bn // chunk, chunk, t, hd)
 
-  q = q * jnp.asarray(hd ** -0.5, q.dtype)
-  out = jax.lax.map(lambda a: _softmax_attention(*a), (heads_first(q), heads_first(k), heads_first(v)))
+  q = q * jnp.asarray(hd**-0.5, q.dtype)
+  out = jax.lax.map(
+    lambda a: _softmax_attention(*a), (heads_first(q), heads_first(k), heads_first(v))
+  )
   return out.reshape(b, n, t, hd).transpose(0, 2, 1, 3)
 
 
@@ -72,8 +74,9 @@ def cudnn_supports(dtype, head_dim: int) -> str:
   return ""
 
 
-def attention_impl(name: str, dtype=jnp.float32, head_dim: int = 64,
-                   backend: str | None = None) -> str:
+def attention_impl(
+  name: str, dtype=jnp.float32, head_dim: int = 64, backend: str | None = None
+) -> str:
   """The attention kernel to run: 'chunked', 'xla' or 'cudnn' (resolved at trace time).
 
   auto -> chunked on CPU, else as dot_product_attention: cuDNN flash attention on a GPU when
@@ -87,8 +90,9 @@ def attention_impl(name: str, dtype=jnp.float32, head_dim: int = 64,
   if name == "dot_product_attention":
     return "cudnn" if backend == "gpu" and not cudnn_supports(dtype, head_dim) else "xla"
   if name == "cudnn":
-    why = cudnn_supports(dtype, head_dim) or ("" if backend == "gpu" else
-                                              f"cuDNN attention needs a GPU, this is {backend}")
+    why = cudnn_supports(dtype, head_dim) or (
+      "" if backend == "gpu" else f"cuDNN attention needs a GPU, this is {backend}"
+    )
     if why:
       raise ValueError(f"attention='cudnn': {why}; use attention='auto' or 'xla'")
   return name
@@ -99,5 +103,6 @@ def xla_attention(q, k, v):
   softmax in float32; under a bf16 compute dtype only q, k and v are kept for the backward
   pass, which recomputes the [B, N, T, T] float32 probabilities (`low_precision`: the memory
   behaviour of a flash kernel, for ~3 % more FLOPs in a ViT-B block)."""
-  return low_precision(functools.partial(jax.nn.dot_product_attention, implementation="xla"),
-                       q.dtype)(q, k, v)
+  return low_precision(
+    functools.partial(jax.nn.dot_product_attention, implementation="xla"), q.dtype
+  )(q, k, v)

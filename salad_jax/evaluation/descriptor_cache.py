@@ -18,15 +18,15 @@ import json
 import os
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
-from salad_jax.errors import UserError, check_output_dir
+from salad_jax.errors import UserError
+from salad_jax.files import atomic
+from salad_jax.files.destinations import check_dir
 
 FORMAT_VERSION = 1
 PREFIX = "salad_desc_"
-# ModelConfig fields that change the descriptors (the params checksum covers the weights)
-MODEL_FIELDS = ("variant", "registers", "num_clusters", "cluster_dim", "token_dim", "hidden_dim",
-                "dtype")
 
 
 def _sha(obj) -> str:
@@ -43,17 +43,24 @@ def file_fingerprint(paths: Sequence[str]) -> list[list]:
 
 
 def cache_key(params_checksum: str, model_config, image_size, paths: Sequence[str]) -> dict:
-  model = {k: getattr(model_config, k) for k in MODEL_FIELDS}
-  return {"format": FORMAT_VERSION, "params": params_checksum, "model": model,
-          "image_size": [int(image_size[0]), int(image_size[1])], "num_files": len(paths),
-          "files": _sha(file_fingerprint(paths))}
+  model = model_config.fields(model_config.DESCRIPTOR_FIELDS)  # the params checksum: the weights
+  return {
+    "format": FORMAT_VERSION,
+    "params": params_checksum,
+    "model": model,
+    "image_size": [int(image_size[0]), int(image_size[1])],
+    "num_files": len(paths),
+    "files": _sha(file_fingerprint(paths)),
+  }
 
 
 def entry_path(cache_dir: str, role: str, key: dict, paths: Sequence[str]) -> str:
   h, w = key["image_size"]
   names = _sha([os.path.abspath(p) for p in paths])[:12]
   params = key["params"].split(":")[-1][:12]
-  return os.path.join(cache_dir, f"{PREFIX}{role}_{h}x{w}_{key['model']['dtype']}_{params}_{names}.npz")
+  return os.path.join(
+    cache_dir, f"{PREFIX}{role}_{h}x{w}_{key['model']['dtype']}_{params}_{names}.npz"
+  )
 
 
 def read_entry(path: str, key: dict) -> tuple[np.ndarray | None, str]:
@@ -82,10 +89,15 @@ def read_entry(path: str, key: dict) -> tuple[np.ndarray | None, str]:
 def write_entry(path: str, key: dict, desc: np.ndarray) -> None:
   """Writes atomically: a temporary file in the same folder, fsync, then rename."""
   desc = np.ascontiguousarray(desc, np.float32)
-  meta = {"key": key, "sha256": hashlib.sha256(desc.tobytes()).hexdigest(), "shape": list(desc.shape)}
+  meta = {
+    "key": key,
+    "sha256": hashlib.sha256(desc.tobytes()).hexdigest(),
+    "shape": list(desc.shape),
+  }
   if os.path.lexists(path) and not os.path.isfile(path):
-    raise UserError(f"cache entry {path} is not a regular file", "remove it or use another --cache_dir")
-  from salad_jax import atomic
+    raise UserError(
+      f"cache entry {path} is not a regular file", "remove it or use another --cache_dir"
+    )
   with atomic.new_file(path) as tmp, open(tmp, "wb") as f:  # a fresh name beside it, then rename
     np.savez(f, descriptors=desc, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     f.flush()
@@ -94,27 +106,33 @@ def write_entry(path: str, key: dict, desc: np.ndarray) -> None:
 
 def _all_agree(hit: bool) -> bool:
   """With several processes, use the cache only if every process found a sound entry."""
-  import jax
   if jax.process_count() == 1:
     return hit
   from jax.experimental import multihost_utils
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(hit))))
 
 
 class DescriptorCache:
   """`get(role, paths, compute)`: descriptors from the cache, or `compute()` and store them."""
 
-  def __init__(self, cache_dir: str, params_checksum: str, model_config, image_size,
-               log: Callable[[str], None] = print):
-    self.dir = check_output_dir(cache_dir, "--cache_dir")
+  def __init__(
+    self,
+    cache_dir: str,
+    params_checksum: str,
+    model_config,
+    image_size,
+    log: Callable[[str], None] = print,
+  ):
+    self.dir = check_dir(cache_dir, "--cache_dir")
     self.params_checksum, self.model_config = params_checksum, model_config
     self.image_size = tuple(image_size)
     self.log = log
     self.hits = self.misses = 0
 
-  def get(self, role: str, paths: Sequence[str], compute: Callable[[], np.ndarray],
-          label: str = "") -> np.ndarray:
-    import jax
+  def get(
+    self, role: str, paths: Sequence[str], compute: Callable[[], np.ndarray], label: str = ""
+  ) -> np.ndarray:
     key = cache_key(self.params_checksum, self.model_config, self.image_size, paths)
     path = entry_path(self.dir, role, key, paths)
     desc, why = read_entry(path, key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -27,16 +28,32 @@ import numpy as np
 from absl import logging
 
 from salad_jax.errors import UserError
+from salad_jax.files import atomic, destinations
 
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 MARKER = "salad_jax"  # key of the writer marker in files salad_jax writes
-_LOW_PRECISION = {np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
-                                        ml_dtypes.float8_e5m2)}
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+_LOW_PRECISION = {
+  np.dtype(t)
+  for t in (np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
+}
+_ST_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "U16": np.uint16,
+  "U32": np.uint32,
+  "U64": np.uint64,
+  "BOOL": np.bool_,
+}
 
 
 def sha256(path: str) -> str:
@@ -51,8 +68,10 @@ def import_torch():
   try:
     import torch
   except ImportError as e:
-    raise ImportError("reading a PyTorch .ckpt/.pth needs torch: pip install 'salad-jax[torch]' "
-                      "(or convert the file to .safetensors elsewhere)") from e
+    raise ImportError(
+      "reading a PyTorch .ckpt/.pth needs torch: pip install 'salad-jax[torch]' "
+      "(or convert the file to .safetensors elsewhere)"
+    ) from e
   return torch
 
 
@@ -67,9 +86,11 @@ def check_weights(tensors: Mapping[str, Any], where: str) -> dict[str, np.ndarra
   for name, value in tensors.items():
     a = np.asarray(value)
     if a.dtype.kind != "f" and a.dtype not in _LOW_PRECISION:
-      raise UserError(f"{where}: tensor {name!r} has dtype {a.dtype}; weights must be floating point",
-                      "the file holds something other than float weights (quantised or not a "
-                      "model checkpoint); convert it from the original float weights")
+      raise UserError(
+        f"{where}: tensor {name!r} has dtype {a.dtype}; weights must be floating point",
+        "the file holds something other than float weights (quantised or not a "
+        "model checkpoint); convert it from the original float weights",
+      )
     if a.dtype != np.float32:
       converted[str(a.dtype)] += 1
       a = a.astype(np.float32)
@@ -78,8 +99,10 @@ def check_weights(tensors: Mapping[str, Any], where: str) -> dict[str, np.ndarra
     out[name] = a
   if bad:
     more = f", and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
-    raise UserError(f"{where}: tensor {bad[0]} is NaN or Inf{more}; these weights are broken",
-                    "use another checkpoint (e.g. one saved before training diverged)")
+    raise UserError(
+      f"{where}: tensor {bad[0]} is NaN or Inf{more}; these weights are broken",
+      "use another checkpoint (e.g. one saved before training diverged)",
+    )
   if converted:
     kinds = " and ".join(f"{n} {d}" for d, n in sorted(converted.items()))
     logging.warning("%s: converted %s tensor(s) to float32", where, kinds)
@@ -96,6 +119,7 @@ def check_params(params: Mapping, where: str) -> dict:
         walk(v, f"{prefix}{k}/")
       else:
         flat[f"{prefix}{k}"] = v
+
   walk(params, "")
   out: dict = {}
   for name, v in check_weights(flat, where).items():
@@ -129,6 +153,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """numpy arrays of every tensor (bfloat16/float8 via ml_dtypes, which safetensors.numpy lacks)."""
   from safetensors import SafetensorError, safe_open
+
   try:
     with safe_open(path, framework="numpy"):  # validates the header and the offsets
       pass
@@ -143,8 +168,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if info["dtype"] not in _ST_DTYPES:
-      raise UserError(f"{path}: tensor {name!r} has dtype {info['dtype']}; weights must be "
-                      "floating point")
+      raise UserError(
+        f"{path}: tensor {name!r} has dtype {info['dtype']}; weights must be floating point"
+      )
     start, end = info["data_offsets"]
     out[name] = np.frombuffer(data[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
   return out
@@ -159,13 +185,16 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping) or not obj:
-    raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict (a mapping of "
-                    "parameter names to tensors)")
+    raise UserError(
+      f"{path} holds a {type(obj).__name__}, not a state_dict (a mapping of "
+      "parameter names to tensors)"
+    )
   raw = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):
-      raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
-                      "expected a flat state_dict")
+      raise UserError(
+        f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; expected a flat state_dict"
+      )
     v = v.detach().cpu()
     if v.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits (exact)
       raw[k] = v.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).reshape(v.shape)
@@ -178,30 +207,48 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 def _refusal(path: str, error: Exception) -> UserError:
   """torch refused the file: say what the pickle would call, never "retry unsafely"."""
-  calls = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.", "_codecs."))]
+  calls = [
+    g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.", "_codecs."))
+  ]
   if calls:
     what = ", ".join(dict.fromkeys(calls))
-    return UserError(f"refusing to load {path}: its pickle refers to {what} (code, not tensors); "
-                     "nothing in it was executed",
-                     "a checkpoint holds only tensors; get the weights from a source you trust, or "
-                     "as .safetensors")
+    return UserError(
+      f"refusing to load {path}: its pickle refers to {what} (code, not tensors); "
+      "nothing in it was executed",
+      "a checkpoint holds only tensors; get the weights from a source you trust, or "
+      "as .safetensors",
+    )
   try:
     with open(path, "rb") as f:
       head = f.read(16)
   except OSError:
     head = b""
   if not head.startswith((b"PK", b"\x80")):  # torch's zip format, or a pickle (protocol >= 2)
-    return UserError(f"{path} is not a PyTorch checkpoint: it is neither torch's zip format nor a "
-                     f"pickle (it starts with {head!r}); nothing in it was executed",
-                     "give a file saved with torch.save, or a .safetensors file")
+    return UserError(
+      f"{path} is not a PyTorch checkpoint: it is neither torch's zip format nor a "
+      f"pickle (it starts with {head!r}); nothing in it was executed",
+      "give a file saved with torch.save, or a .safetensors file",
+    )
   lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-  reason = next((ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln
-                 and "documentation" not in ln and "Please" not in ln), "")
+  reason = next(
+    (
+      ln
+      for ln in lines
+      if "weights_only" not in ln
+      and "Weights only" not in ln
+      and "documentation" not in ln
+      and "Please" not in ln
+    ),
+    "",
+  )
   if len(reason) < 20:  # e.g. KeyError('101'), an empty EOFError: name the error too
-    reason = f"{type(error).__name__} {reason}".strip() + (", the file is truncated"
-                                                        if isinstance(error, EOFError) else "")
-  return UserError(f"{path} is not a PyTorch checkpoint torch can read safely ({reason}); "
-                   "nothing in it was executed")
+    reason = f"{type(error).__name__} {reason}".strip() + (
+      ", the file is truncated" if isinstance(error, EOFError) else ""
+    )
+  return UserError(
+    f"{path} is not a PyTorch checkpoint torch can read safely ({reason}); "
+    "nothing in it was executed"
+  )
 
 
 def _pickle_globals(path: str) -> list[str]:
@@ -241,6 +288,14 @@ def _pickle_globals(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ writing
+def _version() -> str:
+  """salad_jax's installed version, recorded in the marker (its presence is what counts)."""
+  try:
+    return importlib.metadata.version("salad-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
 def file_kind(path: str) -> str | None:
   """'safetensors', 'torch' or None, from the suffix (any case: `X.PTH` is a .pth file)."""
   low = os.fspath(path).lower()
@@ -255,20 +310,21 @@ def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   Written under a fresh temporary name beside `path`, then renamed (`atomic.new_file`); a full
   disk or a folder that cannot be written is one `UserError`, and nothing partial is left.
   """
-  from salad_jax import __version__, atomic
+
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   atomic.remove_leftovers(path)  # files of a killed run: only mentioned
   atomic.check_space(path, sum(np.asarray(v).nbytes for v in state_dict.values()))
   with atomic.new_file(path) as tmp:
     if file_kind(path) == "safetensors":
       from safetensors.numpy import save
-      data = save(dict(state_dict), metadata={"format": "pt", MARKER: __version__})
+
+      data = save(dict(state_dict), metadata={"format": "pt", MARKER: _version()})
       with open(tmp, "wb") as f:  # Python's write: a full disk is an OSError with its errno
         f.write(data)
     else:
       torch = import_torch()
       sd = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items())
-      sd._metadata = {MARKER: {"version": __version__}}  # torch ignores keys that name no module
+      sd._metadata = {MARKER: {"version": _version()}}  # torch ignores keys that name no module
       with open(tmp, "wb") as f:
         torch.save(sd, f)
 
@@ -278,6 +334,7 @@ def written_by_us(path: str) -> bool:
   try:
     if file_kind(path) == "safetensors":
       from safetensors import safe_open
+
       with safe_open(path, framework="numpy") as f:
         return MARKER in (f.metadata() or {})
     torch = import_torch()
@@ -288,25 +345,12 @@ def written_by_us(path: str) -> bool:
 
 
 def check_file_destination(path: str, overwrite: bool) -> None:
-  """An output weight file: refuse an unknown suffix, a directory, a link, an existing file
-  unless `overwrite`, and always an existing file salad_jax did not write."""
-  from salad_jax import atomic, workdir
+  """An output weight file: a known suffix, then `files.destinations.check_file` (an existing
+  file is replaced only with `overwrite` and only if it carries salad_jax's marker)."""
   if file_kind(path) is None:
-    raise UserError(f"{path}: a weight file must end in {', '.join(TORCH_SUFFIXES)} (PyTorch) or "
-                    f"{SAFETENSORS_SUFFIX}", f"e.g. {os.path.splitext(path)[0] or 'model'}.pth")
-  if os.path.islink(path):
-    raise UserError(f"refusing to overwrite {path}: it is a symbolic link (to "
-                    f"{os.readlink(path)}); salad_jax replaces only regular files it wrote",
-                    "give the link's target itself as the destination, or remove the link")
-  if os.path.isdir(path):
-    raise IsADirectoryError(f"--dst {path} is a directory; a .pth/.ckpt/.safetensors destination "
-                            "must be a file")
-  if os.path.lexists(path):
-    if not overwrite:
-      raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    if not os.path.isfile(path) or not written_by_us(path):
-      raise UserError(f"refusing to overwrite {path}: salad_jax did not write it (it only ever "
-                      "replaces weight files it wrote itself)",
-                      "remove the file yourself, or choose another --dst")
-  workdir.check_location(os.path.dirname(os.path.abspath(path)), "destination folder")
-  atomic.probe(path)
+    raise UserError(
+      f"{path}: a weight file must end in {', '.join(TORCH_SUFFIXES)} (PyTorch) or "
+      f"{SAFETENSORS_SUFFIX}",
+      f"e.g. {os.path.splitext(path)[0] or 'model'}.pth",
+    )
+  destinations.check_file(path, overwrite, written_by_us)

@@ -1,0 +1,251 @@
+"""train.py's settings: the defaults (the SALAD paper's recipe; configs/*.py start from
+`base_config()`) and their checks.
+
+`check(config)` runs before anything is generated, written or compiled. Each bad value is one
+`UserError` naming the setting (`config.data.img_per_place`), its value and what it must be: a
+value that would crash later (a zero step count), be caught only at the first evaluation (after a
+whole epoch of training), or train something meaningless without a word (a negative learning
+rate, batches without positives) stops here instead. `check_data` and `check_trainable` check the
+settings against the training data and the model once those are known.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import ml_collections
+
+from salad_jax.data.gsv_cities import city_names
+from salad_jax.errors import UserError, note
+from salad_jax.evaluation.recall import check_recall_values
+from salad_jax.models import vit
+from salad_jax.models.vpr import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_epochs = 4
+  c.log_every_steps = 10
+  c.stop_after_steps = 0  # > 0: stop early (after checkpointing); for smoke tests
+  # '' = random init; a converted / trained salad_jax dir; or a torch .ckpt/.pth/.safetensors
+  # (a DINOv2 hub .pth gives the backbone, the head starts fresh)
+  c.init = ""
+  c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+  # devices = data x fsdp: the batch is split over all of them; params and optimizer state are
+  # sharded over fsdp groups (1 = replicated, plain data parallelism)
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+
+  c.data = ml_collections.ConfigDict()
+  # folder: the GSV-Cities JPEG files | tfds: a pack (python -m salad_jax.data.tfds_gsv), the
+  # images pre-resized to image_size: same batches, ~3x less CPU per image | demo
+  c.data.source = "folder"
+  c.data.root = "../data/GSVCities"
+  c.data.cities = (
+    "Bangkok,BuenosAires,LosAngeles,MexicoCity,OSL,Rome,Barcelona,Chicago,Madrid,"
+    "Miami,Phoenix,TRT,Boston,Lisbon,Medellin,Minneapolis,PRG,WashingtonDC,Brussels,"
+    "London,Melbourne,Osaka,PRS"
+  )
+  c.data.tfds_data_dir = ""  # source=tfds: the pack's --data_dir (or the pack directory itself)
+  c.data.places_per_batch = 60
+  c.data.img_per_place = 4
+  c.data.min_img_per_place = 4
+  c.data.image_size = (224, 224)  # a resized pack must hold this size (checked)
+  c.data.randaugment = True
+  c.data.num_workers = 8  # grain worker processes (each reads whole batches)
+  c.data.num_threads = 4  # threads per process over the places of a batch
+  c.data.demo_seed = 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 6e-5
+  c.optim.weight_decay = 9.5e-9
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.lr_start_factor = 1.0
+  c.optim.lr_end_factor = 0.2
+  c.optim.lr_total_iters = 4000
+  c.optim.lightning_epoch_step = True  # the reference's scheduler also steps at each epoch end
+  c.optim.freeze = "auto"  # regex over param paths; auto = SALAD's frozen backbone part
+
+  c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.sets = ""  # comma-separated: benchmark names (msls_val, pitts30k_val, ...) or folder:<dir>
+  c.eval.data_root = ""
+  c.eval.index_root = ""
+  c.eval.image_size = (322, 322)
+  c.eval.batch_size = 32
+  c.eval.recall_values = (1, 5, 10, 15, 20, 25)
+  c.eval.positive_dist_threshold = 25.0
+  c.eval.search = "faiss"
+  c.eval.num_workers = 4
+  c.eval.at_start = False  # also evaluate the untrained model
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=3, keep_best=1))
+  return c
+
+
+# ------------------------------------------------------------------------------ checks
+HINT = "fix it with --config.{key}=... or in the config file"
+
+
+def _fail(key: str, value: Any, must: str) -> UserError:
+  return UserError(f"config.{key} = {value!r}: {must}", HINT.format(key=key))
+
+
+def _int(c, key: str, low: int, must: str | None = None) -> int:
+  v = _get(c, key)
+  if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    raise _fail(key, v, must or f"must be an integer >= {low}")
+  return v
+
+
+def _real(
+  c, key: str, low: float, *, strict: bool, high: float | None = None, must: str | None = None
+) -> float:
+  v = _get(c, key)
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  ok = ok and (v > low if strict else v >= low) and (high is None or v <= high)
+  if not ok:
+    bound = (f"> {low}" if strict else f">= {low}") + (
+      f" and <= {high}" if high is not None else ""
+    )
+    raise _fail(key, v, must or f"must be a finite number {bound}")
+  return float(v)
+
+
+def _get(c, key: str):
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
+def _size(c, key: str, min_patches: int = 0) -> tuple[int, int]:
+  v = _get(c, key)
+  values = list(v) if isinstance(v, (list, tuple)) else [v]
+  if len(values) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in values):
+    raise _fail(key, v, "must be two integers (H, W), e.g. (224, 224)")
+  try:
+    vit.check_image_shape((1, values[0], values[1], 3), min_patches)
+  except ValueError as e:
+    raise UserError(f"config.{key} = {tuple(values)}: {e}", HINT.format(key=key)) from None
+  return values[0], values[1]
+
+
+def check(config) -> None:
+  """Raises a `UserError` for the first setting that cannot train or evaluate as asked."""
+  _int(config, "seed", 0)
+  _int(config, "num_epochs", 1)
+  _int(config, "log_every_steps", 1)
+  if config.get("stop_after_steps") is not None:
+    _int(config, "stop_after_steps", 0, "must be an integer >= 0 (0: run every epoch)")
+  _int(config, "mesh.fsdp", 1)
+  # data: the loss needs several places (negatives) and several images of each (positives)
+  _int(
+    config,
+    "data.places_per_batch",
+    2,
+    "must be an integer >= 2: the loss needs other places as negatives (the paper: 60)",
+  )
+  k = _int(
+    config,
+    "data.img_per_place",
+    2,
+    "must be an integer >= 2: the loss needs positives, "
+    "other images of the same place (the paper: 4)",
+  )
+  _int(
+    config,
+    "data.min_img_per_place",
+    k,
+    f"must be an integer >= data.img_per_place ({k}): "
+    "places are drawn from those with enough images",
+  )
+  clusters = _int(config, "model.num_clusters", 1)
+  _size(config, "data.image_size", clusters)
+  names = city_names(config.data.cities)
+  repeated = sorted({c for c in names if names.count(c) > 1})
+  if repeated:  # each place would be in the data twice, as two places: its own images as negatives
+    raise _fail("data.cities", config.data.cities, f"lists {', '.join(repeated)} more than once")
+  _int(config, "data.num_workers", 0)
+  _int(config, "data.num_threads", 1)
+  # model shape fields the ModelConfig itself does not bound
+  for key in ("cluster_dim", "token_dim", "hidden_dim"):
+    _int(config, f"model.{key}", 1)
+  if not 0 <= _real(config, "model.dropout", 0.0, strict=False, high=1.0) < 1:
+    raise _fail("model.dropout", _get(config, "model.dropout"), "must be in [0, 1)")
+  # optimizer and schedule (torch AdamW / LinearLR bounds)
+  _real(config, "optim.lr", 0.0, strict=True)
+  _real(config, "optim.weight_decay", 0.0, strict=False)
+  _real(config, "optim.b1", 0.0, strict=False, high=0.999999, must="must be in [0, 1)")
+  _real(config, "optim.b2", 0.0, strict=False, high=0.999999, must="must be in [0, 1)")
+  _real(config, "optim.eps", 0.0, strict=True)
+  _real(config, "optim.lr_start_factor", 0.0, strict=True, high=1.0, must="must be in (0, 1]")
+  _real(config, "optim.lr_end_factor", 0.0, strict=False, high=1.0, must="must be in [0, 1]")
+  _int(config, "optim.lr_total_iters", 1)
+  freeze = _get(config, "optim.freeze")
+  if not isinstance(freeze, str):
+    raise _fail("optim.freeze", freeze, "must be 'auto' or a regex over param paths")
+  try:
+    re.compile(freeze)
+  except re.error as e:
+    raise _fail("optim.freeze", freeze, f"is not a valid regex ({e})") from None
+  _real(config, "loss.alpha", 0.0, strict=True)
+  _real(config, "loss.beta", 0.0, strict=True)
+  _real(config, "loss.epsilon", 0.0, strict=False)
+  _real(config, "loss.base", -math.inf, strict=True, must="must be a finite number")
+  # evaluation: checked now, not at the end of the first epoch
+  _size(config, "eval.image_size", clusters)
+  _int(config, "eval.batch_size", 1)
+  _int(config, "eval.num_workers", 0)
+  _real(
+    config,
+    "eval.positive_dist_threshold",
+    0.0,
+    strict=True,
+    must="must be a positive number of metres (the paper: 25)",
+  )
+  if _get(config, "eval.search") not in ("faiss", "jax"):
+    raise _fail("eval.search", _get(config, "eval.search"), "must be 'faiss' or 'jax'")
+  try:
+    check_recall_values(_get(config, "eval.recall_values"))
+  except UserError as e:
+    raise UserError(
+      f"config.eval.recall_values: {e.message}", HINT.format(key="eval.recall_values")
+    ) from None
+  # checkpoints: keeping none would delete the checkpoint the last line names
+  _int(config, "checkpoint.every_steps", 1)
+  _int(
+    config,
+    "checkpoint.keep_last",
+    1,
+    "must be an integer >= 1 (the newest checkpoint is what a rerun resumes from)",
+  )
+  _int(config, "checkpoint.keep_best", 0)
+
+
+def check_data(config, num_places: int) -> None:
+  """Settings against the training data: more places per batch than the data has would make one
+  step of mostly padding."""
+  if config.data.places_per_batch > num_places:
+    raise UserError(
+      f"config.data.places_per_batch = {config.data.places_per_batch}: more than the "
+      f"{num_places} places of the training data",
+      f"use at most {num_places} (the paper: 60 of GSV-Cities' ~62,000)",
+    )
+
+
+def check_trainable(config, freeze: str, train, frozen) -> None:
+  """The freeze regex against the model's params: freezing everything trains nothing (an error);
+  a regex that matches nothing trains everything (a note)."""
+  if not train:
+    raise UserError(
+      f"config.optim.freeze={config.optim.freeze!r} freezes every parameter: nothing would train",
+      "use 'auto' (SALAD's frozen backbone part) or a regex that leaves the head trainable",
+    )
+  if config.optim.freeze != "auto" and freeze and not frozen:
+    note(
+      f"config.optim.freeze={freeze!r} matches no parameter: every parameter trains (use "
+      "'auto' for SALAD's frozen backbone part)"
+    )

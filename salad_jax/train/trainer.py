@@ -1,0 +1,363 @@
+"""SALAD training: the train state, one jitted and sharded train step, and the loop around it.
+
+state = {"params": full nested params, "opt": optax state of the trainable params only,
+         "step": int32, "rng": uint32[2]}
+
+The loop never waits for the devices between steps. Per step the host dispatches the jitted step
+on the batch already on the devices, takes the next local batch and starts its transfer (batch n+1
+travels while step n runs), and holds step n's metrics as device arrays. Nothing is read back per
+step (the dispatch runs under a device-to-host transfer guard, so a stray `float(loss)` fails
+loudly). Metrics are fetched together at sync points only: every `log_every_steps` and at the last
+step, before every checkpoint save and evaluation, and after the first step of a run (so step
+times exclude compilation). At each sync point every pending step's `finite` flag is checked in
+order: a non-finite step raises `NonFiniteError` naming the first bad step and the last checkpoint
+saved; a save always comes after a check, so no state at or after a bad step is ever saved.
+
+The host runs at most `MAX_AHEAD` steps ahead of the devices (it waits for step n-2 after
+dispatching step n), so batches in flight stay bounded. (The bound also matters on XLA:CPU:
+hundreds of dispatched steps with collectives deadlock its 8 host devices in a rendezvous
+timeout; 2 or 8 steps ahead ran fine.) `step_time` is the wall time between two log points over
+the steps between them, evaluation and checkpoint saves excluded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from salad_jax import losses, sharding
+from salad_jax.data import source
+from salad_jax.data.pipeline import normalize_images
+from salad_jax.evaluation.evaluate import EpochEvaluator
+from salad_jax.inference import load
+from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
+from salad_jax.train import checkpoint, metrics, optim
+from salad_jax.train import config as config_lib
+from salad_jax.train import workdir as workdir_lib
+
+MAX_AHEAD = 2  # steps the host may dispatch before the devices have finished them
+MAX_PENDING = 64  # fetch (already finished) metrics at least this often, whatever log_every_steps
+
+
+# ------------------------------------------------------------------------------ the state
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  cfg = dict(config.model)
+  for key in ("micro_batch", "train_micro_batch"):
+    if cfg.get(key, "auto") == "auto" and jax.device_count() > 1:
+      cfg[key] = 0  # micro-batching is a single-device CPU optimisation
+  return ModelConfig.from_dict(cfg)
+
+
+def freeze_regex(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> str:
+  r = config.optim.freeze
+  return optim.default_freeze_regex(model_cfg) if r == "auto" else r
+
+
+def initial_params(
+  config: ml_collections.ConfigDict, model_cfg: ModelConfig, rng: jax.Array
+) -> dict:
+  """config.init: '' (random), a converted/trained salad_jax dir, or a torch/safetensors file.
+
+  A file is converted with config.model's shapes (a mismatch lists the offending keys); a
+  DINOv2 hub file gives the backbone and the head starts from torch's default init.
+  """
+  if not config.init:
+    return jax.tree.map(np.asarray, init_params(model_cfg, rng, image_size=224))
+  shape = model_cfg.fields(sorted(ModelConfig.SHAPE_FIELDS))
+  if os.path.isdir(config.init):
+    loaded = load(config.init)
+    diff = [
+      f"{f}: checkpoint {getattr(loaded.config, f)!r}, config {v!r}"
+      for f, v in shape.items()
+      if getattr(loaded.config, f) != v
+    ]
+    if diff:
+      raise ValueError(f"config.init={config.init} does not fit config.model: " + "; ".join(diff))
+  else:
+    loaded = load(config.init, rng=rng, **shape)  # a torch file, converted on the fly
+  return jax.tree.map(np.asarray, dict(loaded.params))
+
+
+def abstract_state(model_cfg: ModelConfig, tx, freeze: str) -> dict:
+  """The train state's shapes and dtypes (jax.ShapeDtypeStruct), without computing anything."""
+  params = jax.eval_shape(
+    lambda r: VPRModel(model_cfg).init(r, jnp.zeros((1, 224, 224, 3)))["params"], jax.random.key(0)
+  )
+  train, _ = optim.split_trainable(params, freeze)
+  return {
+    "params": dict(params),
+    "opt": jax.eval_shape(tx.init, train),
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+  }
+
+
+def state_shardings(state: Any, mesh) -> dict:
+  """Params and optimizer state by the sharding rules (fsdp); step and rng replicated."""
+  return {
+    "params": sharding.tree_shardings(state["params"], mesh),
+    "opt": sharding.tree_shardings(state["opt"], mesh),
+    "step": sharding.replicated(mesh),
+    "rng": sharding.replicated(mesh),
+  }
+
+
+def create_state(params: Mapping, tx, freeze: str, mesh, rng: jax.Array) -> dict:
+  """The train state on `mesh` (replicated, or sharded over its `fsdp` axis); optimizer state
+  for the trainable params only."""
+  train, _ = optim.split_trainable(params, freeze)
+  state = {
+    "params": jax.tree.map(np.asarray, dict(params)),
+    "opt": tx.init(train),
+    "step": np.int32(0),
+    "rng": np.asarray(rng),
+  }
+  return sharding.put(state, state_shardings(state, mesh))
+
+
+# ------------------------------------------------------------------------------ the step
+def make_loss_fn(model_cfg: ModelConfig, loss_cfg: Mapping[str, float]):
+  """loss_fn(train, frozen, images_u8, labels, valid, dropout_rng) -> (loss, (aux, descriptors))."""
+  model = VPRModel(model_cfg)
+
+  def loss_fn(train, frozen, images, labels, valid, dropout_rng):
+    params = optim.unflatten({**frozen, **train})
+    desc = model.apply(
+      {"params": params}, normalize_images(images), train=True, rngs={"dropout": dropout_rng}
+    ).astype(jnp.float32)
+    loss, aux = losses.multi_similarity_loss(desc, labels, valid=valid, **loss_cfg)
+    return loss, (aux, desc)
+
+  return loss_fn
+
+
+def make_train_step(
+  model_cfg: ModelConfig,
+  tx,
+  freeze: str,
+  loss_cfg: Mapping[str, float],
+  schedule: Callable,
+  mesh,
+  donate: bool = True,
+):
+  """Returns jitted `step(state, batch) -> (state, metrics)`; batch {images u8, labels, valid}.
+
+  The state keeps the layout of `state_shardings` (params and optimizer state sharded over the
+  mesh's `fsdp` axis, if any); the batch is split over all devices.
+  """
+  loss_fn = make_loss_fn(model_cfg, loss_cfg)
+
+  def step(state, batch):
+    # the model keeps activations batch-split under fsdp (vit.constrain_batch reads this mesh)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
+    train, frozen = optim.split_trainable(state["params"], freeze)
+    dropout_rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, (aux, desc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      train, frozen, batch["images"], batch["labels"], batch["valid"], dropout_rng
+    )
+    updates, opt = tx.update(grads, state["opt"], train)
+    train = optax.apply_updates(train, updates)
+    # a non-finite loss, gradient, descriptor or updated param stops training (host side)
+    finite = (
+      jnp.isfinite(loss)
+      & jnp.all(jnp.isfinite(desc))
+      & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, train))]))
+    )
+    new = {
+      "params": optim.unflatten({**frozen, **train}),
+      "opt": opt,
+      "step": state["step"] + 1,
+      "rng": state["rng"],
+    }
+    metrics = {
+      "loss": loss,
+      "b_acc": aux["b_acc"],
+      "lr": schedule(state["step"]),
+      "pos_pairs": aux["num_pos_pairs"],
+      "neg_pairs": aux["num_neg_pairs"],
+      "grad_norm": optax.tree.norm(grads),
+      "finite": finite,
+    }
+    return new, metrics
+
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  batch_sh = {"images": data, "labels": data, "valid": data}
+  state_sh = state_shardings(abstract_state(model_cfg, tx, freeze), mesh)
+  return jax.jit(
+    step,
+    in_shardings=(state_sh, batch_sh),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,) if donate else (),
+  )
+
+
+# ------------------------------------------------------------------------------ the loop
+def next_batch(data_iter, mesh) -> tuple[dict[str, jax.Array], int]:
+  """The next local batch, put on the devices (the transfer is asynchronous); its corrupt count."""
+  local = dict(next(data_iter))
+  corrupt = int(local.pop("corrupt", 0))  # a host value that comes with the batch
+  return sharding.global_batch(local, mesh), corrupt
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can.
+
+  Holds the workdir's lock until it returns or raises (`salad_jax.train.workdir`). Returns the
+  results: step, state, corrupt_images, saved_step (the last checkpoint, None if none), best_step
+  (by R@1, with validation), checkpoint_dir, metric_fetches (times metrics were read back), evals.
+  """
+  config_lib.check(config)  # every setting, before anything is generated, written or compiled
+  with workdir_lib.hold(workdir) as run:
+    # ---- set-up: every check before anything is written or compiled
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(fsdp=config.mesh.fsdp)  # a bad fsdp is an error before anything runs
+    model_cfg = model_config(config)
+    data = source.open_source(config)  # raises with instructions before anything compiles
+    config_lib.check_data(config, data.num_places)
+    evaluator = EpochEvaluator(config, mesh)  # checks eval sets exist before anything compiles
+    run.start(config)  # lock; compare with the saved config.json before writing anything
+
+    global_images = config.data.places_per_batch * config.data.img_per_place
+    sharding.check_batch_layout(global_images, config.data.img_per_place, mesh)
+    data_iter, spec = source.make_iterator(config, data, jax.process_index(), jax.process_count())
+    steps_per_epoch = spec.steps_per_epoch
+    total_steps = config.num_epochs * steps_per_epoch
+    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
+    freeze = freeze_regex(config, model_cfg)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = create_state(initial_params(config, model_cfg, init_rng), tx, freeze, mesh, state_rng)
+    train, frozen = optim.split_trainable(state["params"], freeze)
+    config_lib.check_trainable(config, freeze, train, frozen)
+    checkpointer = checkpoint.TrainCheckpointer(
+      workdir, config.checkpoint.keep_last, config.checkpoint.keep_best, evaluator.select_metric
+    )
+    last_saved = None
+    restored = checkpointer.restore_latest(
+      checkpoint.abstract_like(state), data_iter, model=model_cfg.to_dict()
+    )  # onto this run's layout
+    if restored is not None:  # the newest checkpoint that restores; damaged newer ones set aside
+      last_saved, state, _ = restored
+      logging.info("resumed from %s at step %d", checkpointer.directory, last_saved)
+      print(f"resumed from step {last_saved} ({checkpointer.directory})")
+    step_fn = make_train_step(model_cfg, tx, freeze, dict(config.loss), schedule, mesh)
+    writer = metrics.MetricsWriter(workdir)
+    meta = {
+      "model": model_cfg.to_dict(),
+      "steps_per_epoch": steps_per_epoch,
+      "total_steps": total_steps,
+    }
+    step = int(np.asarray(state["step"]))
+    print(
+      f"training ViT-{model_cfg.variant} SALAD: {spec.num_places} places, {steps_per_epoch} "
+      f"steps/epoch, {config.num_epochs} epochs, {global_images} images/step, "
+      f"{sum(x.size for x in train.values()):,} trainable params, {jax.device_count()} device(s)"
+    )
+    results: dict[str, Any] = {"evals": {}}
+    if step == 0 and config.eval.at_start and evaluator.enabled:
+      results["evals"][0] = evaluator(
+        state["params"], model_cfg, step=0, writer=writer, label="untrained"
+      )
+
+    # ---- the loop
+    pending = metrics.PendingMetrics(checkpointer.directory, last_saved)
+    stop_after = config.get("stop_after_steps") or 0
+    log_every, save_every = config.log_every_steps, config.checkpoint.every_steps
+    bar = metrics.Progress(total_steps, step)
+    corrupt_total, first = 0, step
+    mark_step, mark_time, excluded = step, time.perf_counter(), 0.0
+    try:
+      with jax.transfer_guard_device_to_host("disallow"):
+        nxt = next_batch(data_iter, mesh) if step < total_steps else None
+        while step < total_steps:
+          batch, corrupt = nxt
+          corrupt_total += corrupt
+          state, step_metrics = step_fn(state, batch)
+          step += 1
+          pending.add(step, step_metrics)
+          stop = step >= total_steps or (stop_after and step >= stop_after)
+          end_of_epoch = step % steps_per_epoch == 0
+          evaluate = end_of_epoch and evaluator.enabled
+          save = end_of_epoch or step % save_every == 0 or stop
+          log = step % log_every == 0 or stop
+          # the data position before batch n+1 is taken
+          position = checkpoint.IteratorPosition(data_iter) if save else None
+          if not stop:
+            nxt = next_batch(data_iter, mesh)  # batch n+1 on its way while step n runs
+          bar.advance()
+          pending.wait_for(MAX_AHEAD)  # step n-2 done (no read): the host stays <= 2 steps ahead
+          if not (log or save or evaluate or step == first + 1 or len(pending) >= MAX_PENDING):
+            continue
+          # ---- a sync point: fetch and check every pending step
+          fetched = pending.fetch()
+          now = time.perf_counter()
+          if step == first + 1 and not log:
+            mark_step, mark_time, excluded = step, now, 0.0  # step times without the compilation
+          if log:
+            _, m = fetched
+            dt = (now - mark_time - excluded) / max(step - mark_step, 1)
+            m.update(step_time=dt, images_per_s=global_images / dt, corrupt_images=corrupt_total)
+            writer.write(step, m)
+            bar.log(step, m)
+            mark_step, mark_time, excluded = step, now, 0.0
+          t = time.perf_counter()
+          with jax.transfer_guard_device_to_host("allow"):
+            eval_metrics = None
+            if evaluate:
+              eval_metrics = evaluator(
+                state["params"],
+                model_cfg,
+                step=step,
+                writer=writer,
+                label=f"epoch {step // steps_per_epoch}",
+              )
+              metrics.same_on_every_process(eval_metrics)
+              results["evals"][step] = eval_metrics
+            if save:
+              sel = (
+                {evaluator.select_metric: eval_metrics[evaluator.select_metric]}
+                if eval_metrics
+                else None
+              )
+              checkpointer.save(
+                step,
+                state,
+                {**meta, "step": step, "eval": eval_metrics or {}},
+                position,
+                metrics=sel,
+              )
+              pending.last_saved = step
+          excluded += time.perf_counter() - t
+          if stop:
+            break
+      results["best_step"] = checkpointer.best_step() if evaluator.enabled else None
+      # R@1 of the kept checkpoints, those saved before a resume included (for the last line)
+      results["saved_recalls"] = {
+        s: checkpointer.metric_of(s)
+        for s in {results["best_step"], pending.last_saved}
+        if s is not None
+      }
+    finally:
+      bar.close()
+      checkpointer.close()
+      writer.close()
+    results.update(
+      step=step,
+      state=state,
+      corrupt_images=corrupt_total,
+      saved_step=pending.last_saved,
+      checkpoint_dir=checkpointer.directory,
+      metric_fetches=pending.fetches,
+    )
+    metrics.summary(results, evaluator)
+    return results

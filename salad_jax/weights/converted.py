@@ -1,0 +1,219 @@
+"""The converted-checkpoint directory: an Orbax params checkpoint + `salad_config.json`.
+
+`convert_weights.py` and `SaladModel.save` write it; `salad_jax.load` reads it. The JSON holds the
+model config, the source file (path, sha256), a checksum of the params, and the path and size of
+every file written under `params/`, so `--overwrite` can tell salad_jax's files from a user's.
+Written in a fresh temporary directory beside the destination, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from salad_jax.errors import UserError
+from salad_jax.files import atomic, destinations
+from salad_jax.models.vpr import ModelConfig
+from salad_jax.weights import checksum, convert, torch_files
+from salad_jax.weights.orbax_reads import quiet_orphaned_reads, restore_params
+
+CONFIG_FILE = "salad_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+FILES_KEY = "files"  # in salad_config.json: {path under the dir: size} of every params file
+# What Orbax's StandardCheckpointer writes (dirs saved before FILES_KEY was recorded are
+# replaced only if their params/ holds nothing else)
+_ORBAX_FILES = re.compile(
+  r"(_CHECKPOINT_METADATA|_METADATA|_sharding|commit_success\.txt|"
+  r"(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]{32}))"
+)
+_ORBAX_DIRS = re.compile(r"(ocdbt\.process_\d+/)?d|ocdbt\.process_\d+")
+
+
+def check_destination(dst: str, overwrite: bool) -> None:
+  """An output of `convert_weights.py` / `save` / `to_torch`, checked before any work.
+
+  A directory is replaced only if it is a salad_jax converted dir holding only what salad_jax
+  wrote; a weight file (suffix in any case) only if salad_jax wrote it (`torch_files`).
+  """
+  if torch_files.file_kind(dst):
+    torch_files.check_file_destination(os.fspath(dst), overwrite)
+  else:
+    destinations.check_replace_dir(os.fspath(dst), overwrite, _refusal)
+
+
+def _refusal(dst: str) -> UserError | None:
+  """Why the non-empty directory `dst` may not be replaced (None: salad_jax wrote all of it)."""
+  if not _is_converted_dir(dst):
+    return UserError(
+      f"refusing to write into {dst}: it exists and is not a salad_jax checkpoint "
+      f"(no {CONFIG_FILE}); salad_jax only ever replaces its own checkpoints",
+      "choose a new or empty --dst directory",
+    )
+  extra = sorted(set(os.listdir(dst)) - {CONFIG_FILE, PARAMS_DIR})
+  foreign = ", ".join(extra[:5]) if extra else _foreign_file(dst)
+  if foreign:
+    return UserError(
+      f"refusing to replace {dst}: besides a salad_jax checkpoint it holds files "
+      f"salad_jax did not write ({foreign})",
+      "move them out, or choose another --dst",
+    )
+  return None
+
+
+def _foreign_file(directory: str) -> str | None:
+  """The first entry of a converted dir's params/ that salad_jax did not write, or None.
+
+  Checked against the `files` record of salad_config.json (path and size); a dir saved before
+  that record existed may hold only Orbax's own file names."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    files = json.load(f).get(FILES_KEY)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if os.path.islink(params_dir) or not os.path.isdir(params_dir):
+    return f"{PARAMS_DIR} (not a directory)"
+  if isinstance(files, dict):
+    recorded_dirs = {os.path.dirname(p) for p in files}
+    recorded_dirs |= {d for p in recorded_dirs for d in _parents(p)}
+  for root, dirs, names in os.walk(params_dir):
+    for name in sorted(dirs) + sorted(names):
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, directory).replace(os.sep, "/")
+      sub = rel[len(PARAMS_DIR) + 1 :]
+      if os.path.islink(full):
+        return f"{rel}, a symbolic link"
+      if name in dirs:
+        ok = rel in recorded_dirs if isinstance(files, dict) else _ORBAX_DIRS.fullmatch(sub)
+      elif isinstance(files, dict):
+        ok = files.get(rel) == os.path.getsize(full)
+      else:
+        ok = _ORBAX_FILES.fullmatch(sub)
+      if not ok:
+        return rel
+  return None
+
+
+def _parents(path: str) -> list[str]:
+  out = []
+  while "/" in path:
+    path = path.rsplit("/", 1)[0]
+    out.append(path)
+  return out
+
+
+def _is_converted_dir(directory: str) -> bool:
+  try:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+      meta = json.load(f)
+    return isinstance(meta, dict) and "format_version" in meta and "model" in meta
+  except (OSError, ValueError):
+    return False
+
+
+def save_converted(
+  directory: str,
+  params: Mapping,
+  config: ModelConfig,
+  source: Mapping | None = None,
+  overwrite: bool = False,
+) -> None:
+  """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically).
+
+  The params are checked (`torch_files.check_params`) and their checksum recorded, with the path and
+  size of every file written (so `overwrite` can tell them from a user's). An existing
+  `directory` is replaced only if it is a salad_jax checkpoint (`check_destination`). It is
+  written in a fresh temporary directory beside it (`atomic.new_dir`), then renamed.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = destinations.check_replace_dir(os.fspath(directory), overwrite, _refusal)
+  params = torch_files.check_params(jax.tree.map(np.asarray, dict(params)), "params to save")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  atomic.remove_leftovers(directory)
+  atomic.check_space(directory, sum(x.nbytes for x in jax.tree.leaves(params)))
+  with atomic.new_dir(directory) as tmp:
+    ckptr = ocp.StandardCheckpointer()
+    try:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+      ckptr.wait_until_finished()
+    finally:
+      ckptr.close()
+    files = {
+      os.path.relpath(os.path.join(r, n), tmp).replace(os.sep, "/"): os.path.getsize(
+        os.path.join(r, n)
+      )
+      for r, _, names in os.walk(os.path.join(tmp, PARAMS_DIR))
+      for n in names
+    }
+    meta = {
+      "format_version": FORMAT_VERSION,
+      "model": config.to_dict(),
+      "source": dict(source or {}),
+      "params_checksum": checksum.params_checksum(params),
+      FILES_KEY: dict(sorted(files.items())),
+    }
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    atomic.unmark(tmp)
+    if os.path.exists(directory):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.salad_old_", dir=parent)
+      os.replace(directory, os.path.join(old, "previous"))
+      os.replace(tmp, directory)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, directory)
+
+
+def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
+  """Params, model config and source of a converted dir, every step checked (file named)."""
+  directory = os.path.abspath(directory)
+  cfg_path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(cfg_path) as f:
+      meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+      raise ValueError("no 'model' entry")
+    config = ModelConfig.from_dict(meta["model"])
+  except (ValueError, TypeError, UnicodeDecodeError) as e:
+    raise UserError(
+      f"{cfg_path} is corrupt ({e})",
+      "convert the weights again (convert_weights.py), or restore the file",
+    ) from None
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  quiet_orphaned_reads()
+  try:
+    params = restore_params(params_dir)
+  except Exception as e:  # Orbax/tensorstore errors of a damaged or missing params dir
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise UserError(
+      f"{params_dir} cannot be read ({first[:200]}): the checkpoint is damaged",
+      "convert the weights again (convert_weights.py)",
+    ) from e
+  if "params_checksum" in meta:
+    if checksum.params_checksum(params) != meta["params_checksum"]:
+      raise UserError(
+        f"{params_dir} is corrupt: its contents do not match the params_checksum "
+        f"recorded in {cfg_path}",
+        "convert the weights again (convert_weights.py)",
+      )
+  params = torch_files.check_params(params, params_dir)
+  want = convert.param_shapes(config)
+  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+  bad = [
+    f"{'/'.join(k)}: checkpoint {got.get(k, 'absent')}, model {want.get(k, 'absent')}"
+    for k in sorted(set(want) | set(got))
+    if got.get(k) != want.get(k)
+  ]
+  if bad:
+    raise UserError(
+      f"{params_dir} does not match the model in {cfg_path} ({len(bad)}): " + "; ".join(bad[:5])
+    )
+  return params, config, meta.get("source", {})
