@@ -12,8 +12,8 @@ from salad_jax.losses.miners import (multi_similarity_miner, pair_margin_miner,
                                      triplet_margin_miner)
 from salad_jax.losses.multi_similarity import cosine_similarity, multi_similarity_loss
 from salad_jax.losses.pair_losses import (circle_loss, contrastive_loss,
-                                          generalized_lifted_structure_loss, ntxent_loss,
-                                          supcon_loss)
+                                          generalized_lifted_structure_loss,
+                                          multi_similarity_pair_loss, ntxent_loss, supcon_loss)
 from salad_jax.losses.triplet_losses import triplet_margin_loss
 from salad_jax.losses.tuples import Pairs, Triplets
 from salad_jax.losses.vpr import LOSSES, MINERS, check_names, vpr_loss
@@ -21,5 +21,5 @@ from salad_jax.losses.vpr import LOSSES, MINERS, check_names, vpr_loss
 __all__ = ["LOSSES", "MINERS", "Pairs", "Triplets", "check_names", "circle_loss",
            "contrastive_loss", "cosine_similarity", "fast_ap_loss",
            "generalized_lifted_structure_loss", "multi_similarity_loss", "multi_similarity_miner",
-           "ntxent_loss", "pair_margin_miner", "supcon_loss", "triplet_margin_loss",
-           "triplet_margin_miner", "vpr_loss"]
+           "multi_similarity_pair_loss", "ntxent_loss", "pair_margin_miner", "supcon_loss",
+           "triplet_margin_loss", "triplet_margin_miner", "vpr_loss"]

@@ -42,10 +42,11 @@ def multi_similarity_terms(sim, pos_mask, neg_mask, alpha: float, beta: float, b
   return pos_loss + neg_loss
 
 
-def multi_similarity_loss(descriptors, labels, mined: Mined = None, *, valid=None,
-                          alpha: float = 1.0, beta: float = 50.0, base: float = 0.0):
+def multi_similarity_pair_loss(descriptors, labels, mined: Mined = None, *, valid=None,
+                               alpha: float = 1.0, beta: float = 50.0, base: float = 0.0):
   """MultiSimilarityLoss(alpha=1, beta=50, base=0, DotProductSimilarity()); MeanReducer over
-  all (valid) anchors, anchors without pairs counting as 0."""
+  all (valid) anchors, anchors without pairs counting as 0. (`multi_similarity_loss` of the
+  package is the same objective with its miner and aux in one call.)"""
   pairs, trivial = _pairs_or_zero(mined, labels, valid)
   sim = D.similarity(descriptors)
   per_anchor = multi_similarity_terms(sim, pairs.pos > 0, pairs.neg > 0, alpha, beta, base)

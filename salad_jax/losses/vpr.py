@@ -32,7 +32,7 @@ from salad_jax.losses.triplet_losses import triplet_margin_loss
 LOSSES = {
     "SupConLoss": functools.partial(P.supcon_loss, temperature=0.07),
     "CircleLoss": functools.partial(P.circle_loss, m=0.4, gamma=80.0),
-    "MultiSimilarityLoss": functools.partial(P.multi_similarity_loss, alpha=1.0, beta=50.0,
+    "MultiSimilarityLoss": functools.partial(P.multi_similarity_pair_loss, alpha=1.0, beta=50.0,
                                              base=0.0),  # DotProductSimilarity
     "ContrastiveLoss": functools.partial(P.contrastive_loss, pos_margin=0.0, neg_margin=1.0),
     "Lifted": functools.partial(P.generalized_lifted_structure_loss, neg_margin=0.0,
