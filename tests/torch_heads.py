@@ -64,7 +64,8 @@ class FeatureMixerLayer(nn.Module):
   def __init__(self, hw, mlp_ratio=1):
     super().__init__()
     hidden = int(hw * mlp_ratio)
-    self.mix = nn.Sequential(nn.LayerNorm(hw), nn.Linear(hw, hidden), nn.ReLU(), nn.Linear(hidden, hw))
+    self.mix = nn.Sequential(nn.LayerNorm(hw), nn.Linear(hw, hidden), nn.ReLU(),
+                             nn.Linear(hidden, hw))
     for mod in self.mix:
       if isinstance(mod, nn.Linear):
         nn.init.trunc_normal_(mod.weight, std=0.02)
@@ -90,7 +91,7 @@ class MixVPR(nn.Module):
 
 
 class NetVLAD(nn.Module):
-  """The residuals x_n - c_k are formed explicitly (one cluster at a time, like the reference)."""
+  """The residuals x_n - c_k are formed explicitly, [B, K, C, N]."""
 
   def __init__(self, num_clusters=64, dim=128, normalize_input=True, vladv2=False):
     super().__init__()
@@ -104,8 +105,8 @@ class NetVLAD(nn.Module):
       x = F.normalize(x, p=2, dim=1)
     a = F.softmax(self.conv(x).view(b, self.k, -1), dim=1)  # [B, K, N]
     x = x.view(b, c, -1)
-    v = torch.stack([((x - self.centroids[k][None, :, None]) * a[:, k:k + 1]).sum(-1)
-                     for k in range(self.k)], dim=1)  # [B, K, C]
+    residual = x[:, None] - self.centroids[None, :, :, None]  # [B, K, C, N]
+    v = (residual * a[:, :, None, :]).sum(-1)  # [B, K, C]
     v = F.normalize(v, p=2, dim=2)
     return F.normalize(v.reshape(b, -1), p=2, dim=1)
 
@@ -151,7 +152,8 @@ class Salad(nn.Module):
     drop = nn.Dropout(dropout)
     if global_token:
       self.token_features = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, g))
-    self.cluster_features = nn.Sequential(nn.Conv2d(d, hidden, 1), drop, nn.ReLU(), nn.Conv2d(hidden, l, 1))
+    self.cluster_features = nn.Sequential(nn.Conv2d(d, hidden, 1), drop, nn.ReLU(),
+                                          nn.Conv2d(hidden, l, 1))
     self.score = nn.Sequential(nn.Conv2d(d, hidden, 1), drop, nn.ReLU(), nn.Conv2d(hidden, m, 1))
 
   def forward(self, x, t=None):

@@ -1,4 +1,4 @@
-"""GeM pooling (generalised mean), the `GeMPool` aggregator of serizba/salad (`models/aggregators/gem.py`).
+"""GeM pooling (generalised mean): `GeMPool` of serizba/salad `models/aggregators/gem.py`.
 
 The descriptor is the per-channel p-norm mean of the feature map, p learnable (init 3):
 `(mean_hw clamp(x, eps)^p)^(1/p)`, flattened and L2-normalised. Inputs are NHWC.

@@ -104,7 +104,8 @@ def torch_layout(mix_depth: int = 1) -> list[tuple[str, tuple[str, ...], str]]:
       rows += [(f"{t}.{j}.weight", f + (f"mix_{j}", "kernel"), "linear"),
                (f"{t}.{j}.bias", f + (f"mix_{j}", "bias"), "raw")]
   for name in ("channel_proj", "row_proj"):
-    rows += [(f"{name}.weight", (name, "kernel"), "linear"), (f"{name}.bias", (name, "bias"), "raw")]
+    rows += [(f"{name}.weight", (name, "kernel"), "linear"),
+             (f"{name}.bias", (name, "bias"), "raw")]
   return rows
 
 

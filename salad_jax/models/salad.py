@@ -36,6 +36,9 @@ class SALAD(nn.Module):
     feature n (no optimal transport, no dustbin, no `dust_bin` param; `dustbin` is ignored).
   - `global_token=False`: no `token_features` MLP, the token is not used (may be None) and the
     descriptor is the [B, m*l] cluster part alone, L2-normalised as a whole.
+  Under Sinkhorn, the value of `dust_bin` and the bias of `score_3` do not change the descriptor
+  (nor get gradient, but for rounding): each adds a constant to a whole row of the scores, which
+  the first row update u absorbs. The dustbin acts through its marginal, (n-m)/(n+m), alone.
   """
   num_clusters: int = 64
   cluster_dim: int = 128
