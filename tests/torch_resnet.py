@@ -150,13 +150,13 @@ def randomize_(model: nn.Module, seed: int = 0, calib=(4, 64, 64), floor=0.1,
   """Random weights and BN state with realistic scales, so errors show in every layer.
 
   Convs keep torchvision's kaiming normal (fan_out) init (seed torch before building). BN
-  affines random from `seed`; the last BN
-  of each residual branch gets a small gamma (`branch_gamma`), as in trained ResNets: with
-  gammas ~1 there, a random deep ResNet amplifies fp32 rounding so much that torch's own fp32
-  forward is 2e-5 (resnet50) to 1e-4 (resnet152) away from its fp64 one. Running stats: those
-  of a random `calib` batch (one train-mode pass, cumulative averaging), variances floored at
-  `floor` x their median, then perturbed, so eval-mode activations stay O(1) but differ from a
-  train-mode pass; num_batches_tracked becomes a random count.
+  affines are random from `seed`; the last BN of each residual branch gets a small gamma
+  (`branch_gamma`), as in trained ResNets: with gammas ~1 there, a random deep ResNet amplifies
+  fp32 rounding so much that torch's own fp32 forward is 2e-5 (resnet50) to 1e-4 (resnet152)
+  away from its fp64 one. Running stats: those of a random `calib` batch (one train-mode pass,
+  cumulative averaging), variances floored at `floor` x their median, then perturbed, so
+  eval-mode activations stay O(1) but differ from a train-mode pass; num_batches_tracked
+  becomes a random count.
   """
   g = torch.Generator().manual_seed(seed)
   bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
