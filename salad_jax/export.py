@@ -3,7 +3,7 @@ r"""Exports `describe` as a `jax.export` artifact (StableHLO) that runs without 
   python -m salad_jax.export --checkpoint weights/dino_salad --image_size 322 322 \
       --output salad_322.jaxexport
 
-  # anywhere with jax (and flatbuffers) installed, no salad_jax:
+  # anywhere with jax and flatbuffers installed (pip install jax flatbuffers), no salad_jax:
   import jax, numpy as np
   describe = jax.export.deserialize(open("salad_322.jaxexport", "rb").read())
   descriptors = describe.call(images)  # float32 [B, 322, 322, 3] -> float32 [B, 8448]
@@ -92,6 +92,15 @@ def export_describe(model, image_size, platforms: Sequence[str] = DEFAULT_PLATFO
                     "export for fewer --platforms, or with --attention xla") from e
 
 
+def check_serializer() -> None:
+  """jax.export (de)serialises with the flatbuffers package, which jax does not require."""
+  try:
+    import flatbuffers  # noqa: F401
+  except ImportError:
+    raise UserError("writing or reading a jax.export file needs the flatbuffers package",
+                    "pip install flatbuffers") from None
+
+
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   platforms = tuple(p.strip().lower() for p in platforms if p.strip())
   bad = [p for p in platforms if p not in PLATFORMS]
@@ -107,6 +116,7 @@ def save(exported, path: str, overwrite: bool = False) -> int:
   ours. Returns the bytes written."""
   from salad_jax import atomic
   path = os.fspath(path)
+  check_serializer()
   check_destination(path, overwrite)
   data = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -122,6 +132,7 @@ def save(exported, path: str, overwrite: bool = False) -> int:
 def load(path: str):
   """The `jax.export.Exported` in `path` (salad_jax not needed for this: see the docstring)."""
   from jax import export
+  check_serializer()
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no exported model at {path}")
@@ -177,6 +188,7 @@ def _main(argv):
   cli.quiet_logs()
   size = argv_compat.image_size(F.image_size)
   platforms = check_platforms(F.platforms)
+  check_serializer()
   errors.check_checkpoint_exists(F.checkpoint)
   check_destination(F.output, F.overwrite)  # before the weights are read
   overrides = {k: v for k, v in (("dtype", F.dtype), ("attention", F.attention)) if v}
@@ -194,10 +206,12 @@ if __name__ == "__main__":
   from absl import flags
 
   from salad_jax import argv_compat, cli, errors
-  flags.DEFINE_string("checkpoint", None, "Converted dir, train.py workdir, or torch .ckpt/.pth/.safetensors.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Converted dir, train.py workdir, or torch .ckpt/.pth/.safetensors.")
   flags.DEFINE_list("image_size", ["322", "322"], "H W (one value: square); multiples of 14.")
   flags.DEFINE_string("output", None, "The file to write (e.g. salad_322.jaxexport).")
-  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: cpu, cuda, rocm, tpu.")
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "Platforms to lower for: cpu, cuda, rocm, tpu.")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
   flags.DEFINE_enum("attention", None, ["auto", "chunked", "xla", "dot_product_attention"],
                     "Attention kernel override (xla: portable to every platform).")

@@ -9,9 +9,9 @@
 Exact search is the default: it is what evaluation runs, and at 8448-d a flat index costs 33 KiB
 per image and ~14 ms per query per 100k images on 2 CPU cores. For larger databases, `kind="ivf"`
 (inverted lists, exact vectors) or `"ivfpq"` (inverted lists of product-quantised codes: tens of
-bytes to a few hundred per image) search only `nprobe` of `nlist` lists, trained on the
-descriptors given to the constructor. `pca_dim` (or a `fit_pca` fitted on another set) projects
-database and queries with PCA(-whitening) and L2-normalises them again.
+bytes to a few hundred per image) search only `nprobe` of `nlist` lists, learnt from the
+database or from `train_on`. `pca_dim` (or a `fit_pca` fitted on another set) projects database
+and queries with PCA(-whitening) and L2-normalises them again.
 
 The file (`save`) is an `.npz` read with `allow_pickle=False`: JSON metadata and paths as bytes,
 the vectors of an exact index as a float32 array, an IVF index as faiss's own serialization (its
@@ -101,7 +101,7 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = True) -> PCA:
   x = _check_matrix(descriptors, "descriptors")
   n, d = x.shape
   rank = min(n - 1, d)
-  if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not 1 <= dim <= rank:
+  if not _is_int(dim) or not 1 <= dim <= rank:
     raise UserError(f"PCA to {dim!r} dimensions from {n} descriptors of {d}: the dimension must "
                     f"be an integer in [1, {rank}] (at most N - 1 and D)",
                     "fit on more descriptors, or choose a smaller dimension")
@@ -123,6 +123,10 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = True) -> PCA:
   scale = 1.0 / np.sqrt(var) if whiten else np.ones(dim)
   return PCA(mean.astype(np.float32), comps.astype(np.float32), scale.astype(np.float32),
              bool(whiten))
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -150,39 +154,40 @@ def _check_matrix(x, what: str, dim: int | None = None, paths: Sequence[str] | N
 class Index:
   """Image paths searchable by descriptor: exact (faiss IndexFlatL2), IVF or IVF-PQ.
 
-  `pca_dim` fits `fit_pca(descriptors, pca_dim, whiten)` on the constructor's descriptors; `pca`
-  takes one fitted elsewhere (better: on descriptors that are not the database). IVF kinds are
-  trained on the constructor's (projected) descriptors: `nlist` lists (default ~4 sqrt(N), with
-  >= 39 points each), `nprobe` of them searched (default min(nlist, 16)); IVF-PQ stores `m` bytes
-  per image (default D/16 rounded to a divisor of D) of `nbits`-bit codes (8, or fewer when
-  N < 39 x 256 training points). Later `add`s are not retrained on.
+  What is fitted is fitted on `train_on` if given (descriptors of other images of the same kind:
+  the database can then start empty and grow with `add`), else on the database itself:
+  `pca_dim` fits `fit_pca(..., pca_dim, whiten)`, or `pca` takes one fitted before. IVF kinds
+  learn `nlist` lists (default ~4 sqrt(N), >= 39 training points each) and search `nprobe` of
+  them (default min(nlist, 16)); IVF-PQ stores `m` bytes per image (default D/16 rounded to a
+  divisor of D) of `nbits`-bit codes (8, or fewer under 39 x 256 training points). Images added
+  later are encoded with what was learnt, never retrained on.
   """
 
   def __init__(self, descriptors, paths: Sequence[str], *, kind: str = "exact",
                pca_dim: int | None = None, whiten: bool = True, pca: PCA | None = None,
                nlist: int | None = None, m: int | None = None, nbits: int | None = None,
-               nprobe: int | None = None):
+               nprobe: int | None = None, train_on=None):
     import faiss
     if kind not in KINDS:
       raise UserError(f"index kind {kind!r}: one of {', '.join(KINDS)}")
     paths = _check_paths(paths, descriptors)
     x = _check_matrix(descriptors, "descriptors", paths=paths)
+    train = x if train_on is None else _check_matrix(train_on, "train_on", x.shape[1])
     if pca is not None and pca_dim is not None:
-      raise UserError("give pca_dim (fit on these descriptors) or pca (fitted before), not both")
+      raise UserError("give pca_dim (fitted here) or pca (fitted before), not both")
     if pca is not None and pca.input_dim != x.shape[1]:
       raise UserError(f"the PCA takes {pca.input_dim}-d descriptors; these are {x.shape[1]}-d")
     self.kind, self.input_dim = kind, x.shape[1]
-    self.pca = fit_pca(x, pca_dim, whiten) if pca_dim is not None else pca
-    y = self.pca.apply(x) if self.pca else x
-    self.dim = y.shape[1]
+    self.pca = fit_pca(train, pca_dim, whiten) if pca_dim is not None else pca
+    self.dim = self.pca.dim if self.pca else self.input_dim
     self._paths: list[str] = []
     if kind == "exact":
       self._index = faiss.IndexFlatL2(self.dim)
     else:
-      self._index = _train_ivf(y, kind, nlist, m, nbits)
+      self._index = _train_ivf(self.pca.apply(train) if self.pca else train, kind, nlist, m, nbits)
       ivf = faiss.extract_index_ivf(self._index)
       self.nprobe = min(ivf.nlist, 16) if nprobe is None else nprobe
-    self._add(y, paths)
+    self._add(self.pca.apply(x) if self.pca else x, paths)
 
   # --------------------------------------------------------------------- queries
   def __len__(self) -> int:
@@ -202,7 +207,7 @@ class Index:
     if self.kind == "exact":
       raise UserError("nprobe applies to IVF indexes; this one is exact")
     nlist = self._ivf().nlist
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 1 <= value <= nlist:
+    if not _is_int(value) or not 1 <= value <= nlist:
       raise UserError(f"nprobe {value!r}: an integer in [1, {nlist}] (the index has {nlist} lists)")
     self._ivf().nprobe = int(value)
 
@@ -215,7 +220,7 @@ class Index:
   def search_indices(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(row indices int64 [M, k], -1 = no result; squared L2 distances float32 [M, k], inf there).
     A query [D] gives [k] arrays. IVF-PQ distances are those of the compressed vectors."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+    if not _is_int(k) or k < 1:
       raise UserError(f"k {k!r}: the number of neighbours must be a positive integer")
     q = np.asarray(queries)
     single = q.ndim == 1
@@ -230,7 +235,8 @@ class Index:
   def search(self, queries, k: int) -> tuple[list, np.ndarray]:
     """(paths [M][k] as lists, squared L2 distances [M, k]) of the k nearest images, nearest
     first, as evaluation's faiss search. Where faiss has no k-th result (fewer than k images, or
-    fewer in the lists probed) the path is None and the distance inf. A query [D] gives ([k], [k])."""
+    fewer in the lists probed) the path is None and the distance inf. A query [D] gives
+    ([k], [k])."""
     idx, dist = self.search_indices(queries, k)
     paths = self._paths
     to_paths = lambda row: [paths[i] if i >= 0 else None for i in row]  # noqa: E731
@@ -258,7 +264,9 @@ class Index:
             "pca": None if self.pca is None else {"dim": self.pca.dim, "whiten": self.pca.whiten}}
     arrays = {"paths": _json_array(self._paths)}
     if self.kind == "exact":
-      arrays["vectors"] = self._index.reconstruct_n(0, self._index.ntotal).reshape(-1, self.dim)
+      n = self._index.ntotal  # a view of faiss's own buffer: no second copy of the database
+      arrays["vectors"] = (faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(
+          n, self.dim) if n else np.zeros((0, self.dim), np.float32))
     else:
       blob = faiss.serialize_index(self._index)
       arrays["faiss_index"] = blob
@@ -297,13 +305,15 @@ class Index:
     self = cls.__new__(cls)
     try:
       paths = json.loads(bytes(arrays["paths"]).decode("utf-8"))
-      kind, n, d, input_dim = meta["kind"], int(meta["count"]), int(meta["dim"]), int(meta["input_dim"])
+      kind, n = meta["kind"], int(meta["count"])
+      d, input_dim = int(meta["dim"]), int(meta["input_dim"])
       want = {"metadata", "paths"} | ({"vectors"} if kind == "exact" else {"faiss_index"})
       if meta["pca"] is not None:
         want |= {"pca_mean", "pca_components", "pca_scale"}
       if kind not in KINDS or set(arrays) != want:
         raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
-      if not (isinstance(paths, list) and len(paths) == n and all(isinstance(p, str) for p in paths)):
+      if not (isinstance(paths, list) and len(paths) == n
+              and all(isinstance(p, str) for p in paths)):
         raise ValueError(f"paths are not {n} strings")
       self.kind, self.dim, self.input_dim, self._paths = kind, d, input_dim, paths
       self.pca = None
@@ -351,7 +361,9 @@ class Index:
 
   def __repr__(self) -> str:
     extra = f", nprobe={self.nprobe}" if self.kind != "exact" else ""
-    pca = f", pca {self.input_dim}->{self.dim}{' whitened' if self.pca.whiten else ''}" if self.pca else ""
+    pca = ""
+    if self.pca:
+      pca = f", pca {self.input_dim}->{self.dim}{' whitened' if self.pca.whiten else ''}"
     return f"Index({len(self)} images, {self.kind}, {self.dim}-d{pca}{extra})"
 
 
@@ -361,7 +373,7 @@ def _train_ivf(y: np.ndarray, kind: str, nlist: int | None, m: int | None, nbits
   n, d = y.shape
   if nlist is None:
     nlist = max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS))
-  if not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= n:
+  if not _is_int(nlist) or not 1 <= nlist <= n:
     raise UserError(f"nlist {nlist!r}: IVF needs 1 <= nlist <= the {n} training descriptors",
                     "give more descriptors to the constructor, a smaller nlist, or kind='exact'")
   if kind == "ivf":
@@ -369,7 +381,7 @@ def _train_ivf(y: np.ndarray, kind: str, nlist: int | None, m: int | None, nbits
     need = nlist
   else:
     m = m or min((k for k in range(1, d + 1) if d % k == 0), key=lambda k: abs(k - d / 16))
-    if not isinstance(m, (int, np.integer)) or m < 1 or d % m:
+    if not _is_int(m) or m < 1 or d % m:
       raise UserError(f"m {m!r}: the number of PQ sub-vectors must divide the dimension {d}")
     if nbits is None:
       nbits = 8
@@ -378,11 +390,11 @@ def _train_ivf(y: np.ndarray, kind: str, nlist: int | None, m: int | None, nbits
       if nbits < 8:
         note(f"IVF-PQ trained on {n} descriptors: {nbits}-bit codes (8 bits want >= "
              f"{MIN_POINTS * 256} training descriptors)")
-    if not isinstance(nbits, (int, np.integer)) or not 1 <= nbits <= 16:
+    if not _is_int(nbits) or not 1 <= nbits <= 16:
       raise UserError(f"nbits {nbits!r}: bits per PQ code, an integer in [1, 16]")
     index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x{nbits}", faiss.METRIC_L2)
     index.pq.cp.min_points_per_centroid = 1  # warned above once, not once per sub-vector
-    index.do_polysemous_training = False  # the factory's default: slow, and only for Hamming filters
+    index.do_polysemous_training = False  # the factory's default: slow, only for Hamming filters
     need = max(nlist, 2 ** nbits)
   if n < need:
     raise UserError(f"{kind} index: {n} training descriptors are fewer than the {need} centroids "

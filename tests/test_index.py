@@ -209,6 +209,12 @@ def test_ivf_probing_every_list_is_exact_and_ivfpq_recall_is_sane():
   recall = np.mean([t in row for t, row in zip(truth, top10)])
   assert recall >= 0.9, recall  # the true nearest among the 10 found (PQ codes: 16 bytes/image)
   assert pq.memory_bytes() < Index(db, names(3000)).memory_bytes() / 4
+  # trained on other descriptors, then grown with add: the same index
+  grown = Index(np.zeros((0, 64), np.float32), [], kind="ivfpq", train_on=db, nlist=16, m=16,
+                nbits=6, nprobe=16)
+  grown.add(db[:1000], names(1000))
+  grown.add(db[1000:], names(3000)[1000:])
+  np.testing.assert_array_equal(grown.search_indices(q, 10)[0], top10)
   with pytest.raises(ValueError, match="nprobe 17"):
     pq.nprobe = 17
   with pytest.raises(ValueError, match="must divide the dimension 64"):
@@ -246,7 +252,9 @@ def test_pca_whitening_shapes_and_that_queries_are_whitened():
   plain_i = evaluation.faiss_search(proj(db, True).astype(np.float32),
                                     proj(q, False).astype(np.float32), 5)[1]
   assert not np.array_equal(got_i, plain_i)  # queries left unwhitened would rank differently
-  # a PCA fitted on another set, unwhitened
+  # fitted on other descriptors (train_on), or a PCA fitted before (here unwhitened)
+  trained = Index(db[:10], names(10), pca_dim=16, train_on=db)
+  np.testing.assert_array_equal(trained.pca.components, index.pca.components)
   other = Index(db, names(400), pca=fit_pca(db[::-1].copy(), 16, whiten=False))
   assert not other.pca.whiten and np.allclose(other.pca.scale, 1)
   for bad in (64, 0, 2.5):
