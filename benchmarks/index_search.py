@@ -175,6 +175,8 @@ def large(args):
         f"x{scale:.1f}: "
         f"~{1e3 * batch / nq * scale:.0f} ms/query batched, ~{1e3 * single * scale:.0f} ms alone")
 
+  if args.skip_ivfpq:
+    return
   t = time.perf_counter()
   train = random_unit(np.random.default_rng(7), args.train)
   ivfpq = Index(np.zeros((0, D), np.float32), [], kind="ivfpq", train_on=train, nlist=args.nlist,
@@ -205,6 +207,7 @@ def main():
   ap.add_argument("--random_weights", action="store_true", help="an untrained demo model")
   ap.add_argument("--skip_demo", action="store_true")
   ap.add_argument("--skip_large", action="store_true")
+  ap.add_argument("--skip_ivfpq", action="store_true", help="large: exact search only")
   ap.add_argument("--database", type=int, default=1_000_000)
   ap.add_argument("--queries", type=int, default=100)
   ap.add_argument("--train", type=int, default=20_000, help="IVF-PQ training descriptors")

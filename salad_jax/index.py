@@ -7,11 +7,13 @@
   hits, dists = Index.load("db.index.npz").search(model.describe(queries), k=5)
 
 Exact search is the default: it is what evaluation runs, and at 8448-d a flat index costs 33 KiB
-per image and ~14 ms per query per 100k images on 2 CPU cores. For larger databases, `kind="ivf"`
-(inverted lists, exact vectors) or `"ivfpq"` (inverted lists of product-quantised codes: tens of
-bytes to a few hundred per image) search only `nprobe` of `nlist` lists, learnt from the
-database or from `train_on`. `pca_dim` (or a `fit_pca` fitted on another set) projects database
-and queries with PCA(-whitening) and L2-normalises them again.
+per image and ~28 ms per query per 100k images (batched, 2 CPU cores; benchmarks/index_search.py).
+For larger databases, `kind="ivf"` (inverted lists, exact vectors) or `"ivfpq"` (inverted lists
+of product-quantised codes: tens to a few hundred bytes per image) search only `nprobe` of
+`nlist` lists, learnt from the database or from `train_on`. At 1 M images, IVF-PQ with 64-byte
+codes searched 16 of 256 lists in ~3 ms per query (exact: ~280 ms, extrapolated). `pca_dim` (or
+a `fit_pca` fitted on another set) projects database and queries with PCA(-whitening) and
+L2-normalises them again.
 
 The file (`save`) is an `.npz` read with `allow_pickle=False`: JSON metadata and paths as bytes,
 the vectors of an exact index as a float32 array, an IVF index as faiss's own serialization (its
