@@ -50,6 +50,7 @@ from typing import Sequence
 import numpy as np
 
 from salad_jax.errors import UserError
+from salad_jax.files import atomic, destinations
 
 FUN_NAME = "salad_jax_describe"  # the exported function's name: how we recognise our files
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -67,29 +68,34 @@ def export_describe(model, image_size, platforms: Sequence[str] = DEFAULT_PLATFO
   from salad_jax.data.images import as_size
   from salad_jax.models import vit
   from salad_jax.models.vpr import VPRModel
+
   h, w = as_size(image_size)
   vit.check_image_shape((1, h, w, 3), model.config.num_clusters)
   platforms = check_platforms(platforms)
   params = jax.tree.map(np.asarray, model.params)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
   if nbytes > MAX_BYTES:
-    raise UserError(f"the params are {nbytes / 2**30:.1f} GiB; an exported program with them "
-                    "baked in must stay under jax.export's 2 GB flatbuffer limit",
-                    "export ViT-g through ONNX (convert_weights.py --dst model.pth, then "
-                    "torch.onnx.export: see salad_jax/export.py)")
+    raise UserError(
+      f"the params are {nbytes / 2**30:.1f} GiB; an exported program with them "
+      "baked in must stay under jax.export's 2 GB flatbuffer limit",
+      "export ViT-g through ONNX (convert_weights.py --dst model.pth, then "
+      "torch.onnx.export: see salad_jax/export.py)",
+    )
   module = VPRModel(model.config.replace(micro_batch=0))
 
   def salad_jax_describe(images):
     return module.apply({"params": params}, images).astype(jnp.float32)
 
-  batch, = export.symbolic_shape("batch")
+  (batch,) = export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
   try:
     return export.export(jax.jit(salad_jax_describe), platforms=platforms)(spec)
   except Exception as e:  # a kernel that one of the platforms cannot lower (e.g. cuDNN on cpu)
     first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    raise UserError(f"cannot export for {', '.join(platforms)}: {first[:300]}",
-                    "export for fewer --platforms, or with --attention xla") from e
+    raise UserError(
+      f"cannot export for {', '.join(platforms)}: {first[:300]}",
+      "export for fewer --platforms, or with --attention xla",
+    ) from e
 
 
 def check_serializer() -> None:
@@ -97,16 +103,20 @@ def check_serializer() -> None:
   try:
     import flatbuffers  # noqa: F401
   except ImportError:
-    raise UserError("writing or reading a jax.export file needs the flatbuffers package",
-                    "pip install flatbuffers") from None
+    raise UserError(
+      "writing or reading a jax.export file needs the flatbuffers package",
+      "pip install flatbuffers",
+    ) from None
 
 
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   platforms = tuple(p.strip().lower() for p in platforms if p.strip())
   bad = [p for p in platforms if p not in PLATFORMS]
   if bad or not platforms:
-    raise UserError(f"platforms {', '.join(platforms) or '(none)'}: each one of "
-                    f"{', '.join(PLATFORMS)}", "e.g. --platforms cpu,cuda")
+    raise UserError(
+      f"platforms {', '.join(platforms) or '(none)'}: each one of {', '.join(PLATFORMS)}",
+      "e.g. --platforms cpu,cuda",
+    )
   return platforms
 
 
@@ -114,7 +124,6 @@ def save(exported, path: str, overwrite: bool = False) -> int:
   """Writes `exported.serialize()` to `path` atomically (a fresh temporary name beside it, then
   a rename); an existing file is replaced only with `overwrite`, and only if it is an export of
   ours. Returns the bytes written."""
-  from salad_jax import atomic
   path = os.fspath(path)
   check_serializer()
   check_destination(path, overwrite)
@@ -132,6 +141,7 @@ def save(exported, path: str, overwrite: bool = False) -> int:
 def load(path: str):
   """The `jax.export.Exported` in `path` (salad_jax not needed for this: see the docstring)."""
   from jax import export
+
   check_serializer()
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -141,8 +151,10 @@ def load(path: str):
   try:
     exp = export.deserialize(bytearray(data))
   except Exception as e:  # flatbuffers raises whatever the bytes make it hit
-    raise UserError(f"{path} is not a jax.export file ({type(e).__name__})",
-                    "export it again: python -m salad_jax.export") from None
+    raise UserError(
+      f"{path} is not a jax.export file ({type(e).__name__})",
+      "export it again: python -m salad_jax.export",
+    ) from None
   if exp.fun_name != FUN_NAME:
     raise UserError(f"{path} is a jax.export file of {exp.fun_name!r}, not a salad_jax model")
   return exp
@@ -158,23 +170,10 @@ def written_by_us(path: str) -> bool:
 
 def check_destination(path: str, overwrite: bool) -> None:
   """Refuses a link, a directory, an existing file without `overwrite`, and always a file that
-  is not a salad_jax export."""
-  from salad_jax import atomic, workdir
-  if not path.strip():
-    raise UserError("--output is an empty path", "e.g. --output salad.jaxexport")
-  if os.path.islink(path):
-    raise UserError(f"refusing to overwrite {path}: it is a symbolic link; salad_jax replaces "
-                    "only regular files it wrote", "give another --output, or remove the link")
-  if os.path.isdir(path):
-    raise IsADirectoryError(f"--output {path} is a directory; the export is one file")
-  if os.path.lexists(path):
-    if not overwrite:
-      raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    if not os.path.isfile(path) or not written_by_us(path):
-      raise UserError(f"refusing to overwrite {path}: it is not a salad_jax export (salad_jax "
-                      "only ever replaces files it wrote)", "choose another --output")
-  workdir.check_location(os.path.dirname(os.path.abspath(path)), "--output folder")
-  atomic.probe(path)
+  is not a salad_jax export (`files.destinations.check_file`)."""
+  destinations.check_file(
+    path, overwrite, written_by_us, flag="--output", kind="export", single="the export"
+  )
 
 
 def _main(argv):
@@ -182,6 +181,7 @@ def _main(argv):
 
   import salad_jax
   from salad_jax import argv_compat, cli, errors
+
   F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -195,9 +195,11 @@ def _main(argv):
   model = salad_jax.load(F.checkpoint, **overrides)
   exported = export_describe(model, size, platforms)
   nbytes = save(exported, F.output, F.overwrite)
-  print(f"wrote {F.output} ({nbytes / 2**20:.1f} MiB): float32 images [batch, {size[0]}, "
-        f"{size[1]}, 3] (ImageNet-normalised) -> descriptors float32 [batch, "
-        f"{model.descriptor_dim}]; params baked in; platforms {', '.join(exported.platforms)}")
+  print(
+    f"wrote {F.output} ({nbytes / 2**20:.1f} MiB): float32 images [batch, {size[0]}, "
+    f"{size[1]}, 3] (ImageNet-normalised) -> descriptors float32 [batch, "
+    f"{model.descriptor_dim}]; params baked in; platforms {', '.join(exported.platforms)}"
+  )
 
 
 if __name__ == "__main__":
@@ -206,15 +208,22 @@ if __name__ == "__main__":
   from absl import flags
 
   from salad_jax import argv_compat, cli, errors
-  flags.DEFINE_string("checkpoint", None,
-                      "Converted dir, train.py workdir, or torch .ckpt/.pth/.safetensors.")
+
+  flags.DEFINE_string(
+    "checkpoint", None, "Converted dir, train.py workdir, or torch .ckpt/.pth/.safetensors."
+  )
   flags.DEFINE_list("image_size", ["322", "322"], "H W (one value: square); multiples of 14.")
   flags.DEFINE_string("output", None, "The file to write (e.g. salad_322.jaxexport).")
-  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                    "Platforms to lower for: cpu, cuda, rocm, tpu.")
+  flags.DEFINE_list(
+    "platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: cpu, cuda, rocm, tpu."
+  )
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
-  flags.DEFINE_enum("attention", None, ["auto", "chunked", "xla", "dot_product_attention"],
-                    "Attention kernel override (xla: portable to every platform).")
+  flags.DEFINE_enum(
+    "attention",
+    None,
+    ["auto", "chunked", "xla", "dot_product_attention"],
+    "Attention kernel override (xla: portable to every platform).",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace an existing --output that salad_jax wrote.")
   flags.mark_flags_as_required(["checkpoint", "output"])
   try:

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from salad_jax.errors import UserError, note
+from salad_jax.files import atomic, destinations
 
 FORMAT = "salad_jax.index"
 VERSION = 1
@@ -42,8 +43,9 @@ MIN_POINTS = 39  # training points per centroid below which faiss warns
 
 
 # ------------------------------------------------------------------------------ describing
-def describe_folder(model, folder: str, image_size=(322, 322), batch_size: int = 32,
-                    progress: bool = True) -> tuple[np.ndarray, list[str]]:
+def describe_folder(
+  model, folder: str, image_size=(322, 322), batch_size: int = 32, progress: bool = True
+) -> tuple[np.ndarray, list[str]]:
   """(descriptors [N, D] float32, paths) of the images under `folder`, found as evaluation finds
   them (recursive, sorted, .jpg/.jpeg/.png; `eval_sets.read_image_paths`).
 
@@ -54,6 +56,7 @@ def describe_folder(model, folder: str, image_size=(322, 322), batch_size: int =
 
   from salad_jax.data import eval_sets, images, pipeline
   from salad_jax.models import vit
+
   size = images.as_size(image_size)
   if batch_size < 1:
     raise UserError(f"batch_size {batch_size}: must be >= 1")
@@ -63,8 +66,9 @@ def describe_folder(model, folder: str, image_size=(322, 322), batch_size: int =
   images.check_batch_memory(size, batch, "image_size")
   out = np.empty((len(paths), model.descriptor_dim), np.float32)
   data = pipeline.eval_dataset(paths, image_size=size, batch_size=batch)
-  with tqdm(total=len(paths), desc="describe", unit="img", disable=not progress,
-            file=sys.stderr) as bar:
+  with tqdm(
+    total=len(paths), desc="describe", unit="img", disable=not progress, file=sys.stderr
+  ) as bar:
     for b in data:
       x = images.normalize(b["images"])  # padding rows are black images: valid inputs
       d = model.describe(x)
@@ -78,6 +82,7 @@ def describe_folder(model, folder: str, image_size=(322, 322), batch_size: int =
 @dataclasses.dataclass(frozen=True)
 class PCA:
   """y = normalise(((x - mean) @ components.T) * scale); scale = 1/sqrt(variance) if whitened."""
+
   mean: np.ndarray  # [D] float32
   components: np.ndarray  # [dim, D] float32, orthonormal rows, by decreasing variance
   scale: np.ndarray  # [dim] float32
@@ -104,9 +109,11 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = True) -> PCA:
   n, d = x.shape
   rank = min(n - 1, d)
   if not _is_int(dim) or not 1 <= dim <= rank:
-    raise UserError(f"PCA to {dim!r} dimensions from {n} descriptors of {d}: the dimension must "
-                    f"be an integer in [1, {rank}] (at most N - 1 and D)",
-                    "fit on more descriptors, or choose a smaller dimension")
+    raise UserError(
+      f"PCA to {dim!r} dimensions from {n} descriptors of {d}: the dimension must "
+      f"be an integer in [1, {rank}] (at most N - 1 and D)",
+      "fit on more descriptors, or choose a smaller dimension",
+    )
   mean = x.mean(axis=0, dtype=np.float64)
   xc = x.astype(np.float64) - mean
   if n < d:  # X = U S V^T: eigenvectors U of X X^T give V = X^T U / S
@@ -120,11 +127,15 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = True) -> PCA:
     evals, comps = evals[order], v[:, order].T
   var = np.maximum(evals, 0.0) / max(n - 1, 1)
   if whiten and var[-1] <= 1e-12 * var[0]:
-    raise UserError(f"PCA-whitening to {dim} dimensions: component {dim} has no variance in these "
-                    f"{n} descriptors (they span fewer dimensions)", "choose a smaller dimension")
+    raise UserError(
+      f"PCA-whitening to {dim} dimensions: component {dim} has no variance in these "
+      f"{n} descriptors (they span fewer dimensions)",
+      "choose a smaller dimension",
+    )
   scale = 1.0 / np.sqrt(var) if whiten else np.ones(dim)
-  return PCA(mean.astype(np.float32), comps.astype(np.float32), scale.astype(np.float32),
-             bool(whiten))
+  return PCA(
+    mean.astype(np.float32), comps.astype(np.float32), scale.astype(np.float32), bool(whiten)
+  )
 
 
 def _is_int(v) -> bool:
@@ -136,15 +147,18 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
   return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def _check_matrix(x, what: str, dim: int | None = None, paths: Sequence[str] | None = None
-                  ) -> np.ndarray:
+def _check_matrix(
+  x, what: str, dim: int | None = None, paths: Sequence[str] | None = None
+) -> np.ndarray:
   """A finite float [N, D] array as contiguous float32; a non-finite row names its image."""
   a = np.asarray(x)
   if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
     raise UserError(f"{what}: expected a float array [N, D], got {a.dtype} {a.shape}")
   if dim is not None and a.shape[1] != dim:
-    raise UserError(f"{what} have {a.shape[1]} dimensions; this index holds {dim}-d descriptors",
-                    "describe with the model (and image size) the index was built with")
+    raise UserError(
+      f"{what} have {a.shape[1]} dimensions; this index holds {dim}-d descriptors",
+      "describe with the model (and image size) the index was built with",
+    )
   bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
   if bad.size:
     where = f" (first: {paths[bad[0]]})" if paths is not None else f" (first: row {bad[0]})"
@@ -165,11 +179,23 @@ class Index:
   later are encoded with what was learnt, never retrained on.
   """
 
-  def __init__(self, descriptors, paths: Sequence[str], *, kind: str = "exact",
-               pca_dim: int | None = None, whiten: bool = True, pca: PCA | None = None,
-               nlist: int | None = None, m: int | None = None, nbits: int | None = None,
-               nprobe: int | None = None, train_on=None):
+  def __init__(
+    self,
+    descriptors,
+    paths: Sequence[str],
+    *,
+    kind: str = "exact",
+    pca_dim: int | None = None,
+    whiten: bool = True,
+    pca: PCA | None = None,
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int | None = None,
+    nprobe: int | None = None,
+    train_on=None,
+  ):
     import faiss
+
     if kind not in KINDS:
       raise UserError(f"index kind {kind!r}: one of {', '.join(KINDS)}")
     paths = _check_paths(paths, descriptors)
@@ -248,6 +274,7 @@ class Index:
     """Bytes of the searchable structure: the float32 vectors (exact), or faiss's serialization
     of lists, ids, codes, centroids and codebooks (IVF); paths and PCA not counted."""
     import faiss
+
     if self.kind == "exact":
       return 4 * self.dim * len(self)
     return int(faiss.serialize_index(self._index).nbytes)
@@ -258,24 +285,34 @@ class Index:
     rename. An existing file is replaced only with `overwrite`, and only if it is an index."""
     import faiss
 
-    from salad_jax import atomic
     path = os.fspath(path)
     _check_destination(path, overwrite)
-    meta = {"format": FORMAT, "version": VERSION, "kind": self.kind, "count": len(self),
-            "input_dim": self.input_dim, "dim": self.dim, "nprobe": self.nprobe,
-            "pca": None if self.pca is None else {"dim": self.pca.dim, "whiten": self.pca.whiten}}
+    meta = {
+      "format": FORMAT,
+      "version": VERSION,
+      "kind": self.kind,
+      "count": len(self),
+      "input_dim": self.input_dim,
+      "dim": self.dim,
+      "nprobe": self.nprobe,
+      "pca": None if self.pca is None else {"dim": self.pca.dim, "whiten": self.pca.whiten},
+    }
     arrays = {"paths": _json_array(self._paths)}
     if self.kind == "exact":
       n = self._index.ntotal  # a view of faiss's own buffer: no second copy of the database
-      arrays["vectors"] = (faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(
-          n, self.dim) if n else np.zeros((0, self.dim), np.float32))
+      arrays["vectors"] = (
+        faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(n, self.dim)
+        if n
+        else np.zeros((0, self.dim), np.float32)
+      )
     else:
       blob = faiss.serialize_index(self._index)
       arrays["faiss_index"] = blob
       meta["faiss_sha256"] = hashlib.sha256(blob.tobytes()).hexdigest()
     if self.pca is not None:
-      arrays.update(pca_mean=self.pca.mean, pca_components=self.pca.components,
-                    pca_scale=self.pca.scale)
+      arrays.update(
+        pca_mean=self.pca.mean, pca_components=self.pca.components, pca_scale=self.pca.scale
+      )
     arrays["metadata"] = _json_array(meta)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic.remove_leftovers(path)
@@ -290,6 +327,7 @@ class Index:
   def load(cls, path: str) -> "Index":
     """Reads a file `save` wrote; anything else (or a damaged one) is a one-line error."""
     import faiss
+
     path = os.fspath(path)
     if os.path.isdir(path):
       raise IsADirectoryError(f"{path} is a directory, not an index file")
@@ -302,8 +340,9 @@ class Index:
     except UserError:
       raise
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
-      raise _not_an_index(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          ) from None
+      raise _not_an_index(
+        path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      ) from None
     self = cls.__new__(cls)
     try:
       paths = json.loads(bytes(arrays["paths"]).decode("utf-8"))
@@ -314,15 +353,20 @@ class Index:
         want |= {"pca_mean", "pca_components", "pca_scale"}
       if kind not in KINDS or set(arrays) != want:
         raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
-      if not (isinstance(paths, list) and len(paths) == n
-              and all(isinstance(p, str) for p in paths)):
+      if not (
+        isinstance(paths, list) and len(paths) == n and all(isinstance(p, str) for p in paths)
+      ):
         raise ValueError(f"paths are not {n} strings")
       self.kind, self.dim, self.input_dim, self._paths = kind, d, input_dim, paths
       self.pca = None
       if meta["pca"] is not None:
         mean, comps, scale = (arrays[k] for k in ("pca_mean", "pca_components", "pca_scale"))
-        if (mean.dtype, comps.dtype, scale.dtype) != (np.float32,) * 3 or mean.shape != (
-            input_dim,) or comps.shape != (d, input_dim) or scale.shape != (d,):
+        if (
+          (mean.dtype, comps.dtype, scale.dtype) != (np.float32,) * 3
+          or mean.shape != (input_dim,)
+          or comps.shape != (d, input_dim)
+          or scale.shape != (d,)
+        ):
           raise ValueError("PCA arrays of the wrong shape or type")
         self.pca = PCA(mean, comps, scale, bool(meta["pca"]["whiten"]))
       elif d != input_dim:
@@ -335,15 +379,24 @@ class Index:
         self._index.add(np.ascontiguousarray(v))
       else:
         blob = arrays["faiss_index"]
-        if blob.dtype != np.uint8 or blob.ndim != 1 or hashlib.sha256(
-            blob.tobytes()).hexdigest() != meta.get("faiss_sha256"):
+        if (
+          blob.dtype != np.uint8
+          or blob.ndim != 1
+          or hashlib.sha256(blob.tobytes()).hexdigest() != meta.get("faiss_sha256")
+        ):
           raise ValueError("the faiss index does not match the checksum recorded with it")
         self._index = faiss.deserialize_index(blob)
         want_type = faiss.IndexIVFFlat if kind == "ivf" else faiss.IndexIVFPQ
-        if (not isinstance(self._index, want_type) or self._index.d != d
-            or self._index.ntotal != n or self._index.metric_type != faiss.METRIC_L2):
-          raise ValueError(f"faiss index {type(self._index).__name__} d={self._index.d} "
-                           f"n={self._index.ntotal}, expected {want_type.__name__} d={d} n={n}")
+        if (
+          not isinstance(self._index, want_type)
+          or self._index.d != d
+          or self._index.ntotal != n
+          or self._index.metric_type != faiss.METRIC_L2
+        ):
+          raise ValueError(
+            f"faiss index {type(self._index).__name__} d={self._index.d} "
+            f"n={self._index.ntotal}, expected {want_type.__name__} d={d} n={n}"
+          )
         self.nprobe = int(meta["nprobe"])
     except UserError:
       raise
@@ -354,6 +407,7 @@ class Index:
   # --------------------------------------------------------------------- internals
   def _ivf(self):
     import faiss
+
     return faiss.extract_index_ivf(self._index)
 
   def _add(self, y: np.ndarray, paths: list[str]) -> None:
@@ -372,12 +426,15 @@ class Index:
 def _train_ivf(y: np.ndarray, kind: str, nlist: int | None, m: int | None, nbits: int | None):
   """A trained, empty faiss IVF / IVF-PQ index for `y` (squared L2)."""
   import faiss
+
   n, d = y.shape
   if nlist is None:
     nlist = max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS))
   if not _is_int(nlist) or not 1 <= nlist <= n:
-    raise UserError(f"nlist {nlist!r}: IVF needs 1 <= nlist <= the {n} training descriptors",
-                    "give more descriptors to the constructor, a smaller nlist, or kind='exact'")
+    raise UserError(
+      f"nlist {nlist!r}: IVF needs 1 <= nlist <= the {n} training descriptors",
+      "give more descriptors to the constructor, a smaller nlist, or kind='exact'",
+    )
   if kind == "ivf":
     index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_L2)
     need = nlist
@@ -387,20 +444,24 @@ def _train_ivf(y: np.ndarray, kind: str, nlist: int | None, m: int | None, nbits
       raise UserError(f"m {m!r}: the number of PQ sub-vectors must divide the dimension {d}")
     if nbits is None:
       nbits = 8
-      while nbits > 4 and n < MIN_POINTS * 2 ** nbits:
+      while nbits > 4 and n < MIN_POINTS * 2**nbits:
         nbits -= 1
       if nbits < 8:
-        note(f"IVF-PQ trained on {n} descriptors: {nbits}-bit codes (8 bits want >= "
-             f"{MIN_POINTS * 256} training descriptors)")
+        note(
+          f"IVF-PQ trained on {n} descriptors: {nbits}-bit codes (8 bits want >= "
+          f"{MIN_POINTS * 256} training descriptors)"
+        )
     if not _is_int(nbits) or not 1 <= nbits <= 16:
       raise UserError(f"nbits {nbits!r}: bits per PQ code, an integer in [1, 16]")
     index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x{nbits}", faiss.METRIC_L2)
     index.pq.cp.min_points_per_centroid = 1  # warned above once, not once per sub-vector
     index.do_polysemous_training = False  # the factory's default: slow, only for Hamming filters
-    need = max(nlist, 2 ** nbits)
+    need = max(nlist, 2**nbits)
   if n < need:
-    raise UserError(f"{kind} index: {n} training descriptors are fewer than the {need} centroids "
-                    "to fit", "give more descriptors to the constructor, or kind='exact'")
+    raise UserError(
+      f"{kind} index: {n} training descriptors are fewer than the {need} centroids to fit",
+      "give more descriptors to the constructor, or kind='exact'",
+    )
   faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
   index.train(y)
   return index
@@ -428,14 +489,19 @@ def _read_metadata(z, path: str) -> dict:
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise _not_an_index(path, "no salad_jax index metadata")
   if meta.get("version") != VERSION:
-    raise UserError(f"{path}: index format version {meta.get('version')!r}; this salad_jax reads "
-                    f"version {VERSION}", "rebuild the index with this version")
+    raise UserError(
+      f"{path}: index format version {meta.get('version')!r}; this salad_jax reads "
+      f"version {VERSION}",
+      "rebuild the index with this version",
+    )
   return meta
 
 
 def _not_an_index(path: str, why: str) -> UserError:
-  return UserError(f"{path} is not a readable salad_jax index ({why[:200]})",
-                   "rebuild it with Index(...).save(path)")
+  return UserError(
+    f"{path} is not a readable salad_jax index ({why[:200]})",
+    "rebuild it with Index(...).save(path)",
+  )
 
 
 def written_by_us(path: str) -> bool:
@@ -449,19 +515,12 @@ def written_by_us(path: str) -> bool:
 
 
 def _check_destination(path: str, overwrite: bool) -> None:
-  from salad_jax import atomic, workdir
-  if not path.strip():
-    raise UserError("the index destination is an empty path", "e.g. index.save('db.index.npz')")
-  if os.path.islink(path):
-    raise UserError(f"refusing to overwrite {path}: it is a symbolic link; salad_jax replaces "
-                    "only regular files it wrote", "give another path, or remove the link")
-  if os.path.isdir(path):
-    raise IsADirectoryError(f"{path} is a directory; an index is saved as a file (.npz)")
-  if os.path.lexists(path):
-    if not overwrite:
-      raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if not os.path.isfile(path) or not written_by_us(path):
-      raise UserError(f"refusing to overwrite {path}: it is not a salad_jax index (salad_jax "
-                      "only ever replaces files it wrote)", "choose another path")
-  workdir.check_location(os.path.dirname(os.path.abspath(path)), "index destination folder")
-  atomic.probe(path)
+  destinations.check_file(
+    path,
+    overwrite,
+    written_by_us,
+    flag="index path",
+    kind="index",
+    single="an index (.npz)",
+    overwrite_flag="overwrite=True",
+  )

@@ -11,7 +11,7 @@ import pytest
 
 import salad_jax
 from salad_jax import export
-from tiny_model import tiny_model_dir  # noqa: F401
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +32,14 @@ RUN_WITHOUT_SALAD_JAX = textwrap.dedent("""
 
 def run_export(*args):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "salad_jax.export", *args], capture_output=True,
-                        text=True, cwd=REPO, env=env, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "salad_jax.export", *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
+  )
 
 
 def test_exported_describe_runs_without_salad_jax_and_equals_describe(tmp_path, tiny_model_dir):
@@ -46,9 +52,14 @@ def test_exported_describe_runs_without_salad_jax_and_equals_describe(tmp_path, 
   np.save(tmp_path / "x.npy", x)
   script = tmp_path / "run.py"
   script.write_text(RUN_WITHOUT_SALAD_JAX)
-  r = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "x.npy"),
-                      str(tmp_path / "y.npz")], capture_output=True, text=True, cwd=tmp_path,
-                     timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+  r = subprocess.run(
+    [sys.executable, str(script), str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=300,
+    env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+  )
   assert r.returncode == 0, r.stderr
   assert "float32[batch,56,70,3]" in r.stdout and "float32[batch,144]" in r.stdout
   model = salad_jax.load(tiny_model_dir)
@@ -67,16 +78,21 @@ def test_exported_describe_runs_without_salad_jax_and_equals_describe(tmp_path, 
 def test_cli_errors_are_one_line_and_foreign_files_are_kept(tmp_path, tiny_model_dir):
   mine = tmp_path / "photo.jpg"
   mine.write_bytes(b"\xff\xd8\xff a user's photo")
-  r = run_export("--checkpoint", tiny_model_dir, "--image_size", "56", "--output", str(mine),
-                 "--overwrite")
+  r = run_export(
+    "--checkpoint", tiny_model_dir, "--image_size", "56", "--output", str(mine), "--overwrite"
+  )
   assert r.returncode == 2 and mine.read_bytes() == b"\xff\xd8\xff a user's photo"
   assert r.stderr.splitlines() == [
-      f"error: refusing to overwrite {mine}: it is not a salad_jax export (salad_jax only ever "
-      "replaces files it wrote)", "hint: choose another --output"]
-  r = run_export("--checkpoint", tiny_model_dir, "--image_size", "50", "--output",
-                 str(tmp_path / "m.jaxexport"))
+    f"error: refusing to overwrite {mine}: salad_jax did not write it (not a salad_jax export); "
+    "it only ever replaces files it wrote itself",
+    "hint: remove the file yourself, or choose another --output",
+  ]
+  r = run_export(
+    "--checkpoint", tiny_model_dir, "--image_size", "50", "--output", str(tmp_path / "m.jaxexport")
+  )
   assert r.returncode == 2 and r.stderr.splitlines() == [
-      "error: image 50x50: height and width must be multiples of 14 (try 56x56)"]
+    "error: image 50x50: height and width must be multiples of 14 (try 56x56)"
+  ]
   assert not (tmp_path / "m.jaxexport").exists()
 
 

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from salad_jax import evaluation
 from salad_jax.data import eval_sets
+from salad_jax.evaluation import search
 from salad_jax.index import PCA, Index, describe_folder, fit_pca
-from tiny_model import tiny_model_dir  # noqa: F401
+
 
 
 def clustered(n, d, centres=40, noise=0.3, seed=0):
@@ -26,7 +26,8 @@ def clustered(n, d, centres=40, noise=0.3, seed=0):
 def noisy_copies(db, n, seed=1, noise=0.05):
   rng = np.random.default_rng(seed)
   q = db[rng.choice(len(db), n, replace=False)] + noise * rng.standard_normal(
-      (n, db.shape[1])).astype(np.float32)
+    (n, db.shape[1])
+  ).astype(np.float32)
   return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
@@ -48,12 +49,13 @@ def test_describe_folder_reads_as_evaluation_in_one_batch_shape(tmp_path, tiny_m
   shapes = []
   real_describe = model.describe
   model.describe = lambda x: (shapes.append(np.shape(x)), real_describe(x))[1]
-  desc, paths = describe_folder(model, str(folder), image_size=(56, 56), batch_size=2,
-                                progress=False)
+  desc, paths = describe_folder(
+    model, str(folder), image_size=(56, 56), batch_size=2, progress=False
+  )
   assert paths == eval_sets.read_image_paths(str(folder)) and len(paths) == 5
   assert shapes == [(2, 56, 56, 3)] * 3  # 5 images: three batches of one shape, the last padded
   x = salad_jax.preprocess(paths, size=(56, 56))
-  want = np.concatenate([real_describe(x[i:i + 2]) for i in (0, 2)] + [real_describe(x[3:5])[1:]])
+  want = np.concatenate([real_describe(x[i : i + 2]) for i in (0, 2)] + [real_describe(x[3:5])[1:]])
   assert desc.dtype == np.float32 and desc.shape == (5, model.descriptor_dim)
   np.testing.assert_allclose(desc, want, atol=1e-6)
   # describe a folder, index it, find each image again by its own descriptor
@@ -79,8 +81,8 @@ def test_exact_search_is_evaluations_faiss_and_jax_search():
   q = noisy_copies(db, 40, noise=0.5)
   index = Index(db, names(500))
   paths, dist = index.search(q, 5)
-  d_f, i_f = evaluation.faiss_search(db, q, 5)
-  d_j, i_j = evaluation.jax_search(db, q, 5)
+  d_f, i_f = search.faiss_search(db, q, 5)
+  d_j, i_j = search.jax_search(db, q, 5)
   np.testing.assert_array_equal(i_f, i_j)  # the two references agree here (no near ties)
   assert paths == [[f"db/{i:05d}.jpg" for i in row] for row in i_f]
   np.testing.assert_array_equal(dist, d_f)
@@ -126,9 +128,11 @@ def test_save_load_round_trip_of_every_kind(tmp_path):
   db = clustered(1200, 48, centres=30)
   q = noisy_copies(db, 30)
   paths = [f"photos/ünïcode {i}.jpg" for i in range(len(db))]
-  indexes = {"exact": Index(db, paths, pca_dim=24),
-             "ivf": Index(db, paths, kind="ivf", nlist=8, nprobe=3),
-             "ivfpq": Index(db, paths, kind="ivfpq", nlist=8, m=8, nbits=4, nprobe=5)}
+  indexes = {
+    "exact": Index(db, paths, pca_dim=24),
+    "ivf": Index(db, paths, kind="ivf", nlist=8, nprobe=3),
+    "ivfpq": Index(db, paths, kind="ivfpq", nlist=8, m=8, nbits=4, nprobe=5),
+  }
   for kind, index in indexes.items():
     f = tmp_path / f"{kind}.npz"
     index.save(str(f))
@@ -136,13 +140,20 @@ def test_save_load_round_trip_of_every_kind(tmp_path):
     assert (back.kind, back.nprobe, back.paths, len(back)) == (kind, index.nprobe, paths, 1200)
     for a, b in zip(index.search(q, 7), back.search(q, 7)):
       np.testing.assert_array_equal(np.asarray(a, object), np.asarray(b, object))
-    assert sorted(os.listdir(tmp_path)) == sorted(f"{k}.npz" for k in list(indexes)[
-        :list(indexes).index(kind) + 1])  # no temporary left beside it
+    assert sorted(os.listdir(tmp_path)) == sorted(
+      f"{k}.npz" for k in list(indexes)[: list(indexes).index(kind) + 1]
+    )  # no temporary left beside it
   back = Index.load(str(tmp_path / "exact.npz"))
   np.testing.assert_array_equal(back.pca.components, indexes["exact"].pca.components)
   with zipfile.ZipFile(tmp_path / "exact.npz") as z:  # plain arrays, no pickled object
-    assert sorted(z.namelist()) == ["metadata.npy", "paths.npy", "pca_components.npy",
-                                    "pca_mean.npy", "pca_scale.npy", "vectors.npy"]
+    assert sorted(z.namelist()) == [
+      "metadata.npy",
+      "paths.npy",
+      "pca_components.npy",
+      "pca_mean.npy",
+      "pca_scale.npy",
+      "vectors.npy",
+    ]
 
 
 def test_save_refuses_what_it_did_not_write_and_load_errors_are_one_line(tmp_path):
@@ -172,9 +183,13 @@ def test_save_refuses_what_it_did_not_write_and_load_errors_are_one_line(tmp_pat
   damaged.write_bytes(mine.read_bytes()[: len(mine.read_bytes()) // 2])
   pickled = tmp_path / "pickled.npz"
   np.savez(pickled, metadata=np.array([{"format": "salad_jax.index"}], object))
-  for p, why in [(tmp_path / "notes.txt", "not a readable salad_jax index"),
-                 (tmp_path / "arrays.npz", "no metadata"), (damaged, "not a readable"),
-                 (pickled, "not a readable"), (tmp_path / "photo.npz", "no salad_jax index")]:
+  for p, why in [
+    (tmp_path / "notes.txt", "not a readable salad_jax index"),
+    (tmp_path / "arrays.npz", "no metadata"),
+    (damaged, "not a readable"),
+    (pickled, "not a readable"),
+    (tmp_path / "photo.npz", "no salad_jax index"),
+  ]:
     with pytest.raises(ValueError, match=why) as e:
       Index.load(str(p))
     assert "\n" not in str(e.value)
@@ -196,11 +211,11 @@ def test_save_refuses_what_it_did_not_write_and_load_errors_are_one_line(tmp_pat
 def test_ivf_probing_every_list_is_exact_and_ivfpq_recall_is_sane():
   db = clustered(3000, 64, centres=60, noise=0.35)
   q = noisy_copies(db, 100)
-  truth = evaluation.faiss_search(db, q, 1)[1][:, 0]
+  truth = search.faiss_search(db, q, 1)[1][:, 0]
   ivf = Index(db, names(3000), kind="ivf", nlist=20)
   assert ivf.nprobe == 16  # the default: min(nlist, 16)
   ivf.nprobe = 20
-  i_exact = evaluation.faiss_search(db, q, 10)[1]
+  i_exact = search.faiss_search(db, q, 10)[1]
   np.testing.assert_array_equal(ivf.search_indices(q, 10)[0], i_exact)
   ivf.nprobe = 1
   assert np.mean(ivf.search_indices(q, 1)[0][:, 0] == truth) > 0.5
@@ -210,8 +225,9 @@ def test_ivf_probing_every_list_is_exact_and_ivfpq_recall_is_sane():
   assert recall >= 0.9, recall  # the true nearest among the 10 found (PQ codes: 16 bytes/image)
   assert pq.memory_bytes() < Index(db, names(3000)).memory_bytes() / 4
   # trained on other descriptors, then grown with add: the same index
-  grown = Index(np.zeros((0, 64), np.float32), [], kind="ivfpq", train_on=db, nlist=16, m=16,
-                nbits=6, nprobe=16)
+  grown = Index(
+    np.zeros((0, 64), np.float32), [], kind="ivfpq", train_on=db, nlist=16, m=16, nbits=6, nprobe=16
+  )
   grown.add(db[:1000], names(1000))
   grown.add(db[1000:], names(3000)[1000:])
   np.testing.assert_array_equal(grown.search_indices(q, 10)[0], top10)
@@ -240,17 +256,22 @@ def test_pca_whitening_shapes_and_that_queries_are_whitened():
   # reference: SVD of the centred database, project, whiten, L2-normalise (signs do not matter)
   mean = db.astype(np.float64).mean(0)
   _, s, vt = np.linalg.svd(db - mean, full_matrices=False)
-  proj = lambda x, w: (lambda y: y / np.linalg.norm(y, axis=1, keepdims=True))(  # noqa: E731
-      ((x - mean) @ vt[:16].T) / (s[:16] / np.sqrt(len(db) - 1) if w else 1))
+  proj = (
+    lambda x, w: (lambda y: y / np.linalg.norm(y, axis=1, keepdims=True))(  # noqa: E731
+      ((x - mean) @ vt[:16].T) / (s[:16] / np.sqrt(len(db) - 1) if w else 1)
+    )
+  )
   index = Index(db, names(400), pca_dim=16)
   assert (index.dim, index.input_dim) == (16, 64)
   got_i, got_d = index.search_indices(q, 5)
-  want_d, want_i = evaluation.faiss_search(proj(db, True).astype(np.float32),
-                                           proj(q, True).astype(np.float32), 5)
+  want_d, want_i = search.faiss_search(
+    proj(db, True).astype(np.float32), proj(q, True).astype(np.float32), 5
+  )
   np.testing.assert_array_equal(got_i, want_i)
   np.testing.assert_allclose(got_d, want_d, atol=1e-4)
-  plain_i = evaluation.faiss_search(proj(db, True).astype(np.float32),
-                                    proj(q, False).astype(np.float32), 5)[1]
+  plain_i = search.faiss_search(
+    proj(db, True).astype(np.float32), proj(q, False).astype(np.float32), 5
+  )[1]
   assert not np.array_equal(got_i, plain_i)  # queries left unwhitened would rank differently
   # fitted on other descriptors (train_on), or a PCA fitted before (here unwhitened)
   trained = Index(db[:10], names(10), pca_dim=16, train_on=db)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_resnet as tr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import torch_resnet as tr
 from salad_jax.errors import UserError
 from salad_jax.models import resnet
 
@@ -109,13 +109,18 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
   net = resnet.ResNet(arch, layers_to_freeze=2)
 
   def loss(params):
-    y, state = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                         train=True, mutable=["batch_stats"])
+    y, state = net.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+    )
     return jnp.sum(y * w.astype(np.float32)), (y, state)
 
   if with_grads:
     (_, (out, state)), grads_j = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables["params"])
+      variables["params"]
+    )
   else:
     _, (out, state) = loss(variables["params"])
   abs_err, rel = rel_err(out, ref)
@@ -127,8 +132,10 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
     elif k.endswith(("running_mean", "running_var")):
       assert not np.array_equal(v, sd[k]), k
       worst = max(worst, rel_err(got[k], v)[1])
-  print(f"{arch} train: features max abs {abs_err:.2e}, rel {rel:.2e}; running stats worst "
-        f"rel {worst:.2e}")
+  print(
+    f"{arch} train: features max abs {abs_err:.2e}, rel {rel:.2e}; running stats worst "
+    f"rel {worst:.2e}"
+  )
   assert rel <= 1e-5 and worst <= 1e-5
   if not with_grads:
     return
@@ -150,13 +157,22 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
       continue
     ref = resnet._to_flax(grads_t[tkey].numpy(), kind)
     worst = max(worst, (float(np.linalg.norm(g - ref) / np.linalg.norm(ref)), tkey))
-  print(f"{arch} grads: {len(rows) - len(frozen_t)} trainable tensors, worst Frobenius rel "
-        f"vs torch fp64 {worst[0]:.2e} ({worst[1]})")
+  print(
+    f"{arch} grads: {len(rows) - len(frozen_t)} trainable tensors, worst Frobenius rel "
+    f"vs torch fp64 {worst[0]:.2e} ({worst[1]})"
+  )
   assert worst[0] <= 1e-4, worst
 
 
-@pytest.mark.parametrize("arch,crop,channels", [("resnet50", (4,), 1024), ("resnet50", (3, 4), 512),
-                                                ("resnet18", (4,), 256), ("resnet18", (3, 4), 128)])
+@pytest.mark.parametrize(
+  "arch,crop,channels",
+  [
+    ("resnet50", (4,), 1024),
+    ("resnet50", (3, 4), 512),
+    ("resnet18", (4,), 256),
+    ("resnet18", (3, 4), 128),
+  ],
+)
 def test_cropped_backbones_match_torch(arch, crop, channels):
   tm = tr.OfficialResNet(arch, pretrained=True, layers_to_crop=list(crop)).eval()
   loaded = tm.model.load_state_dict(model(arch).model.state_dict(), strict=False)
@@ -195,8 +211,10 @@ def test_cropping_layer3_alone_is_refused():
     tm(torch.zeros(1, 3, 64, 64))
   for crop in [(3,), (2, 4), (5,)]:
     with pytest.raises(UserError, match="layers_to_crop"):
-      jax.eval_shape(lambda x: resnet.ResNet("resnet18", crop).init(jax.random.key(0), x),
-                     jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+      jax.eval_shape(
+        lambda x: resnet.ResNet("resnet18", crop).init(jax.random.key(0), x),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+      )
 
 
 def test_sharded_batch_gives_global_batch_statistics():
@@ -206,8 +224,9 @@ def test_sharded_batch_gives_global_batch_statistics():
   tm = model("resnet18")
   variables = resnet.state_dict_to_variables(state_dict(tm), "resnet18")
   x = images(8, 64, seed=6)
-  step = jax.jit(lambda v, x: resnet.ResNet("resnet18").apply(v, x, train=True,
-                                                               mutable=["batch_stats"]))
+  step = jax.jit(
+    lambda v, x: resnet.ResNet("resnet18").apply(v, x, train=True, mutable=["batch_stats"])
+  )
   one_out, one_state = step(variables, x)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
@@ -217,8 +236,9 @@ def test_sharded_batch_gives_global_batch_statistics():
   assert len(out.sharding.device_set) == 8
   abs_err, rel = rel_err(out, one_out)
   worst = max(rel_err(a, b)[1] for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(one_state)))
-  print(f"8 devices vs 1: features max abs {abs_err:.2e}, rel {rel:.2e}; BN state worst rel "
-        f"{worst:.2e}")
+  print(
+    f"8 devices vs 1: features max abs {abs_err:.2e}, rel {rel:.2e}; BN state worst rel {worst:.2e}"
+  )
   assert rel <= 1e-5 and worst <= 1e-5
   train = copy.deepcopy(tm).train()
   assert rel_err(out, torch_features(train, x))[1] <= 1e-5  # torch on the whole batch
@@ -251,8 +271,10 @@ def test_infer_arch_on_every_arch_and_crop(arch):
 
 def test_infer_arch_and_conversion_errors_name_what_they_found():
   full = {k: tuple(v.shape) for k, v in model("resnext50_32x4d").model.state_dict().items()}
-  x8d = {k: ((s[0], 8) + s[2:] if k.endswith("conv2.weight") and len(s) == 4 else s)
-         for k, s in full.items()}
+  x8d = {
+    k: ((s[0], 8) + s[2:] if k.endswith("conv2.weight") and len(s) == 4 else s)
+    for k, s in full.items()
+  }
   with pytest.raises(UserError, match="groups 16"):
     resnet.infer_arch(x8d)
   with pytest.raises(UserError, match="missing: layer2.1.bn1.running_var"):
@@ -268,8 +290,10 @@ def test_infer_arch_and_conversion_errors_name_what_they_found():
   with pytest.raises(UserError, match="not a torchvision ResNet"):
     resnet.infer_arch({"cls_token": (1, 1, 768)})
   # a full torchvision file converts for a cropped model: the wrapper drops layer4 and fc
-  sd = dict(state_dict(model("resnet18")), **{"fc.weight": np.zeros((1000, 512), np.float32),
-                                              "fc.bias": np.zeros(1000, np.float32)})
+  sd = dict(
+    state_dict(model("resnet18")),
+    **{"fc.weight": np.zeros((1000, 512), np.float32), "fc.bias": np.zeros(1000, np.float32)},
+  )
   v = resnet.state_dict_to_variables(sd, "resnet18", [4])
   assert "layer4_0" not in v["params"] and "layer3_1" in v["params"]
   with pytest.raises(UserError, match="unexpected: bogus"):
@@ -284,8 +308,9 @@ def test_freeze_regex_matches_the_official_requires_grad():
     tm = tr.OfficialResNet("resnet18", pretrained=True, layers_to_freeze=level)
     frozen_t = {k for k, p in tm.model.named_parameters() if not p.requires_grad}
     regex = resnet.freeze_regex(level, prefix="model/backbone/")
-    frozen_j = {t for t, _, p, _ in rows
-                if regex and re.search(regex, "model/backbone/" + "/".join(p))}
+    frozen_j = {
+      t for t, _, p, _ in rows if regex and re.search(regex, "model/backbone/" + "/".join(p))
+    }
     assert frozen_j == frozen_t, level
   assert resnet.freeze_regex(-1) == ""  # the official pretrained=False: nothing frozen
   untouched = tr.OfficialResNet("resnet18", pretrained=False, layers_to_freeze=2)
@@ -297,8 +322,11 @@ def test_freeze_regex_matches_the_official_requires_grad():
 
 def test_init_follows_torchvision_and_bn_edge_cases():
   net = resnet.ResNet("resnext50_32x4d")
-  shapes = jax.eval_shape(lambda r, x: net.init(r, x), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda r, x: net.init(r, x),
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+  )
   for _, coll, path, kind in resnet.torch_layout("resnext50_32x4d"):
     dtype = functools.reduce(lambda t, p: t[p], path, shapes[coll]).dtype
     assert dtype == (np.int32 if kind == resnet.INT else np.float32)
@@ -319,16 +347,18 @@ def test_init_follows_torchvision_and_bn_edge_cases():
   with pytest.raises(UserError, match="more than 1 value per channel"):
     bn.apply(v, jnp.ones((1, 1, 1, 8)), train=True, mutable=["batch_stats"])
   with pytest.raises(UserError, match="NHWC"):
-    jax.eval_shape(lambda x: net.init(jax.random.key(0), x),
-                   jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32))
+    jax.eval_shape(
+      lambda x: net.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32)
+    )
 
 
 def test_bfloat16_compute_keeps_float32_statistics():
   net = resnet.ResNet("resnet18", dtype=jnp.bfloat16)
   x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
   variables = jax.eval_shape(net.init, jax.random.key(0), x)
-  out, state = jax.eval_shape(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]),
-                              variables, x)
+  out, state = jax.eval_shape(
+    lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
+  )
   assert out.dtype == jnp.bfloat16
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables["params"]))
   assert all(a.dtype in (jnp.float32, jnp.int32) for a in jax.tree.leaves(state))

@@ -18,11 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_resnet as tr  # noqa: E402
+
 from salad_jax.models import resnet  # noqa: E402
 
 SRC = os.environ.get("SALAD_OFFICIAL_SRC")
 pytestmark = pytest.mark.skipif(
-    not SRC, reason="set SALAD_OFFICIAL_SRC to a checkout of the official salad code")
+  not SRC, reason="set SALAD_OFFICIAL_SRC to a checkout of the official salad code"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,6 +43,7 @@ def official():
     def make(weights=None):
       built.append((arch, weights))
       return tr.TorchvisionResNet(arch)
+
     return make
 
   fake = types.ModuleType("torchvision")
@@ -83,8 +86,9 @@ def test_freezing_matches_the_official_wrapper(official, level):
     off = cls("resnet50", pretrained=pretrained, layers_to_freeze=level)
     ours = tr.OfficialResNet("resnet50", pretrained=pretrained, layers_to_freeze=level)
     assert built[-1][1] == ("IMAGENET1K_V1" if pretrained else None)
-    assert ([k for k, p in off.named_parameters() if p.requires_grad]
-            == [k for k, p in ours.named_parameters() if p.requires_grad])
+    assert [k for k, p in off.named_parameters() if p.requires_grad] == [
+      k for k, p in ours.named_parameters() if p.requires_grad
+    ]
 
 
 def test_forward_matches_the_official_wrapper(official):

@@ -14,13 +14,13 @@ import torch.nn as nn
 
 # block, blocks per stage, groups, width_per_group (torchvision's factories)
 ARCHS = {
-    "resnet18": ("basic", [2, 2, 2, 2], 1, 64),
-    "resnet34": ("basic", [3, 4, 6, 3], 1, 64),
-    "resnet50": ("bottleneck", [3, 4, 6, 3], 1, 64),
-    "resnet101": ("bottleneck", [3, 4, 23, 3], 1, 64),
-    "resnet152": ("bottleneck", [3, 8, 36, 3], 1, 64),
-    "resnext50_32x4d": ("bottleneck", [3, 4, 6, 3], 32, 4),
-    "wide_resnet50_2": ("bottleneck", [3, 4, 6, 3], 1, 128),
+  "resnet18": ("basic", [2, 2, 2, 2], 1, 64),
+  "resnet34": ("basic", [3, 4, 6, 3], 1, 64),
+  "resnet50": ("bottleneck", [3, 4, 6, 3], 1, 64),
+  "resnet101": ("bottleneck", [3, 4, 23, 3], 1, 64),
+  "resnet152": ("bottleneck", [3, 8, 36, 3], 1, 64),
+  "resnext50_32x4d": ("bottleneck", [3, 4, 6, 3], 32, 4),
+  "wide_resnet50_2": ("bottleneck", [3, 4, 6, 3], 1, 128),
 }
 
 
@@ -99,9 +99,15 @@ class TorchvisionResNet(nn.Module):
 
 def official_arch(model_name):
   """The official wrapper's substring tests, in its order (wide_resnet50_2 contains resnet50)."""
-  for needle, arch in [("resnext50", "resnext50_32x4d"), ("resnet50", "resnet50"),
-                       ("101", "resnet101"), ("152", "resnet152"), ("34", "resnet34"),
-                       ("18", "resnet18"), ("wide_resnet50_2", "wide_resnet50_2")]:
+  for needle, arch in [
+    ("resnext50", "resnext50_32x4d"),
+    ("resnet50", "resnet50"),
+    ("101", "resnet101"),
+    ("152", "resnet152"),
+    ("34", "resnet34"),
+    ("18", "resnet18"),
+    ("wide_resnet50_2", "wide_resnet50_2"),
+  ]:
     if needle in model_name:
       return arch
   raise NotImplementedError(model_name)
@@ -117,8 +123,9 @@ class OfficialResNet(nn.Module):
   """serizba/salad's ResNet backbone semantics. `arch` overrides the name lookup (so the real
   wide_resnet50_2 can be built: the official lookup turns that name into resnet50)."""
 
-  def __init__(self, model_name="resnet50", pretrained=True, layers_to_freeze=2,
-               layers_to_crop=(), arch=None):
+  def __init__(
+    self, model_name="resnet50", pretrained=True, layers_to_freeze=2, layers_to_crop=(), arch=None
+  ):
     super().__init__()
     self.model = TorchvisionResNet(arch or official_arch(model_name))
     if pretrained:  # the official wrapper freezes only pretrained models
@@ -145,8 +152,9 @@ class OfficialResNet(nn.Module):
     return x
 
 
-def randomize_(model: nn.Module, seed: int = 0, calib=(4, 64, 64), floor=0.1,
-               branch_gamma=(0.05, 0.25)) -> nn.Module:
+def randomize_(
+  model: nn.Module, seed: int = 0, calib=(4, 64, 64), floor=0.1, branch_gamma=(0.05, 0.25)
+) -> nn.Module:
   """Random weights and BN state with realistic scales, so errors show in every layer.
 
   Convs keep torchvision's kaiming normal (fan_out) init (seed torch before building). BN
@@ -161,10 +169,13 @@ def randomize_(model: nn.Module, seed: int = 0, calib=(4, 64, 64), floor=0.1,
   g = torch.Generator().manual_seed(seed)
   bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
   with torch.no_grad():
-    last = {id(b.bn3 if isinstance(b, Bottleneck) else b.bn2) for b in model.modules()
-            if isinstance(b, (BasicBlock, Bottleneck))}
+    last = {
+      id(b.bn3 if isinstance(b, Bottleneck) else b.bn2)
+      for b in model.modules()
+      if isinstance(b, (BasicBlock, Bottleneck))
+    }
     for m in bns:
-      lo, hi = (branch_gamma if id(m) in last else (0.5, 1.5))
+      lo, hi = branch_gamma if id(m) in last else (0.5, 1.5)
       m.weight.copy_(lo + (hi - lo) * torch.rand(m.weight.shape, generator=g))
       m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
       m.momentum = None  # cumulative average: one pass sets the running stats to the batch's

@@ -62,9 +62,21 @@ def check_dir(path: str, what: str = "output directory", create: bool = True) ->
   return path
 
 
-def check_file(path: str, overwrite: bool, ours: Callable[[str], bool]) -> None:
-  """A file salad_jax writes as a whole: a link or a directory there is refused; an existing
-  file is replaced only with `overwrite` and only if `ours(path)` (salad_jax wrote it)."""
+def check_file(
+  path: str,
+  overwrite: bool,
+  ours: Callable[[str], bool],
+  *,
+  flag: str = "--dst",
+  kind: str = "weight file",
+  single: str = "a .pth/.ckpt/.safetensors destination",
+  overwrite_flag: str = "--overwrite (overwrite=True)",
+) -> None:
+  """A file salad_jax writes as a whole (a `kind`, given as `flag`): an empty path, a link or a
+  directory there is refused; an existing file is replaced only with `overwrite` and only if
+  `ours(path)` (salad_jax wrote it)."""
+  if not path.strip():
+    raise UserError(f"{flag} is an empty path", f"give the {kind} to write")
   if os.path.islink(path):
     raise UserError(
       f"refusing to overwrite {path}: it is a symbolic link (to "
@@ -72,17 +84,15 @@ def check_file(path: str, overwrite: bool, ours: Callable[[str], bool]) -> None:
       "give the link's target itself as the destination, or remove the link",
     )
   if os.path.isdir(path):
-    raise IsADirectoryError(
-      f"--dst {path} is a directory; a .pth/.ckpt/.safetensors destination must be a file"
-    )
+    raise IsADirectoryError(f"{flag} {path} is a directory; {single} must be a file")
   if os.path.lexists(path):
     if not overwrite:
-      raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+      raise FileExistsError(f"{path} exists; pass {overwrite_flag} to replace it")
     if not os.path.isfile(path) or not ours(path):
       raise UserError(
-        f"refusing to overwrite {path}: salad_jax did not write it (it only ever "
-        "replaces weight files it wrote itself)",
-        "remove the file yourself, or choose another --dst",
+        f"refusing to overwrite {path}: salad_jax did not write it (not a salad_jax {kind}); it "
+        "only ever replaces files it wrote itself",
+        f"remove the file yourself, or choose another {flag}",
       )
   check_dir(os.path.dirname(os.path.abspath(path)), "destination folder", create=False)
   atomic.probe(path)

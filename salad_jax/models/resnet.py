@@ -23,19 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from salad_jax.errors import UserError
-from salad_jax.models.kernels import low_precision
+from salad_jax.models.attention import low_precision
 from salad_jax.models.vit import constrain_batch
 
 # torchvision's factories: block, blocks per stage, groups, width_per_group.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "resnet18": dict(block="basic", layers=(2, 2, 2, 2), groups=1, width_per_group=64),
-    "resnet34": dict(block="basic", layers=(3, 4, 6, 3), groups=1, width_per_group=64),
-    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=1, width_per_group=64),
-    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3), groups=1, width_per_group=64),
-    "resnet152": dict(block="bottleneck", layers=(3, 8, 36, 3), groups=1, width_per_group=64),
-    "resnext50_32x4d": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=32, width_per_group=4),
-    "wide_resnet50_2": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=1,
-                            width_per_group=128),
+  "resnet18": dict(block="basic", layers=(2, 2, 2, 2), groups=1, width_per_group=64),
+  "resnet34": dict(block="basic", layers=(3, 4, 6, 3), groups=1, width_per_group=64),
+  "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=1, width_per_group=64),
+  "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3), groups=1, width_per_group=64),
+  "resnet152": dict(block="bottleneck", layers=(3, 8, 36, 3), groups=1, width_per_group=64),
+  "resnext50_32x4d": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+  "wide_resnet50_2": dict(block="bottleneck", layers=(3, 4, 6, 3), groups=1, width_per_group=128),
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
 PLANES = (64, 128, 256, 512)  # per stage; stages 2-4 start with stride 2
@@ -56,8 +55,10 @@ def check_crop(layers_to_crop: Iterable[int]) -> tuple[int, ...]:
   output to layer4 (a channel mismatch there), so it is refused here."""
   crop = tuple(sorted(set(int(c) for c in layers_to_crop)))
   if crop not in ((), (4,), (3, 4)):
-    raise UserError(f"layers_to_crop={list(layers_to_crop)} is not supported",
-                    "use [], [4] or [3, 4] (cropping layer3 alone breaks layer4's input)")
+    raise UserError(
+      f"layers_to_crop={list(layers_to_crop)} is not supported",
+      "use [], [4] or [3, 4] (cropping layer3 alone breaks layer4's input)",
+    )
   return crop
 
 
@@ -79,15 +80,25 @@ def official_arch(model_name: str) -> str:
   there; this mirrors that. The swsl/ssl torch-hub models are not supported.
   """
   if "swsl" in model_name or "ssl" in model_name:
-    raise UserError(f"backbone {model_name!r}: the torch-hub swsl/ssl ResNets are not supported",
-                    f"use one of {', '.join(VARIANTS)}")
-  for needle, arch in [("resnext50", "resnext50_32x4d"), ("resnet50", "resnet50"),
-                       ("101", "resnet101"), ("152", "resnet152"), ("34", "resnet34"),
-                       ("18", "resnet18"), ("wide_resnet50_2", "wide_resnet50_2")]:
+    raise UserError(
+      f"backbone {model_name!r}: the torch-hub swsl/ssl ResNets are not supported",
+      f"use one of {', '.join(VARIANTS)}",
+    )
+  for needle, arch in [
+    ("resnext50", "resnext50_32x4d"),
+    ("resnet50", "resnet50"),
+    ("101", "resnet101"),
+    ("152", "resnet152"),
+    ("34", "resnet34"),
+    ("18", "resnet18"),
+    ("wide_resnet50_2", "wide_resnet50_2"),
+  ]:
     if needle in model_name:
       return arch
-  raise UserError(f"backbone {model_name!r} is not a ResNet the official wrapper knows",
-                  f"use one of {', '.join(VARIANTS)}")
+  raise UserError(
+    f"backbone {model_name!r} is not a ResNet the official wrapper knows",
+    f"use one of {', '.join(VARIANTS)}",
+  )
 
 
 def freeze_regex(layers_to_freeze: int, prefix: str = "backbone/") -> str:
@@ -99,7 +110,8 @@ def freeze_regex(layers_to_freeze: int, prefix: str = "backbone/") -> str:
   frozen layers still update them in train mode, as in torch.
   """
   parts = (["conv1", "bn1"] if layers_to_freeze >= 0 else []) + [
-      rf"layer{s}_\d+" for s in (1, 2, 3) if layers_to_freeze >= s]
+    rf"layer{s}_\d+" for s in (1, 2, 3) if layers_to_freeze >= s
+  ]
   if not parts:
     return ""
   return rf"^{re.escape(prefix)}({'|'.join(parts)})/"
@@ -129,6 +141,7 @@ class BatchNorm(nn.Module):
   for running_var, and num_batches_tracked += 1 (not while initialising, as torch's fresh
   module). The update needs `mutable=["batch_stats"]`.
   """
+
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPS
   dtype: Any = jnp.float32
@@ -143,13 +156,18 @@ class BatchNorm(nn.Module):
     count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
     if not train:
       return low_precision(_bn_eval, self.dtype, static_argnums=(5, 6))(
-          x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
+        x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype
+      )
     n = x.size // c
     if n < 2:
-      raise UserError(f"BatchNorm in train mode needs more than 1 value per channel, got input "
-                      f"shape {tuple(x.shape)}", "use a larger batch or image (torch refuses too)")
+      raise UserError(
+        f"BatchNorm in train mode needs more than 1 value per channel, got input "
+        f"shape {tuple(x.shape)}",
+        "use a larger batch or image (torch refuses too)",
+      )
     y, mean, var = low_precision(_bn_train, self.dtype, static_argnums=(3, 4))(
-        x, scale, bias, self.epsilon, self.dtype)
+      x, scale, bias, self.epsilon, self.dtype
+    )
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
       m = self.momentum
@@ -166,13 +184,23 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _conv(features, kernel, stride, dtype, name, groups=1):
   pad = (kernel - 1) // 2  # torch: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2,
-                 feature_group_count=groups, use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=_conv_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding=[(pad, pad)] * 2,
+    feature_group_count=groups,
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_conv_init,
+    name=name,
+  )
 
 
 class Block(nn.Module):
   """torchvision BasicBlock (two 3x3) or Bottleneck (1x1, grouped 3x3 with the stride, 1x1)."""
+
   planes: int
   stride: int
   downsample: bool
@@ -204,8 +232,9 @@ class Block(nn.Module):
 
 def _max_pool(x):
   """torch MaxPool2d(3, stride 2, padding 1): padded with -inf, floor mode."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
-                               (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+  )
 
 
 class ResNet(nn.Module):
@@ -215,6 +244,7 @@ class ResNet(nn.Module):
   get zero gradients (torch: none); the optimizer freezes them with `freeze_regex`. Their BN
   running stats still update in train mode (as torch's requires_grad_(False) layers do).
   """
+
   arch: str = "resnet50"
   layers_to_crop: tuple[int, ...] = ()
   layers_to_freeze: int = -1
@@ -225,8 +255,10 @@ class ResNet(nn.Module):
     spec = decode_variant(self.arch)
     stages = num_stages(self.layers_to_crop)
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise UserError(f"images must be a batch [B, H, W, 3] (NHWC RGB), got shape "
-                      f"{tuple(images.shape)}", "convert NCHW with x.transpose(0, 2, 3, 1)")
+      raise UserError(
+        f"images must be a batch [B, H, W, 3] (NHWC RGB), got shape {tuple(images.shape)}",
+        "convert NCHW with x.transpose(0, 2, 3, 1)",
+      )
     bottleneck = spec["block"] == "bottleneck"
     last_frozen = min(self.layers_to_freeze, 3, stages)  # the wrapper never freezes layer4
 
@@ -240,8 +272,16 @@ class ResNet(nn.Module):
       for i in range(spec["layers"][s]):
         stride = 2 if s > 0 and i == 0 else 1
         down = i == 0 and (stride != 1 or in_ch != planes * EXPANSION[spec["block"]])
-        x = Block(planes, stride, down, bottleneck, spec["groups"], spec["width_per_group"],
-                  self.dtype, name=f"layer{s + 1}_{i}")(x, train)
+        x = Block(
+          planes,
+          stride,
+          down,
+          bottleneck,
+          spec["groups"],
+          spec["width_per_group"],
+          self.dtype,
+          name=f"layer{s + 1}_{i}",
+        )(x, train)
         in_ch = planes * EXPANSION[spec["block"]]
       if s + 1 == last_frozen:
         x = jax.lax.stop_gradient(x)
@@ -264,11 +304,13 @@ def _rows(arch: str, layers_to_crop: Iterable[int] = ()):
 
   def bn(t, c):
     f = _flax_path(t)
-    return [(f"{t}.weight", "params", f + ("scale",), RAW, (c,)),
-            (f"{t}.bias", "params", f + ("bias",), RAW, (c,)),
-            (f"{t}.running_mean", "batch_stats", f + ("running_mean",), RAW, (c,)),
-            (f"{t}.running_var", "batch_stats", f + ("running_var",), RAW, (c,)),
-            (f"{t}.num_batches_tracked", "batch_stats", f + ("num_batches_tracked",), INT, ())]
+    return [
+      (f"{t}.weight", "params", f + ("scale",), RAW, (c,)),
+      (f"{t}.bias", "params", f + ("bias",), RAW, (c,)),
+      (f"{t}.running_mean", "batch_stats", f + ("running_mean",), RAW, (c,)),
+      (f"{t}.running_var", "batch_stats", f + ("running_var",), RAW, (c,)),
+      (f"{t}.num_batches_tracked", "batch_stats", f + ("num_batches_tracked",), INT, ()),
+    ]
 
   rows = conv("conv1", STEM, 3, 7) + bn("bn1", STEM)
   in_ch = STEM
@@ -290,8 +332,9 @@ def _rows(arch: str, layers_to_crop: Iterable[int] = ()):
   return rows
 
 
-def torch_layout(arch: str, layers_to_crop: Iterable[int] = ()
-                 ) -> list[tuple[str, str, tuple[str, ...], str]]:
+def torch_layout(
+  arch: str, layers_to_crop: Iterable[int] = ()
+) -> list[tuple[str, str, tuple[str, ...], str]]:
   """(torch key, collection, flax path, kind) rows in torchvision's state_dict order; keys are
   relative to the torchvision model (the official checkpoint prefixes `backbone.model.`)."""
   return [r[:4] for r in _rows(arch, layers_to_crop)]
@@ -303,21 +346,27 @@ def _names(keys: Iterable[str], limit: int = 8) -> str:
   return ", ".join(keys[:limit]) + more
 
 
-def _check_keys(shapes: Mapping[str, tuple], arch: str, crop: tuple[int, ...],
-                allow_extra: bool) -> list:
+def _check_keys(
+  shapes: Mapping[str, tuple], arch: str, crop: tuple[int, ...], allow_extra: bool
+) -> list:
   rows = _rows(arch, crop)
   want = {r[0]: r[4] for r in rows}
   dropped = set(DROPPED) | {k for k in shapes if k.split(".")[0] in {f"layer{s}" for s in crop}}
   missing = set(want) - set(shapes)
   extra = set(shapes) - set(want) - (dropped if allow_extra else set(DROPPED))
-  bad = [f"{k} {tuple(shapes[k])} (expected {want[k]})" for k in want
-         if k in shapes and tuple(shapes[k]) != want[k]]
+  bad = [
+    f"{k} {tuple(shapes[k])} (expected {want[k]})"
+    for k in want
+    if k in shapes and tuple(shapes[k]) != want[k]
+  ]
   if missing or extra or bad:
     parts = [f"missing: {_names(missing)}"] if missing else []
     parts += [f"unexpected: {_names(extra)}"] if extra else []
     parts += [f"wrong shapes: {'; '.join(sorted(bad)[:8])}"] if bad else []
-    raise UserError(f"state_dict does not match {arch} (layers_to_crop={list(crop)}): "
-                    + " | ".join(parts), "keys are relative to the torchvision model")
+    raise UserError(
+      f"state_dict does not match {arch} (layers_to_crop={list(crop)}): " + " | ".join(parts),
+      "keys are relative to the torchvision model",
+    )
   return rows
 
 
@@ -333,9 +382,11 @@ def infer_arch(shapes: Mapping[str, tuple]) -> tuple[str, tuple[int, ...]]:
   shapes = {k: tuple(v) for k, v in shapes.items()}
   found = _names(shapes)
   if "conv1.weight" not in shapes or "layer1.0.conv2.weight" not in shapes:
-    raise UserError(f"not a torchvision ResNet state_dict: no conv1.weight or "
-                    f"layer1.0.conv2.weight (found {found})",
-                    "keys must be relative to the torchvision model")
+    raise UserError(
+      f"not a torchvision ResNet state_dict: no conv1.weight or "
+      f"layer1.0.conv2.weight (found {found})",
+      "keys must be relative to the torchvision model",
+    )
   blocks = []
   for s in (1, 2, 3, 4):
     idx = {int(m.group(1)) for k in shapes for m in [re.match(rf"layer{s}\.(\d+)\.", k)] if m}
@@ -343,10 +394,14 @@ def infer_arch(shapes: Mapping[str, tuple]) -> tuple[str, tuple[int, ...]]:
       raise UserError(f"layer{s} has blocks {sorted(idx)}: not numbered 0..n-1")
     blocks.append(len(idx))
   crop = {(True, True): (), (True, False): (4,), (False, False): (3, 4)}.get(
-      (blocks[2] > 0, blocks[3] > 0))
+    (blocks[2] > 0, blocks[3] > 0)
+  )
   if crop is None or not blocks[0] or not blocks[1]:
-    raise UserError(f"ResNet stages with blocks {blocks} (layer1..layer4): a stage is missing "
-                    "that the official wrapper keeps", "only layer4, or layer3 and layer4, crop")
+    raise UserError(
+      f"ResNet stages with blocks {blocks} (layer1..layer4): a stage is missing "
+      "that the official wrapper keeps",
+      "only layer4, or layer3 and layer4, crop",
+    )
   block = "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic"
   conv2 = shapes["layer1.0.conv2.weight"]
   if len(conv2) != 4 or conv2[1] == 0 or conv2[0] % conv2[1]:
@@ -355,13 +410,19 @@ def infer_arch(shapes: Mapping[str, tuple]) -> tuple[str, tuple[int, ...]]:
   width_per_group = conv2[0] // groups if block == "bottleneck" else 64
   kept = tuple(b for b in blocks if b)
   for arch, spec in VARIANTS.items():
-    if (spec["block"], spec["layers"][:len(kept)], spec["groups"], spec["width_per_group"]) == (
-        block, kept, groups, width_per_group):
+    if (spec["block"], spec["layers"][: len(kept)], spec["groups"], spec["width_per_group"]) == (
+      block,
+      kept,
+      groups,
+      width_per_group,
+    ):
       _check_keys(shapes, arch, crop, allow_extra=False)
       return arch, crop
-  raise UserError(f"no known ResNet has {block} blocks {list(kept)}, groups {groups}, width per "
-                  f"group {width_per_group} (from layer1.0.conv2.weight {conv2})",
-                  f"known: {', '.join(VARIANTS)}")
+  raise UserError(
+    f"no known ResNet has {block} blocks {list(kept)}, groups {groups}, width per "
+    f"group {width_per_group} (from layer1.0.conv2.weight {conv2})",
+    f"known: {', '.join(VARIANTS)}",
+  )
 
 
 def _to_flax(x: np.ndarray, kind: str) -> np.ndarray:
@@ -369,7 +430,7 @@ def _to_flax(x: np.ndarray, kind: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, np.float32).transpose(2, 3, 1, 0))
   if kind == INT:
     v = int(np.asarray(x))
-    if not 0 <= v < 2 ** 31:
+    if not 0 <= v < 2**31:
       raise UserError(f"num_batches_tracked {v} does not fit int32")
     return np.asarray(v, np.int32)
   return np.array(x, np.float32)
@@ -383,8 +444,9 @@ def _to_torch(x: np.ndarray, kind: str) -> np.ndarray:
   return np.array(x, np.float32)
 
 
-def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], arch: str,
-                            layers_to_crop: Iterable[int] = ()) -> dict:
+def state_dict_to_variables(
+  state_dict: Mapping[str, np.ndarray], arch: str, layers_to_crop: Iterable[int] = ()
+) -> dict:
   """torchvision-layout state_dict -> {"params": ..., "batch_stats": ...} (numpy).
 
   Keys of cropped stages and fc.* may be present (a full torchvision file): the wrapper
@@ -401,8 +463,9 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], arch: str,
   return out
 
 
-def variables_to_state_dict(variables: Mapping, arch: str, layers_to_crop: Iterable[int] = ()
-                            ) -> "collections.OrderedDict[str, np.ndarray]":
+def variables_to_state_dict(
+  variables: Mapping, arch: str, layers_to_crop: Iterable[int] = ()
+) -> "collections.OrderedDict[str, np.ndarray]":
   """{"params", "batch_stats"} -> torchvision-layout state_dict (numpy, torchvision's order)."""
   out = collections.OrderedDict()
   for tkey, coll, path, kind, _ in _rows(arch, check_crop(layers_to_crop)):
