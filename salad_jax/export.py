@@ -180,7 +180,7 @@ def _main(argv):
   from absl import app, flags
 
   import salad_jax
-  from salad_jax import argv_compat, cli, errors
+  from salad_jax import argv_compat, cli, inference
 
   F = flags.FLAGS
   if len(argv) > 1:
@@ -189,7 +189,7 @@ def _main(argv):
   size = argv_compat.image_size(F.image_size)
   platforms = check_platforms(F.platforms)
   check_serializer()
-  errors.check_checkpoint_exists(F.checkpoint)
+  inference.check_checkpoint_exists(F.checkpoint)
   check_destination(F.output, F.overwrite)  # before the weights are read
   overrides = {k: v for k, v in (("dtype", F.dtype), ("attention", F.attention)) if v}
   model = salad_jax.load(F.checkpoint, **overrides)

@@ -12,7 +12,6 @@ import pytest
 import salad_jax
 from salad_jax import export
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs the artifact with salad_jax made unimportable: jax and numpy only.

@@ -14,7 +14,6 @@ from salad_jax.evaluation import search
 from salad_jax.index import PCA, Index, describe_folder, fit_pca
 
 
-
 def clustered(n, d, centres=40, noise=0.3, seed=0):
   """Unit vectors around `centres` random directions (descriptors of n images of few places)."""
   rng = np.random.default_rng(seed)
@@ -176,7 +175,7 @@ def test_save_refuses_what_it_did_not_write_and_load_errors_are_one_line(tmp_pat
     else:
       p.write_bytes(content)
     before = p.read_bytes()
-    with pytest.raises(ValueError, match="refusing to overwrite .* not a salad_jax index"):
+    with pytest.raises(ValueError, match=r"refusing to overwrite .*: salad_jax did not write it \(not a salad_jax index\)"):
       index.save(str(p), overwrite=True)
     assert p.read_bytes() == before
   damaged = tmp_path / "damaged.npz"
