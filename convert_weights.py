@@ -1,7 +1,10 @@
-r"""Converts SALAD / DINOv2 weights between PyTorch and salad_jax.
+r"""Converts weights between PyTorch and salad_jax: any official VPRModel (DINOv2 or ResNet x
+SALAD, GeM, ConvAP, CosPlace, MixVPR, NetVLAD), a DINOv2 hub or torchvision ResNet file.
 
   # official dino_salad.ckpt (or a Lightning .ckpt, a DINOv2 hub .pth, a .safetensors) -> Orbax dir
   python convert_weights.py --src dino_salad.ckpt --dst weights/dino_salad
+  # the MixVPR release (ResNet-50 + MixVPR 4096-d: the architecture comes from its keys)
+  python convert_weights.py --src resnet50_MixVPR_4096_channels1024_rows4.ckpt --dst weights/mixvpr
   # salad_jax checkpoint (converted dir or train.py workdir) -> official-layout PyTorch state_dict
   python convert_weights.py --src runs/gsv --dst salad_from_jax.pth
 
@@ -24,7 +27,16 @@ flags.DEFINE_string(
   required=True,
 )
 flags.DEFINE_bool("overwrite", False, "Replace an existing destination that salad_jax wrote.")
-flags.DEFINE_integer("seed", 0, "Seed of the fresh head when --src is a backbone-only DINOv2 file.")
+flags.DEFINE_integer(
+  "seed", 0, "Seed of the fresh head when --src is a backbone-only DINOv2 / ResNet file."
+)
+flags.DEFINE_multi_string(
+  "model",
+  [],
+  "FIELD=VALUE: a model config field that a torch --src leaves open (its keys and "
+  "hyper_parameters do not fix it), e.g. --model salad_assignment=softmax, --model s1=3, "
+  "--model norm_layer=true, or the head of a backbone-only file: --model aggregator=gem.",
+)
 
 
 def main(argv):
@@ -34,6 +46,7 @@ def main(argv):
 
   import salad_jax
   from salad_jax import cli
+  from salad_jax.models.vpr import parse_overrides
   from salad_jax.weights import converted, torch_files
 
   cli.quiet_logs()
@@ -43,8 +56,9 @@ def main(argv):
   if os.path.isfile(src) and not os.access(src, os.R_OK):
     raise PermissionError(f"--src {src} is not readable (permission denied)")
   converted.check_destination(dst, FLAGS.overwrite)
+  overrides = parse_overrides(FLAGS.model)
 
-  model = salad_jax.load(src, rng=jax.random.key(FLAGS.seed))
+  model = salad_jax.load(src, rng=jax.random.key(FLAGS.seed), **overrides)
   if torch_files.file_kind(dst):
     model.to_torch(dst, overwrite=FLAGS.overwrite)
     kind = "PyTorch state_dict"
@@ -52,9 +66,11 @@ def main(argv):
     model.save(dst, overwrite=FLAGS.overwrite)
     kind = "salad_jax Orbax checkpoint"
   c = model.config
+  head = (
+    f"m={c.num_clusters} l={c.cluster_dim} g={c.token_dim} -> " if c.aggregator == "salad" else ""
+  )
   print(
-    f"wrote {kind} to {dst}: ViT-{c.variant}{' +registers' if c.registers else ''}, "
-    f"m={c.num_clusters} l={c.cluster_dim} g={c.token_dim} -> {c.descriptor_dim}-d descriptors"
+    f"wrote {kind} to {dst}: {c.describe()}, {head}{c.descriptor_dim}-d descriptors"
     + (f"; source sha256 {model.source['sha256'][:16]}..." if "sha256" in model.source else "")
   )
 

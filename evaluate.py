@@ -1,4 +1,4 @@
-r"""Evaluates a SALAD checkpoint: Recall@K on UTM-named folders or the VPR benchmarks.
+r"""Evaluates a VPR checkpoint (SALAD or any other official model): Recall@K on UTM-named folders or the VPR benchmarks.
 
   # your own images (VPR-methods-evaluation layout: names @utm_east@utm_north@...@.jpg)
   python evaluate.py --checkpoint weights/dino_salad --database_folder db/ --queries_folder q/ \
@@ -82,6 +82,12 @@ flags.DEFINE_string(
   None,
   "Reuse descriptors computed before with the same weights, size, dtype and files.",
 )
+flags.DEFINE_multi_string(
+  "model",
+  [],
+  "FIELD=VALUE: a model config field that a torch --checkpoint leaves open, e.g. "
+  "--model salad_assignment=softmax or --model norm_layer=true (convert_weights.py --model).",
+)
 flags.mark_flag_as_required("checkpoint")
 flags.register_validator(
   "positive_dist_threshold",
@@ -98,6 +104,7 @@ def main(argv):
   from salad_jax.evaluation import evaluate, recall
   from salad_jax.files import destinations
   from salad_jax.inference import check_checkpoint_exists
+  from salad_jax.models.vpr import parse_overrides
 
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)
@@ -110,6 +117,7 @@ def main(argv):
   images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
   output_dir = destinations.check_dir(FLAGS.output_dir, "--output_dir")
   check_checkpoint_exists(FLAGS.checkpoint)
+  model_overrides = parse_overrides(FLAGS.model)
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = benchmarks.requested_sets(
     FLAGS.database_folder,
@@ -135,6 +143,7 @@ def main(argv):
     save_only_wrong_preds=FLAGS.save_only_wrong_preds,
     dtype=FLAGS.dtype,
     cache_dir=FLAGS.cache_dir,
+    model_overrides=model_overrides,
   )
   print(
     f"wrote {output_dir}/recalls.json"

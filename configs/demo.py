@@ -1,6 +1,11 @@
 r"""The embedded demo: a small ViT + SALAD trained from scratch on the generated demo dataset.
 
   python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/demo.py:mixvpr --workdir runs/demo_mixvpr
+
+`:mixvpr` is the GSV-Cities baseline's family in miniature: a ResNet-18 cut after layer2
+(layers_to_crop [3, 4], BatchNorm statistics trained and saved with the params) + MixVPR on its
+8x8 map of 64x64 images, SGD with momentum and MixVPR's warmup + multistep schedule.
 
 Generates the data in demo_data/ on first use (same GSV-Cities and UTM-folder layouts, readers,
 sampler, RandAugment and evaluator as a real run), trains for a few minutes on 2 CPU cores,
@@ -36,8 +41,27 @@ def get_config(arg=None):
   c.eval.num_workers = 0
   c.eval.at_start = True
   c.checkpoint.every_steps = 20
-  if arg == "short":  # the end-to-end test
-    c.num_epochs = 4
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r} (use short)")
+  parts = set((arg or "").split(","))
+  if "mixvpr" in parts:
+    mixvpr(c)
+  if "short" in parts:  # the end-to-end tests
+    c.num_epochs = 4 if "mixvpr" not in parts else 2
+  if parts - {"", "short", "mixvpr"}:
+    raise ValueError(f"unknown config argument {arg!r} (use short, mixvpr or mixvpr,short)")
   return c
+
+
+def mixvpr(c):
+  """ResNet-18 cropped after layer2 + MixVPR (8x8 map -> 8 x 32 = 256-d), from scratch."""
+  c.model.backbone = "resnet18"
+  c.model.layers_to_crop = (3, 4)
+  c.model.layers_to_freeze = -1  # random init: the official wrapper freezes pretrained layers only
+  c.model.aggregator = "mixvpr"
+  c.model.in_h, c.model.in_w = 8, 8
+  c.model.out_channels, c.model.mix_depth, c.model.out_rows = 32, 2, 8
+  c.data.image_size = (64, 64)
+  c.eval.image_size = (64, 64)
+  c.optim.name = "sgd"
+  c.optim.lr, c.optim.momentum, c.optim.weight_decay = 0.05, 0.9, 1e-3
+  c.optim.schedule, c.optim.schedule_interval = "multistep", "epoch"
+  c.optim.milestones, c.optim.gamma, c.optim.warmup_steps = (5, 7), 0.3, 10

@@ -66,13 +66,12 @@ def export_describe(model, image_size, platforms: Sequence[str] = DEFAULT_PLATFO
   from jax import export
 
   from salad_jax.data.images import as_size
-  from salad_jax.models import vit
-  from salad_jax.models.vpr import VPRModel
+  from salad_jax.models.vpr import VPRModel, as_variables
 
   h, w = as_size(image_size)
-  vit.check_image_shape((1, h, w, 3), model.config.num_clusters)
+  model.config.check_image_shape((1, h, w, 3))
   platforms = check_platforms(platforms)
-  params = jax.tree.map(np.asarray, model.params)
+  params = jax.tree.map(np.asarray, model.weights)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
   if nbytes > MAX_BYTES:
     raise UserError(
@@ -84,7 +83,7 @@ def export_describe(model, image_size, platforms: Sequence[str] = DEFAULT_PLATFO
   module = VPRModel(model.config.replace(micro_batch=0))
 
   def salad_jax_describe(images):
-    return module.apply({"params": params}, images).astype(jnp.float32)
+    return module.apply(as_variables(params), images).astype(jnp.float32)
 
   (batch,) = export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)

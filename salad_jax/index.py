@@ -55,12 +55,11 @@ def describe_folder(
   from tqdm import tqdm
 
   from salad_jax.data import eval_sets, images, pipeline
-  from salad_jax.models import vit
 
   size = images.as_size(image_size)
   if batch_size < 1:
     raise UserError(f"batch_size {batch_size}: must be >= 1")
-  vit.check_image_shape((1,) + size + (3,), model.config.num_clusters)
+  model.config.check_image_shape((1,) + size + (3,))
   paths = eval_sets.read_image_paths(os.fspath(folder))
   batch = min(batch_size, len(paths))
   images.check_batch_memory(size, batch, "image_size")

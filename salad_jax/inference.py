@@ -20,8 +20,14 @@ from salad_jax.data.images import (
   to_rgb,
 )
 from salad_jax.errors import UserError
-from salad_jax.models import vit
-from salad_jax.models.vpr import ModelConfig, VPRModel, assignment, init_params
+from salad_jax.models.vpr import (
+  ModelConfig,
+  VPRModel,
+  as_variables,
+  assignment,
+  init_variables,
+  weights_of,
+)
 from salad_jax.weights import convert, converted, run_checkpoints
 
 # The values an ImageNet-normalised image can hold ([0, 1] -> [-2.118, 2.640]), with a margin for
@@ -67,30 +73,53 @@ def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the model
 class SaladModel:
-  """A SALAD model with its params; `describe` and `features` are jitted per input shape."""
+  """A place-recognition model (any backbone x head) with its weights; `describe` and
+  `features` are jitted per input shape. `batch_stats`: a ResNet's BatchNorm running
+  statistics (eval mode uses them), None for DINOv2."""
 
-  def __init__(self, params: Mapping, config: ModelConfig, source: Mapping | None = None):
+  def __init__(
+    self,
+    params: Mapping,
+    config: ModelConfig,
+    source: Mapping | None = None,
+    batch_stats: Mapping | None = None,
+  ):
+    if config.has_batch_stats and not batch_stats:
+      raise UserError(
+        f"{config.describe()} needs its BatchNorm statistics (batch_stats) beside the params"
+      )
     self.params = params
+    self.batch_stats = batch_stats if config.has_batch_stats else None
     self.config = config
     self.source = dict(source or {})
     self.module = VPRModel(config)
     # each call also returns the input's min, max and finiteness (fused: no extra round trip)
-    self._describe = jax.jit(lambda p, x: (self.module.apply({"params": p}, x), _min_max(x)))
+    self._describe = jax.jit(lambda w, x: (self.module.apply(as_variables(w), x), _min_max(x)))
     self._features = jax.jit(
-      lambda p, x: (self.module.apply({"params": p}, x, method=VPRModel.features), _min_max(x))
+      lambda w, x: (
+        self.module.apply(as_variables(w), x, method=VPRModel.features),
+        _min_max(x),
+      )
     )
+
+  @property
+  def weights(self):
+    """The params, or {"params", "batch_stats"} for a ResNet (what `vpr.as_variables` takes)."""
+    return weights_of(self.params, self.batch_stats)
 
   @property
   def descriptor_dim(self) -> int:
     return self.config.descriptor_dim
 
-  def _check(self, images, min_patches: int) -> jax.Array:
+  def _check(self, images, for_features: bool = False) -> jax.Array:
     """Shape and dtype of a batch -> float32 array. Its values are checked by `_check_values`
     on the min and max that the jitted call returns with its result."""
     if isinstance(images, (list, tuple)):
       images = np.stack(images)
     shape = np.shape(images)
-    vit.check_image_shape(shape, min_patches=min_patches)
+    # features need only what the backbone needs (small images too); describe, the head's too
+    cfg = self.config.replace(aggregator="gem") if for_features else self.config
+    cfg.check_image_shape(shape)
     if shape[0] == 0:
       raise ValueError("empty batch: images has batch size 0")
     dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
@@ -118,35 +147,46 @@ class SaladModel:
 
   def describe(self, images) -> np.ndarray:
     """float32 NHWC ImageNet-normalised images -> descriptors [B, D] (L2-normalised)."""
-    x = self._check(images, self.config.num_clusters)
-    desc, min_max = self._describe(self.params, x)
+    x = self._check(images)
+    desc, min_max = self._describe(self.weights, x)
     self._check_values(min_max)
     return np.asarray(desc)
 
-  def features(self, images) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone outputs after the final norm: [B, H/14, W/14, C] and the cls token [B, C]."""
-    x = self._check(images, 0)
-    (f, t), min_max = self._features(self.params, x)
+  def features(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+    """Backbone outputs: the feature map [B, h, w, C] and the cls token [B, C] (DINOv2: after
+    the final norm if the model applies it, `norm_layer`); a ResNet has no token (None)."""
+    x = self._check(images, for_features=True)
+    (f, t), min_max = self._features(self.weights, x)
     self._check_values(min_max)
-    return np.asarray(f), np.asarray(t)
+    return np.asarray(f), None if t is None else np.asarray(t)
 
   def to_torch(self, path: str, overwrite: bool = False) -> None:
-    """Writes the params as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors).
+    """Writes the weights as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors)
+    that the official VPRModel loads with strict=True (a ResNet's BatchNorm buffers included).
 
     An existing file is replaced only with `overwrite`, and only if salad_jax wrote it.
     """
-    convert.write_torch_checkpoint(path, self.params, self.config, overwrite=overwrite)
+    convert.write_torch_checkpoint(
+      path, self.params, self.config, overwrite=overwrite, batch_stats=self.batch_stats
+    )
 
   def save(self, directory: str, overwrite: bool = False) -> None:
     """Writes a converted directory (`salad_jax.weights.converted`), loadable by `load`."""
-    converted.save_converted(directory, self.params, self.config, self.source, overwrite=overwrite)
+    converted.save_converted(
+      directory,
+      self.params,
+      self.config,
+      self.source,
+      overwrite=overwrite,
+      batch_stats=self.batch_stats,
+    )
 
   def assignment(self, images) -> np.ndarray:
-    """Sinkhorn assignment [B, m+1, H/14, W/14] of normalised images; row m is the dustbin."""
-    x = self._check(images, self.config.num_clusters)
+    """SALAD's assignment [B, m+1, h, w] of normalised images; row m is the dustbin."""
+    x = self._check(images)
     if not hasattr(self, "_assignment"):
-      self._assignment = jax.jit(lambda p, x: (assignment(self.module, p, x), _min_max(x)))
-    out, min_max = self._assignment(self.params, x)
+      self._assignment = jax.jit(lambda w, x: (assignment(self.module, w, x), _min_max(x)))
+    out, min_max = self._assignment(self.weights, x)
     self._check_values(min_max)
     return np.asarray(out)
 
@@ -172,32 +212,40 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
 
   `path`: a converted directory (`convert_weights.py`), a training workdir or one of its
   checkpoints (`train.py`), or a PyTorch `.ckpt/.pth` / `.safetensors` file (converted on the
-  fly). A plain DINOv2 hub file gives the backbone with a freshly initialised head (from `rng`).
-  `config_overrides` (e.g. dtype="bfloat16") replace fields of the stored model config that do not
-  change parameter shapes.
+  fly): an official VPRModel of any backbone x head (`convert.infer_config`), or a plain DINOv2
+  hub / torchvision ResNet file, which gives the backbone with a freshly initialised head (from
+  `rng`; the head named by `config_overrides`). `config_overrides` (e.g. dtype="bfloat16")
+  replace fields of a saved model config that change neither its parameters nor its function;
+  for a torch file they also decide what its keys leave open (e.g. salad_assignment="softmax").
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     if os.path.isfile(os.path.join(path, converted.CONFIG_FILE)):
-      params, config, source = converted.load_converted(path)
-    else:
-      params, config, source = run_checkpoints.load_for_inference(path)  # a train.py workdir
+      params, batch_stats, config, source = converted.load_converted_weights(path)
+    else:  # a train.py workdir
+      params, batch_stats, config, source = run_checkpoints.load_weights(path)
     if config_overrides:
-      fixed = set(config_overrides) & set(ModelConfig.SHAPE_FIELDS)
+      fixed = {
+        k
+        for k, v in config_overrides.items()
+        if k in ModelConfig.MODEL_FIELDS and v != getattr(config, k)
+      }
       if fixed:
         raise ValueError(
-          f"cannot override {sorted(fixed)} of a saved model: they fix the "
-          f"parameter shapes; overridable: dtype, attention, micro_batch, train_micro_batch, dropout"
+          f"cannot override {sorted(fixed)} of a saved model: they fix the parameters or the "
+          f"function it computes; overridable: dtype, attention, micro_batch, train_micro_batch, "
+          f"dropout"
         )
       config = config.replace(**config_overrides)
-    return SaladModel(params, config, source)
+    return SaladModel(params, config, source, batch_stats)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
-  params, config, backbone_only, source = convert.read_checkpoint(path, **config_overrides)
-  if backbone_only:
-    fresh = init_params(config, rng if rng is not None else jax.random.key(0))
-    params = {
-      "backbone": params["backbone"],
-      "aggregator": jax.tree.map(np.asarray, fresh["aggregator"]),
-    }
-  return SaladModel(params, config, source)
+  variables, config, backbone_only, source = convert.read_checkpoint_variables(
+    path, **config_overrides
+  )
+  if backbone_only:  # the head starts fresh; a ResNet's own BatchNorm statistics are the file's
+    fresh = init_variables(config, rng if rng is not None else jax.random.key(0))
+    for coll, tree in variables.items():
+      fresh[coll] = {**jax.tree.map(np.asarray, fresh[coll]), "backbone": tree["backbone"]}
+    variables = fresh
+  return SaladModel(variables["params"], config, source, variables.get("batch_stats"))

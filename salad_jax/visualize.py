@@ -276,7 +276,6 @@ def _main(argv) -> None:
   from salad_jax import argv_compat, cli, errors, inference
   from salad_jax.data import images
   from salad_jax.files import destinations, outputs
-  from salad_jax.models import vit
 
   F = flags.FLAGS
   if len(argv) > 1:
@@ -303,7 +302,7 @@ def _main(argv) -> None:
       f"{F.checkpoint} is a DINOv2 backbone without a SALAD head: it has no assignment to show",
       "give a SALAD checkpoint (dino_salad.ckpt, a converted dir or a train.py workdir)",
     )
-  vit.check_image_shape((1, size[0], size[1], 3), model.config.num_clusters)
+  model.config.check_image_shape((1, size[0], size[1], 3))
   for path in assignment_maps(model, F.images, size, out, F.pair):
     print(f"wrote {path}")
   claimed.finish()

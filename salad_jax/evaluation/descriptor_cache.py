@@ -43,7 +43,7 @@ def file_fingerprint(paths: Sequence[str]) -> list[list]:
 
 
 def cache_key(params_checksum: str, model_config, image_size, paths: Sequence[str]) -> dict:
-  model = model_config.fields(model_config.DESCRIPTOR_FIELDS)  # the params checksum: the weights
+  model = model_config.fields(model_config.descriptor_fields())  # the checksum: the weights
   return {
     "format": FORMAT_VERSION,
     "params": params_checksum,

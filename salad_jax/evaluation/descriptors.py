@@ -15,16 +15,16 @@ from tqdm import tqdm
 from salad_jax import sharding
 from salad_jax.data import eval_sets, pipeline
 from salad_jax.errors import UserError
-from salad_jax.models import vit
-from salad_jax.models.vpr import ModelConfig, VPRModel
+from salad_jax.models.vpr import ModelConfig, VPRModel, as_variables
 
 
 def make_describe(model_cfg: ModelConfig, mesh):
-  """Jitted (params, uint8 images [B,H,W,3] sharded on `data`) -> float32 descriptors (replicated)."""
+  """Jitted (weights, uint8 images [B,H,W,3] sharded on `data`) -> float32 descriptors
+  (replicated). `weights`: the params, or {"params", "batch_stats"} (`vpr.as_variables`)."""
   model = VPRModel(model_cfg)
 
   def fn(params, images):
-    return model.apply({"params": params}, pipeline.normalize_images(images))
+    return model.apply(as_variables(params), pipeline.normalize_images(images))
 
   # params: any layout (replicated, or the train state's fsdp shards: XLA gathers them)
   return jax.jit(
@@ -45,7 +45,7 @@ def extract(
   desc: str = "",
 ) -> np.ndarray:
   """Descriptors [len(paths), D] in the order of `paths`; fixed-shape padded batches."""
-  vit.check_image_shape((1, image_size[0], image_size[1], 3), model_cfg.num_clusters)
+  model_cfg.check_image_shape((1, image_size[0], image_size[1], 3))
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
   describe = describe or make_describe(model_cfg, mesh)

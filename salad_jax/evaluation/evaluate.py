@@ -20,7 +20,6 @@ from salad_jax.evaluation.recall import RECALL_VALUES, check_recall_values, form
 from salad_jax.evaluation.search import search
 from salad_jax.files import destinations, outputs
 from salad_jax.inference import load
-from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.weights import checksum
 
@@ -185,11 +184,13 @@ def evaluate_checkpoint(
   save_only_wrong_preds: bool = False,
   dtype: str | None = None,
   cache_dir: str | None = None,
+  model_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
   """evaluate.py's work: every set, a recall table, `recalls.json` and the requested outputs.
 
   `cache_dir`: reuse descriptors computed before with the same weights, model config, image size
-  and image files (`salad_jax.desc_cache`); anything else is recomputed.
+  and image files (`salad_jax.desc_cache`); anything else is recomputed. `model_overrides`:
+  ModelConfig fields for a torch file whose keys leave them open (`salad_jax.load`).
   """
   recall_values = check_recall_values(recall_values)
   images.check_batch_memory(image_size, batch_size)
@@ -210,18 +211,19 @@ def evaluate_checkpoint(
     sets, save_descriptors=save_descriptors, num_preds_to_save=num_preds_to_save
   )
   claimed = outputs.claim(output_dir, planned, "evaluate.py", write=jax.process_index() == 0)
-  model = load(checkpoint, **({"dtype": dtype} if dtype else {}))
+  overrides = {**(model_overrides or {}), **({"dtype": dtype} if dtype else {})}
+  model = load(checkpoint, **overrides)
   model_cfg = model.config
-  vit.check_image_shape((1, image_size[0], image_size[1], 3), model_cfg.num_clusters)
+  model_cfg.check_image_shape((1, image_size[0], image_size[1], 3))
   cache = None
   if cache_dir:
     cache = descriptor_cache.DescriptorCache(
-      cache_dir, checksum.params_checksum(model.params), model_cfg, image_size
+      cache_dir, checksum.params_checksum(model.weights), model_cfg, image_size
     )
   if jax.device_count() > 1 and model_cfg.micro_batch == "auto":
     model_cfg = model_cfg.replace(micro_batch=0)
   mesh = sharding.make_mesh()
-  params = sharding.put_replicated(model.params, mesh)
+  params = sharding.put_replicated(model.weights, mesh)
   describe = make_describe(model_cfg, mesh)
   table = {}
   for s in sets:

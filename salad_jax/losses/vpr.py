@@ -121,8 +121,12 @@ def vpr_loss(
   miner: str | None = "MultiSimilarityMiner",
   miner_margin: float = 0.1,
   valid: jax.Array | None = None,
+  loss_kwargs: dict | None = None,
 ):
   """Returns (loss, aux) for descriptors [N, D] and integer labels [N].
+
+  `loss_kwargs` (optional) replace settings of the loss (e.g. alpha, beta, base of
+  MultiSimilarityLoss); without them the loss is the official one.
 
   `valid` [N] bool (optional): padding entries take no part in mining or loss, so a padded
   batch gives the loss (and gradient) of the smaller batch.
@@ -151,5 +155,5 @@ def vpr_loss(
       aux["triplet_mask"] = mined.mask
     else:
       aux["pos_mask"], aux["neg_mask"] = mined
-  value = LOSSES[loss](descriptors, labels, mined, valid=valid)
+  value = LOSSES[loss](descriptors, labels, mined, valid=valid, **(loss_kwargs or {}))
   return value.astype(jnp.float32), aux

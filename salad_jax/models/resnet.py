@@ -14,6 +14,7 @@ Param paths mirror the torchvision state_dict (`layer1.0.downsample.1.weight` ->
 from __future__ import annotations
 
 import collections
+import functools
 import re
 from typing import Any, Iterable, Mapping
 
@@ -133,13 +134,28 @@ def _bn_train(x, scale, bias, epsilon, dtype):
   return y.astype(dtype), mean, var
 
 
+def _bn_train_masked(x, weight, scale, bias, epsilon, dtype):
+  """`_bn_train` with the statistics over the examples whose `weight` [B] is 1 (0: padding)."""
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  w = weight.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+  cells = x.size // (x.shape[0] * x.shape[-1])  # H * W
+  count = jnp.maximum(jnp.sum(weight.astype(jnp.float32)) * cells, 1.0)
+  mean = jnp.sum(xf * w, axis=axes) / count
+  centered = xf - mean
+  var = jnp.sum(centered * centered * w, axis=axes) / count
+  y = centered * jax.lax.rsqrt(var + epsilon) * scale + bias
+  return y.astype(dtype), mean, var, count
+
+
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d over the channels-last axis; statistics in float32.
 
   Eval: running stats. Train: batch mean and biased variance over (B, H, W); then running_mean/
   running_var <- (1 - momentum) * running + momentum * batch stat, with the unbiased variance
   for running_var, and num_batches_tracked += 1 (not while initialising, as torch's fresh
-  module). The update needs `mutable=["batch_stats"]`.
+  module). The update needs `mutable=["batch_stats"]`. `valid` [B] bool (optional): the batch
+  statistics, and so the normalisation and the update, come from the valid examples only.
   """
 
   momentum: float = BN_MOMENTUM
@@ -147,7 +163,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, valid=None):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -165,14 +181,20 @@ class BatchNorm(nn.Module):
         f"shape {tuple(x.shape)}",
         "use a larger batch or image (torch refuses too)",
       )
-    y, mean, var = low_precision(_bn_train, self.dtype, static_argnums=(3, 4))(
-      x, scale, bias, self.epsilon, self.dtype
-    )
+    if valid is None:
+      y, mean, var = low_precision(_bn_train, self.dtype, static_argnums=(3, 4))(
+        x, scale, bias, self.epsilon, self.dtype
+      )
+    else:  # statistics of the valid examples only: a padded batch acts as the smaller one
+      y, mean, var, n = low_precision(_bn_train_masked, self.dtype, static_argnums=(4, 5))(
+        x, valid, scale, bias, self.epsilon, self.dtype
+      )
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
       m = self.momentum
       ra_mean.value = m * mean + (1 - m) * ra_mean.value
-      ra_var.value = m * (var * (n / (n - 1))) + (1 - m) * ra_var.value
+      unbiased = n / (n - 1) if isinstance(n, int) else n / jnp.maximum(n - 1.0, 1.0)
+      ra_var.value = m * (var * unbiased) + (1 - m) * ra_var.value
       count.value = count.value + 1
     return y
 
@@ -210,9 +232,9 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, valid=None):
     def bn(name):
-      return BatchNorm(dtype=self.dtype, name=name)
+      return functools.partial(BatchNorm(dtype=self.dtype, name=name), valid=valid)
 
     if self.bottleneck:
       width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
@@ -251,7 +273,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, valid=None):
     spec = decode_variant(self.arch)
     stages = num_stages(self.layers_to_crop)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -263,7 +285,7 @@ class ResNet(nn.Module):
     last_frozen = min(self.layers_to_freeze, 3, stages)  # the wrapper never freezes layer4
 
     x = _conv(STEM, 7, 2, self.dtype, "conv1")(images.astype(self.dtype))
-    x = _max_pool(nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train)))
+    x = _max_pool(nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, valid)))
     if last_frozen == 0:
       x = jax.lax.stop_gradient(x)
     in_ch = STEM
@@ -281,7 +303,7 @@ class ResNet(nn.Module):
           spec["width_per_group"],
           self.dtype,
           name=f"layer{s + 1}_{i}",
-        )(x, train)
+        )(x, train, valid)
         in_ch = planes * EXPANSION[spec["block"]]
       if s + 1 == last_frozen:
         x = jax.lax.stop_gradient(x)

@@ -321,7 +321,8 @@ class PatchEmbed(nn.Module):
 
 
 class DinoViT(nn.Module):
-  """DINOv2 ViT. `__call__` returns the final-normed tokens [B, 1 + R + H'W', D] (cls first).
+  """DINOv2 ViT. `__call__` returns the final-normed tokens [B, 1 + R + H'W', D] (cls first);
+  with `final_norm=False` the tokens before the norm (the official wrapper's norm_layer=False).
 
   `num_trainable_blocks` puts a `stop_gradient` after the first depth - k blocks: no gradient
   flows into them, the patch embedding or the tokens (the SALAD backbone wrapper).
@@ -335,6 +336,7 @@ class DinoViT(nn.Module):
   micro_batch: int | str = "auto"  # blocks run on micro-batches of this many images
   train_micro_batch: int | str = "auto"  # the same for the trainable blocks when `train`
   remat: str = "none"  # none | blocks | dots: recompute in the backward pass (trainable blocks)
+  final_norm: bool = True  # False: the tokens before `norm` (its params stay, unused)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -392,4 +394,5 @@ class DinoViT(nn.Module):
         x = remat_block(Block, remat)(*block_args, name=f"blocks_{i}")(x)
       if self.num_trainable_blocks is not None and i == frozen - 1:
         x = jax.lax.stop_gradient(x)
-    return LayerNorm(dtype=self.dtype, name="norm")(x)
+    normed = LayerNorm(dtype=self.dtype, name="norm")(x)  # created either way: the torch layout
+    return normed if self.final_norm else x

@@ -1,32 +1,79 @@
-"""DINOv2 backbone + SALAD head: the whole place-recognition model, and its config."""
+"""The place-recognition model: a backbone (DINOv2 or ResNet) x a head, and its one config.
+
+`ModelConfig` holds every field that builds the model, flat, with the official argument names of
+serizba/salad's `VPRModel(backbone_arch, backbone_config, agg_arch, agg_config)` where they do
+not clash (`from_official` translates those arguments). `VPRModel(config)` is the Flax module:
+`__call__(images) -> descriptors`, `features(images) -> (map, token)`. ResNet backbones carry
+BatchNorm running statistics, a `batch_stats` collection next to `params`: `init_variables`
+makes both, `as_variables` turns what the library passes around (a params tree, or
+{"params", "batch_stats"}) into the variables `apply` takes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+import math
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salad_jax.models import attention, vit
-from salad_jax.models.salad import SALAD
+from salad_jax.errors import UserError, note
+from salad_jax.models import attention, convap, cosplace, gem, mixvpr, netvlad, resnet, salad, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DINOV2 = "dinov2"
+BACKBONES = (DINOV2,) + tuple(resnet.VARIANTS)
+AGGREGATORS = ("salad", "gem", "convap", "cosplace", "mixvpr", "netvlad")
+HEAD_NAMES = {
+  "salad": "SALAD",
+  "gem": "GeM",
+  "convap": "ConvAP",
+  "cosplace": "CosPlace",
+  "mixvpr": "MixVPR",
+  "netvlad": "NetVLAD",
+}
+
+# Which fields fix the parameters and the function computed, per backbone kind and per head
+# (the others are ignored by that model); and which fix the trainable set.
+BACKBONE_FIELDS = {DINOV2: ("variant", "registers", "norm_layer"), "resnet": ("layers_to_crop",)}
+HEAD_FIELDS = {
+  "salad": (
+    "num_clusters",
+    "cluster_dim",
+    "token_dim",
+    "hidden_dim",
+    "salad_dustbin",
+    "salad_assignment",
+    "salad_global_token",
+  ),
+  "gem": (),  # p is the init of a learned parameter: it fixes neither shapes nor function
+  "convap": ("out_channels", "s1", "s2"),
+  "cosplace": ("out_dim",),
+  "mixvpr": ("in_h", "in_w", "out_channels", "mix_depth", "mlp_ratio", "out_rows"),
+  "netvlad": ("num_clusters", "normalize_input", "vladv2"),
+}
+TRAINABLE_FIELDS = {DINOV2: ("num_trainable_blocks",), "resnet": ("layers_to_freeze",)}
+
+
+def _union(*groups) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(f for g in groups for f in g))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Everything that fixes the parameter shapes and the forward pass (saved next to weights)."""
+  """Everything that builds the model (saved next to weights). Defaults: DINOv2 ViT-B/14 + SALAD,
+  the paper's model; every field saved by an earlier salad_jax keeps its meaning."""
 
-  variant: str = "B/14"  # S/14, B/14, L/14, g/14
+  variant: str = "B/14"  # DINOv2: S/14, B/14, L/14, g/14
   registers: bool = False  # the `*_reg` DINOv2 models (4 register tokens)
-  num_trainable_blocks: int = 4  # last blocks that receive gradients (SALAD: 4)
-  num_clusters: int = 64  # m
-  cluster_dim: int = 128  # l
-  token_dim: int = 256  # g
-  hidden_dim: int = 512  # width of the head MLPs
-  dropout: float = 0.3
+  num_trainable_blocks: int = 4  # DINOv2: last blocks that receive gradients (SALAD: 4)
+  num_clusters: int = 64  # SALAD's m, NetVLAD's K
+  cluster_dim: int = 128  # SALAD's l
+  token_dim: int = 256  # SALAD's g
+  hidden_dim: int = 512  # width of SALAD's MLPs
+  dropout: float = 0.3  # SALAD's (the other heads have none)
   dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   # auto: chunked on CPU; elsewhere jax.nn.dot_product_attention (cuDNN flash attention on GPUs
   # for bf16/fp16, else XLA); chunked | dot_product_attention | xla | cudnn force one
@@ -36,47 +83,233 @@ class ModelConfig:
   remat: str = (
     "none"  # trainable blocks in training: none | blocks (recompute) | dots (keep matmuls)
   )
+  # ---- backbone: "dinov2" (variant, registers) or a ResNet arch (resnet.VARIANTS)
+  backbone: str = DINOV2
+  norm_layer: bool = True  # DINOv2 wrapper: final LayerNorm on the tokens (official default False)
+  return_token: bool = True  # DINOv2 wrapper: hand the cls token to the head (SALAD needs it)
+  layers_to_freeze: int = 2  # ResNet wrapper: conv1+bn1 (>= 0) and layer1..3 (>= 1..3); -1 none
+  layers_to_crop: tuple[int, ...] = ()  # ResNet wrapper: (), (4,) or (3, 4)
+  # ---- head: salad | gem | convap | cosplace | mixvpr | netvlad
+  aggregator: str = "salad"
+  salad_dustbin: bool = True  # SALAD ablations (models/salad.py): Sinkhorn without the dustbin,
+  salad_assignment: str = "sinkhorn"  # softmax assignment instead of Sinkhorn,
+  salad_global_token: bool = True  # no global token
+  p: float = 3.0  # GeM: the initial p (learned)
+  out_channels: int = 512  # ConvAP and MixVPR
+  s1: int = 2  # ConvAP's pooled grid
+  s2: int = 2
+  out_dim: int = 512  # CosPlace
+  in_h: int = 20  # MixVPR: the feature map it is built for
+  in_w: int = 20
+  mix_depth: int = 1
+  mlp_ratio: float = 1.0
+  out_rows: int = 4
+  normalize_input: bool = True  # NetVLAD
+  vladv2: bool = False
 
-  # The fields that fix the parameter shapes (a saved model cannot change them)...
-  SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
-    "variant",
-    "registers",
-    "num_clusters",
-    "cluster_dim",
-    "token_dim",
-    "hidden_dim",
+  # The fields that fix the parameters and the function computed, for any backbone and head (a
+  # saved model cannot change them; `model_fields()` gives this model's own); ...
+  MODEL_FIELDS: ClassVar[tuple[str, ...]] = _union(
+    ("backbone", "aggregator"), *BACKBONE_FIELDS.values(), *HEAD_FIELDS.values()
   )
-  # ... and, with the trainable set, the optimizer state's (a checkpoint to resume from)
-  TRAIN_STATE_FIELDS: ClassVar[tuple[str, ...]] = SHAPE_FIELDS + ("num_trainable_blocks",)
-  # ... and, with the compute dtype, the descriptors given the params (the descriptor cache key)
-  DESCRIPTOR_FIELDS: ClassVar[tuple[str, ...]] = SHAPE_FIELDS + ("dtype",)
+  # ... and the trainable set (the optimizer state's shapes: a checkpoint to resume from); ...
+  TRAIN_STATE_FIELDS: ClassVar[tuple[str, ...]] = _union(MODEL_FIELDS, *TRAINABLE_FIELDS.values())
+  # ... and the compute dtype (the descriptors given the weights: the descriptor cache key).
+  DESCRIPTOR_FIELDS: ClassVar[tuple[str, ...]] = MODEL_FIELDS + ("dtype",)
+  SHAPE_FIELDS: ClassVar[tuple[str, ...]] = MODEL_FIELDS  # the name before ResNets and heads
 
   def __post_init__(self):
+    object.__setattr__(self, "layers_to_crop", tuple(int(c) for c in self.layers_to_crop))
     vit.decode_variant(self.variant)
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-    depth = vit.VARIANTS[self.variant]["depth"]
-    if not 0 <= self.num_trainable_blocks <= depth:
-      raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
     attention.check_attention(self.attention)
     vit.check_remat(self.remat)
     vit.check_micro_batch(self.micro_batch)
     vit.check_micro_batch(self.train_micro_batch)
+    if self.backbone not in BACKBONES:
+      raise UserError(
+        f"unknown backbone {self.backbone!r}", f"choose one of {', '.join(BACKBONES)}"
+      )
+    if self.aggregator not in AGGREGATORS:
+      raise UserError(
+        f"unknown aggregator {self.aggregator!r}", f"choose one of {', '.join(AGGREGATORS)}"
+      )
+    if self.is_resnet:
+      resnet.check_crop(self.layers_to_crop)
+      if self.layers_to_freeze < -1:
+        raise UserError(f"layers_to_freeze={self.layers_to_freeze}: -1 (none) or 0..4")
+    else:
+      depth = vit.VARIANTS[self.variant]["depth"]
+      if not 0 <= self.num_trainable_blocks <= depth:
+        raise ValueError(f"num_trainable_blocks must be in [0, {depth}] for {self.variant}")
+      if self.layers_to_crop:
+        raise UserError(
+          f"layers_to_crop={list(self.layers_to_crop)} crops ResNet stages; the backbone is DINOv2",
+          "use layers_to_crop=()",
+        )
+    self._check_head()
+
+  def _check_head(self) -> None:
+    a = self.aggregator
+    positive = {
+      "salad": ("num_clusters", "cluster_dim", "token_dim", "hidden_dim"),
+      "convap": ("out_channels", "s1", "s2"),
+      "cosplace": ("out_dim",),
+      "mixvpr": ("in_h", "in_w", "out_channels", "out_rows"),
+      "netvlad": ("num_clusters",),
+    }.get(a, ())
+    for name in positive:
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise UserError(f"{name}={v!r}: {HEAD_NAMES[a]} needs an integer >= 1")
+    if a == "mixvpr" and (self.mix_depth < 0 or not self.mlp_ratio > 0):
+      raise UserError(
+        f"mix_depth={self.mix_depth}, mlp_ratio={self.mlp_ratio}: MixVPR needs mix_depth >= 0 "
+        "and mlp_ratio > 0"
+      )
+    if a == "gem" and not (math.isfinite(self.p) and self.p > 0):
+      raise UserError(f"p={self.p}: GeM's p must be a positive number (the official init: 3)")
+    if a != "salad":
+      return
+    salad.check_assignment(self.salad_assignment)
+    if self.salad_global_token and self.is_resnet:
+      raise UserError(
+        f"SALAD's global token needs the backbone's cls token; {self.backbone} has none",
+        "use salad_global_token=False, or another aggregator (gem, convap, cosplace, mixvpr, "
+        "netvlad)",
+      )
+    if self.salad_global_token and not self.return_token:
+      raise UserError(
+        "SALAD's global token needs the cls token, but return_token=False",
+        "set return_token=True (the official SALAD config does), or salad_global_token=False",
+      )
+
+  # ------------------------------------------------------------------ derived sizes
+  @property
+  def is_resnet(self) -> bool:
+    return self.backbone != DINOV2
+
+  @property
+  def backbone_kind(self) -> str:
+    return "resnet" if self.is_resnet else DINOV2
+
+  @property
+  def has_batch_stats(self) -> bool:
+    """ResNets carry BatchNorm running statistics (a `batch_stats` collection)."""
+    return self.is_resnet
 
   @property
   def width(self) -> int:
+    """Channels of the backbone's feature map (the head's input)."""
+    if self.is_resnet:
+      return resnet.out_channels(self.backbone, self.layers_to_crop)
     return vit.VARIANTS[self.variant]["width"]
 
   @property
+  def feature_stride(self) -> int:
+    """Image pixels per feature-map cell: 14 (DINOv2), 32 (ResNet; 16 or 8 when cropped)."""
+    if self.is_resnet:
+      return 2 ** (1 + resnet.num_stages(self.layers_to_crop))
+    return vit.PATCH
+
+  @property
+  def min_patches(self) -> int:
+    """Sinkhorn with the dustbin needs more features than clusters (its marginal is log(n-m))."""
+    sinkhorn = self.salad_assignment == "sinkhorn" and self.salad_dustbin
+    return self.num_clusters if self.aggregator == "salad" and sinkhorn else 0
+
+  @property
   def descriptor_dim(self) -> int:
-    return self.num_clusters * self.cluster_dim + self.token_dim
+    a, c = self.aggregator, self.width
+    if a == "salad":
+      return salad.descriptor_dim(
+        self.num_clusters, self.cluster_dim, self.token_dim, self.salad_global_token
+      )
+    if a == "gem":
+      return gem.descriptor_dim(c)
+    if a == "convap":
+      return convap.descriptor_dim(self.out_channels, self.s1, self.s2)
+    if a == "cosplace":
+      return cosplace.descriptor_dim(self.out_dim)
+    if a == "mixvpr":
+      return mixvpr.descriptor_dim(self.out_channels, self.out_rows)
+    return netvlad.descriptor_dim(self.num_clusters, c)
+
+  def feature_grid(self, h: int, w: int) -> tuple[int, int]:
+    """The backbone's feature map size for an h x w image (ResNet: each stride-2 layer gives
+    ceil(size / 2), as torch's padded convs and max pool do)."""
+    if not self.is_resnet:
+      return h // vit.PATCH, w // vit.PATCH
+    for _ in range(1 + resnet.num_stages(self.layers_to_crop)):
+      h, w = -(-h // 2), -(-w // 2)
+    return h, w
+
+  def check_image_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+    """An NHWC image batch shape this model takes (ValueError/UserError naming a size that
+    fits); returns the feature grid."""
+    if self.is_resnet:
+      if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(
+          f"images must be a batch [B, H, W, 3] (NHWC RGB), got shape {tuple(shape)}; "
+          "add a batch axis with x[None], convert NCHW with x.transpose(0, 2, 3, 1)"
+        )
+      if shape[1] < 1 or shape[2] < 1:
+        raise ValueError(f"image {shape[1]}x{shape[2]}: height and width must be positive")
+      grid = self.feature_grid(shape[1], shape[2])
+    else:
+      grid = vit.check_image_shape(shape, min_patches=self.min_patches)
+    if self.aggregator == "mixvpr" and grid[0] * grid[1] != self.in_h * self.in_w:
+      s = self.feature_stride
+      raise UserError(
+        f"image {shape[1]}x{shape[2]} gives a {grid[0]}x{grid[1]} feature map, but MixVPR "
+        f"was built for {self.in_h}x{self.in_w} ({self.in_h * self.in_w} cells)",
+        f"use {self.in_h * s}x{self.in_w * s} images, or a model with in_h, in_w that fit",
+      )
+    return grid
+
+  def example_image_size(self) -> int:
+    """A square image size the model takes (for init and shape tracing)."""
+    if self.aggregator == "mixvpr":
+      side = math.isqrt(self.in_h * self.in_w)
+      if side * side != self.in_h * self.in_w:
+        raise UserError(
+          f"MixVPR in_h x in_w = {self.in_h}x{self.in_w}: only square maps can be traced here"
+        )
+      return side * self.feature_stride
+    side = vit.PATCH * (math.isqrt(self.min_patches) + 1)
+    return max(224, side)
+
+  def describe(self) -> str:
+    """One line for messages: 'ViT-B/14 + SALAD (8448-d)'."""
+    if self.is_resnet:
+      crop = f" cropped {list(self.layers_to_crop)}" if self.layers_to_crop else ""
+      back = f"{self.backbone}{crop}"
+    else:
+      back = f"ViT-{self.variant}{' +registers' if self.registers else ''}"
+    return f"{back} + {HEAD_NAMES[self.aggregator]} ({self.descriptor_dim}-d)"
+
+  # ------------------------------------------------------------------ field groups
+  def model_fields(self) -> tuple[str, ...]:
+    """This model's fields that fix its parameters and the function it computes."""
+    return (
+      ("backbone", "aggregator")
+      + BACKBONE_FIELDS[self.backbone_kind]
+      + HEAD_FIELDS[self.aggregator]
+    )
+
+  def train_state_fields(self) -> tuple[str, ...]:
+    return self.model_fields() + TRAINABLE_FIELDS[self.backbone_kind]
+
+  def descriptor_fields(self) -> tuple[str, ...]:
+    return self.model_fields() + ("dtype",)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   def fields(self, names) -> dict[str, Any]:
-    """{name: value} of the named fields (e.g. `ModelConfig.SHAPE_FIELDS`)."""
-    return {n: getattr(self, n) for n in names}
+    """{name: value} of the named fields as JSON stores them (tuples as lists)."""
+    return {n: (list(v) if isinstance(v, tuple) else v) for n in names for v in [getattr(self, n)]}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -90,58 +323,356 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
 
+# ------------------------------------------------------------------------------ the module
+def _head(c: ModelConfig, dtype) -> nn.Module:
+  a = c.aggregator
+  if a == "salad":
+    return salad.SALAD(
+      c.num_clusters,
+      c.cluster_dim,
+      c.token_dim,
+      c.hidden_dim,
+      c.dropout,
+      dtype=dtype,
+      dustbin=c.salad_dustbin,
+      assignment=c.salad_assignment,
+      global_token=c.salad_global_token,
+    )
+  if a == "gem":
+    return gem.GeMPool(p_init=float(c.p))
+  if a == "convap":
+    return convap.ConvAP(c.out_channels, c.s1, c.s2, dtype=dtype)
+  if a == "cosplace":
+    return cosplace.CosPlace(c.out_dim, dtype=dtype)
+  if a == "mixvpr":
+    return mixvpr.MixVPR(
+      c.in_h,
+      c.in_w,
+      c.out_channels,
+      c.mix_depth,
+      c.mlp_ratio,
+      c.out_rows,
+      feature_stride=c.feature_stride,
+      dtype=dtype,
+    )
+  return netvlad.NetVLAD(c.num_clusters, c.normalize_input, c.vladv2, dtype=dtype)
+
+
 class VPRModel(nn.Module):
-  """`__call__(images [B,H,W,3], train)` -> descriptors [B, m*l+g]; `features` -> (map, token)."""
+  """`__call__(images [B,H,W,3], train, valid)` -> descriptors [B, D]; `features` -> (map, token).
+
+  `valid` [B] bool (training, optional): padding entries take no part in the BatchNorm
+  statistics of a ResNet (the DINOv2 backbone and the heads treat examples independently).
+  """
 
   config: ModelConfig
 
   def setup(self):
     c = self.config
     dtype = DTYPES[c.dtype]
-    self.backbone = vit.DinoViT(
-      c.variant,
-      c.registers,
-      c.num_trainable_blocks,
-      dtype,
-      c.attention,
-      c.micro_batch,
-      c.train_micro_batch,
-      c.remat,
-    )
-    self.aggregator = SALAD(
-      c.num_clusters, c.cluster_dim, c.token_dim, c.hidden_dim, c.dropout, dtype=dtype
-    )
+    if c.is_resnet:
+      self.backbone = resnet.ResNet(c.backbone, c.layers_to_crop, c.layers_to_freeze, dtype)
+    else:
+      self.backbone = vit.DinoViT(
+        c.variant,
+        c.registers,
+        c.num_trainable_blocks,
+        dtype,
+        c.attention,
+        c.micro_batch,
+        c.train_micro_batch,
+        c.remat,
+        final_norm=c.norm_layer,
+      )
+    self.aggregator = _head(c, dtype)
 
-  def features(self, images, train: bool = False):
-    """Backbone outputs after the final norm: patch map [B, H/14, W/14, C] and cls token [B, C]."""
+  def features(self, images, train: bool = False, valid=None):
+    """Backbone outputs: the feature map [B, h, w, C] and the cls token [B, C] (after the final
+    norm with `norm_layer`); a ResNet has no token (None)."""
+    if self.config.is_resnet:
+      return self.backbone(images, train=train, valid=valid), None
     gh, gw = vit.check_image_shape(images.shape)
     tokens = self.backbone(images, train=train)
     skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
     return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
 
-  def __call__(self, images, train: bool = False):
-    vit.check_image_shape(images.shape, min_patches=self.config.num_clusters)
-    feats, token = self.features(images, train=train)
+  def __call__(self, images, train: bool = False, valid=None):
+    self.config.check_image_shape(images.shape)
+    feats, token = self.features(images, train=train, valid=valid)
     return self.aggregator(feats, token, train=train)
 
 
-def init_params(config: ModelConfig, rng: jax.Array, image_size: int = 224) -> dict:
-  """Fresh parameters (DINOv2-style backbone init, torch-default head init), as a plain dict."""
+# ------------------------------------------------------------------------------ variables
+def as_variables(weights: Mapping) -> dict:
+  """What the library passes around as a model's weights -> the variables `apply` takes.
+
+  `weights` is a params tree (top keys 'backbone', 'aggregator') or, for models with BatchNorm,
+  {"params": ..., "batch_stats": ...}.
+  """
+  if "params" in weights:
+    return dict(weights)
+  return {"params": weights}
+
+
+def weights_of(params: Mapping, batch_stats: Mapping | None = None):
+  """The inverse of `as_variables`: params alone, or {"params", "batch_stats"}."""
+  if batch_stats:
+    return {"params": params, "batch_stats": batch_stats}
+  return params
+
+
+def init_variables(config: ModelConfig, rng: jax.Array, image_size: int | None = None) -> dict:
+  """Fresh variables: {"params"} (+ "batch_stats" for ResNets), as plain dicts. Inits: DINOv2's
+  for the ViT, torchvision's for the ResNet, the official modules' for the heads."""
   model = VPRModel(config)
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  size = image_size or config.example_image_size()
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, x))(rng)
-  return jax.tree.map(lambda a: a, dict(variables["params"]))
+  return {k: jax.tree.map(lambda a: a, dict(v)) for k, v in variables.items()}
+
+
+def init_params(config: ModelConfig, rng: jax.Array, image_size: int | None = None) -> dict:
+  """Fresh parameters as a plain dict (`init_variables` also gives BatchNorm statistics)."""
+  return init_variables(config, rng, image_size)["params"]
 
 
 def assignment(model: VPRModel, params, images) -> jax.Array:
-  """The Sinkhorn assignment the descriptor aggregates with: [B, m+1, H/14, W/14] float32.
+  """The SALAD assignment the descriptor aggregates with: [B, m+1, h, w] float32.
 
   Rows 0..m-1 are the head's own `assignment` (sown by `SALAD.__call__` in the same forward pass
   that makes the descriptor); row m is the dustbin: Sinkhorn ends with the column update, so
-  every patch's column sums to 1 and the dustbin holds 1 minus the clusters' mass.
+  every patch's column sums to 1 and the dustbin holds 1 minus the clusters' mass (0 without
+  the dustbin and with the softmax assignment). `params`: the weights (`as_variables`).
   """
-  gh, gw = vit.check_image_shape(images.shape, min_patches=model.config.num_clusters)
-  _, state = model.apply({"params": params}, images, mutable=["intermediates"])
+  c = model.config
+  if c.aggregator != "salad":
+    raise UserError(
+      f"the model's head is {HEAD_NAMES[c.aggregator]}: assignment maps exist for SALAD only"
+    )
+  gh, gw = c.check_image_shape(images.shape)
+  _, state = model.apply(as_variables(params), images, mutable=["intermediates"])
   p = state["intermediates"]["aggregator"]["assignment"][0]  # [B, m, n]
   dust = jnp.clip(1.0 - p.sum(axis=1, keepdims=True), 0.0, 1.0)
   return jnp.concatenate([p, dust], axis=1).reshape(p.shape[0], p.shape[1] + 1, gh, gw)
+
+
+# ------------------------------------------------------------------------------ official args
+DINOV2_ARCHS = {"vits14": "S/14", "vitb14": "B/14", "vitl14": "L/14", "vitg14": "g/14"}
+
+
+def _dinov2_variant(name: str) -> tuple[str, bool]:
+  """'dinov2_vitb14' -> ('B/14', False); '*_reg' (not in the official table) -> registers."""
+  low = name.lower()
+  for key, variant in DINOV2_ARCHS.items():
+    if key in low:
+      return variant, low.endswith("_reg")
+  raise UserError(
+    f"backbone_arch {name!r} is not a DINOv2 model the official wrapper knows",
+    "use dinov2_vits14, dinov2_vitb14, dinov2_vitl14 or dinov2_vitg14",
+  )
+
+
+def _take(config: Mapping, known: tuple[str, ...], what: str) -> dict:
+  unknown = sorted(set(config) - set(known))
+  if unknown:
+    raise UserError(
+      f"{what} has {', '.join(map(repr, unknown))}, which the official module does not take",
+      f"its arguments: {', '.join(known)}",
+    )
+  return dict(config)
+
+
+def _same(what: str, given, want: int | None, arg: str) -> None:
+  """An official argument that our model derives (e.g. in_channels): it must agree."""
+  if given is not None and want is not None and int(given) != want:
+    raise UserError(
+      f"{what}: {arg}={given} but the backbone gives {want} channels (the official model "
+      "would fail on its first batch)",
+      f"use {arg}={want}",
+    )
+
+
+def official_fields(
+  backbone_arch: str | None = "resnet50",
+  backbone_config: Mapping | None = None,
+  agg_arch: str | None = "ConvAP",
+  agg_config: Mapping | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+  """The ModelConfig fields of serizba/salad's `VPRModel(backbone_arch, backbone_config,
+  agg_arch, agg_config)` (its defaults where an argument is absent; None: that part unknown),
+  and notes on official behaviours that are reproduced rather than obvious. Raises UserError
+  for arguments the official code refuses or crashes on."""
+  bc, ac = dict(backbone_config or {}), dict(agg_config or {})
+  out: dict[str, Any] = {}
+  notes: list[str] = []
+  if backbone_arch is None:
+    pass
+  elif "dinov2" in backbone_arch.lower():
+    bc = _take(bc, ("num_trainable_blocks", "norm_layer", "return_token"), "backbone_config")
+    variant, registers = _dinov2_variant(backbone_arch)
+    depth = vit.VARIANTS[variant]["depth"]
+    k = int(bc.get("num_trainable_blocks", 2))
+    if k <= 0 or k > depth:  # blocks[:-0] is empty and blocks[-0:] all of them
+      notes.append(f"num_trainable_blocks={k} trains all {depth} blocks in the official wrapper")
+      k = depth
+    out.update(
+      backbone=DINOV2,
+      variant=variant,
+      registers=registers,
+      num_trainable_blocks=k,
+      norm_layer=bool(bc.get("norm_layer", False)),
+      return_token=bool(bc.get("return_token", False)),
+    )
+  elif "resnet" in backbone_arch.lower() or "resnext" in backbone_arch.lower():
+    bc = _take(bc, ("pretrained", "layers_to_freeze", "layers_to_crop"), "backbone_config")
+    arch = resnet.official_arch(backbone_arch)
+    if arch != backbone_arch:
+      notes.append(f"backbone_arch {backbone_arch!r} builds torchvision's {arch} officially")
+    pretrained = bool(bc.get("pretrained", True))
+    freeze = int(bc.get("layers_to_freeze", 2)) if pretrained else -1
+    out.update(
+      backbone=arch,
+      layers_to_freeze=freeze,
+      layers_to_crop=tuple(resnet.check_crop(bc.get("layers_to_crop", ()))),
+    )
+  else:
+    raise UserError(
+      f"backbone_arch {backbone_arch!r}: the official get_backbone builds only 'resnet*' and "
+      "'dinov2*' (it returns None otherwise)",
+      f"use one of {', '.join(BACKBONES[1:])} or dinov2_vitb14",
+    )
+  channels = None
+  if backbone_arch is not None:
+    channels = ModelConfig(
+      **{k: v for k, v in out.items() if k in ("backbone", "variant", "layers_to_crop")},
+      aggregator="gem",
+    ).width
+  name = "" if agg_arch is None else agg_arch.lower()
+  if agg_arch is None:
+    pass
+  elif "cosplace" in name:  # the official get_aggregator's order of substring tests
+    ac = _take(ac, ("in_dim", "out_dim"), "agg_config (CosPlace)")
+    _same("CosPlace", ac.get("in_dim"), channels, "in_dim")
+    if "out_dim" not in ac:
+      raise UserError("agg_config (CosPlace) has no out_dim; the official helper requires it")
+    out.update(aggregator="cosplace", out_dim=int(ac["out_dim"]))
+  elif "gem" in name:
+    ac = _take(ac, ("p", "eps"), "agg_config (GeM)")
+    if float(ac.get("eps", 1e-6)) != 1e-6:
+      raise UserError(f"agg_config (GeM) eps={ac['eps']}: only the default 1e-6 is supported")
+    out.update(aggregator="gem", p=float(ac.get("p", 3)))
+  elif "convap" in name:
+    ac = _take(ac, ("in_channels", "out_channels", "s1", "s2"), "agg_config (ConvAP)")
+    _same("ConvAP", ac.get("in_channels"), channels, "in_channels")
+    out.update(
+      aggregator="convap",
+      out_channels=int(ac.get("out_channels", 512)),
+      s1=int(ac.get("s1", 2)),
+      s2=int(ac.get("s2", 2)),
+    )
+  elif "mixvpr" in name:
+    keys = ("in_channels", "in_h", "in_w", "out_channels", "mix_depth", "mlp_ratio", "out_rows")
+    ac = _take(ac, keys, "agg_config (MixVPR)")
+    _same("MixVPR", ac.get("in_channels"), channels, "in_channels")
+    defaults = dict(in_h=20, in_w=20, out_channels=512, mix_depth=1, mlp_ratio=1, out_rows=4)
+    out.update(aggregator="mixvpr", **{k: ac.get(k, v) for k, v in defaults.items()})
+    out["mlp_ratio"] = float(out["mlp_ratio"])
+  elif "salad" in name:
+    keys = ("num_channels", "num_clusters", "cluster_dim", "token_dim", "dropout")
+    ac = _take(ac, keys, "agg_config (SALAD)")
+    _same("SALAD", ac.get("num_channels"), channels, "num_channels")
+    out.update(
+      aggregator="salad",
+      num_clusters=int(ac.get("num_clusters", 64)),
+      cluster_dim=int(ac.get("cluster_dim", 128)),
+      token_dim=int(ac.get("token_dim", 256)),
+      dropout=float(ac.get("dropout", 0.3)),
+      hidden_dim=512,
+    )
+  elif "netvlad" in name:  # not in serizba/salad: Nanne/pytorch-NetVlad's arguments
+    ac = _take(ac, ("num_clusters", "dim", "normalize_input", "vladv2"), "agg_config (NetVLAD)")
+    _same("NetVLAD", ac.get("dim"), channels, "dim")
+    out.update(
+      aggregator="netvlad",
+      num_clusters=int(ac.get("num_clusters", 64)),
+      normalize_input=bool(ac.get("normalize_input", True)),
+      vladv2=bool(ac.get("vladv2", False)),
+    )
+  else:
+    raise UserError(
+      f"agg_arch {agg_arch!r} is not an aggregator the official get_aggregator builds",
+      "use SALAD, GeM, ConvAP, CosPlace or MixVPR (or NetVLAD)",
+    )
+  return out, notes
+
+
+def from_official(
+  backbone_arch: str = "resnet50",
+  backbone_config: Mapping | None = None,
+  agg_arch: str = "ConvAP",
+  agg_config: Mapping | None = None,
+  **fields: Any,
+) -> ModelConfig:
+  """The ModelConfig of serizba/salad's `VPRModel(backbone_arch=..., backbone_config=...,
+  agg_arch=..., agg_config=...)`; `fields` set the rest (dtype, attention, ...). Notes on
+  official quirks it reproduces are printed (`errors.note`)."""
+  out, notes = official_fields(backbone_arch, backbone_config, agg_arch, agg_config)
+  for n in notes:
+    note(n)
+  return ModelConfig(**{**out, **fields})
+
+
+def fields_from_hyper_parameters(hparams: Mapping) -> tuple[dict[str, Any], list[str]]:
+  """ModelConfig fields from a Lightning file's `hyper_parameters`: serizba/salad's VPRModel
+  (backbone_arch, backbone_config, agg_arch, agg_config) or amaralibey/MixVPR's (backbone_arch,
+  pretrained, layers_to_freeze, layers_to_crop, agg_arch, agg_config). A part it lacks (no
+  backbone_arch, no agg_arch) is left to the weights' keys."""
+  backbone_config = dict(hparams.get("backbone_config") or {})
+  for key in ("pretrained", "layers_to_freeze", "layers_to_crop"):  # MixVPR's VPRModel
+    if key in hparams and "resnet" in str(hparams.get("backbone_arch", "")).lower():
+      backbone_config.setdefault(key, hparams[key])
+  backbone, agg = hparams.get("backbone_arch"), hparams.get("agg_arch")
+  return official_fields(
+    None if backbone is None else str(backbone),
+    backbone_config,
+    None if agg is None else str(agg),
+    dict(hparams.get("agg_config") or {}),
+  )
+
+
+def parse_overrides(items: Sequence[str], flag: str = "--model") -> dict[str, Any]:
+  """['salad_assignment=softmax', 'layers_to_crop=3,4', ...] -> typed ModelConfig fields (by
+  each field's default: bool, int, float, str, tuple of ints)."""
+  defaults = ModelConfig().to_dict()
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    key, text = key.strip(), text.strip()
+    if not sep or key not in defaults:
+      raise UserError(
+        f"{flag} {item!r}: expected FIELD=VALUE with a ModelConfig field",
+        f"e.g. {flag} salad_assignment=softmax; fields: {', '.join(sorted(defaults))}",
+      )
+    default = defaults[key]
+    try:
+      if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError("not a boolean")
+        value = text.lower() in ("true", "1")
+      elif isinstance(default, tuple):
+        value = tuple(int(v) for v in text.strip("[]()").replace(",", " ").split())
+      elif isinstance(default, int) and not text.lstrip("-").isdigit() and key.endswith("batch"):
+        value = text  # micro_batch: an int or "auto"
+      elif isinstance(default, int):
+        value = int(text)
+      elif isinstance(default, float):
+        value = float(text)
+      else:
+        value = text
+    except ValueError:
+      raise UserError(
+        f"{flag} {item!r}: {text!r} is not a {type(default).__name__}",
+        f"e.g. {flag} {key}={default!r}",
+      ) from None
+    out[key] = value
+  return out

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: params, optimizer state, step, rng and the grain iterator.
 
-Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`. `params` alone is
-what inference needs (`salad_jax.load(workdir)`), so it is its own item. Keeps the last N
+Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`, and `batch_stats` for
+a ResNet (its BatchNorm statistics). `params` (+ `batch_stats`) is what inference needs
+(`salad_jax.load(workdir)`), so each is its own item. Keeps the last N
 checkpoints and the best M by a validation metric; saves are atomic (Orbax writes to a tmp dir
 and renames), so an interrupted save never damages an earlier checkpoint.
 
@@ -32,7 +33,11 @@ from salad_jax.train.lock import utc_stamp
 from salad_jax.train.workdir import DAMAGED
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
-from salad_jax.weights.run_checkpoints import CHECKPOINTS  # the workdir's layout
+from salad_jax.weights.run_checkpoints import (  # the workdir's layout
+  CHECKPOINTS,
+  STATS,
+  verify_batch_stats,
+)
 
 
 def _everywhere(ok: bool) -> bool:
@@ -121,6 +126,7 @@ class TrainCheckpointer:
       options=options,
       item_handlers={
         "params": ocp.StandardCheckpointHandler(),
+        STATS: ocp.StandardCheckpointHandler(),
         "train_state": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
@@ -153,9 +159,12 @@ class TrainCheckpointer:
     meta = {**meta, "params_checksum": params_checksum(state["params"])}
     items = {
       "params": ocp.args.StandardSave(state["params"]),
-      "train_state": ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
-      "meta": ocp.args.JsonSave(meta),
+      "train_state": ocp.args.StandardSave(_train_state(state)),
     }
+    if STATS in state:
+      meta["batch_stats_checksum"] = params_checksum(state[STATS])
+      items[STATS] = ocp.args.StandardSave(state[STATS])
+    items["meta"] = ocp.args.JsonSave(meta)
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
@@ -175,16 +184,18 @@ class TrainCheckpointer:
       self.check_processes(step)
     items = {
       "params": ocp.args.StandardRestore(abstract_state["params"]),
-      "train_state": ocp.args.StandardRestore(
-        {k: v for k, v in abstract_state.items() if k != "params"}
-      ),
+      "train_state": ocp.args.StandardRestore(_train_state(abstract_state)),
       "meta": ocp.args.JsonRestore(),
     }
+    if STATS in abstract_state:
+      items[STATS] = ocp.args.StandardRestore(abstract_state[STATS])
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = dict(out["train_state"])
     state["params"] = out["params"]
+    if STATS in abstract_state:
+      state[STATS] = out[STATS]
     return state, out["meta"]
 
   def restore_latest(self, abstract_state: dict, data_iter=None, model: dict | None = None):
@@ -209,6 +220,8 @@ class TrainCheckpointer:
       if _everywhere(error is None):  # all processes restored this step, or none goes on with it
         try:  # the same verdict on every process: same meta, same (replicated) checksum
           verify(state["params"], meta, f"checkpoint {self.directory}/{step}")
+          if STATS in state:
+            verify_batch_stats(state[STATS], meta, f"checkpoint {self.directory}/{step}")
           self._set_aside(failed, step)
           return step, state, meta
         except CorruptCheckpointError as e:
@@ -269,7 +282,12 @@ class TrainCheckpointer:
     and shapes; a config change, not damage: nothing is read, moved or written."""
     meta = self.manager.item_metadata(step)
     diffs = _shape_diffs(meta["params"], abstract_state["params"])
-    rest = lambda t: sorted(_shapes({k: v for k, v in t.items() if k != "params"}).values())  # noqa: E731
+    if STATS in abstract_state:
+      saved_stats = (
+        meta[STATS] if os.path.isdir(os.path.join(self.directory, str(step), STATS)) else {}
+      )
+      diffs += _shape_diffs(saved_stats, abstract_state[STATS])
+    rest = lambda t: sorted(_shapes(_train_state(t)).values())  # noqa: E731
     if not diffs and rest(meta["train_state"]) == rest(abstract_state):
       return
     saved_model = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -278,7 +296,7 @@ class TrainCheckpointer:
     fields = [
       f"config.model.{k}={model[k]!r} (checkpoint: {saved_model[k]!r})"
       for k in sorted(ModelConfig.TRAIN_STATE_FIELDS)
-      if model and k in saved_model and saved_model[k] != model[k]
+      if model and k in saved_model and _json(saved_model[k]) != _json(model[k])
     ]
     what = "; ".join(
       fields + [f"other shapes than the model ({len(diffs)}): " + "; ".join(diffs[:5])]
@@ -297,6 +315,16 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _train_state(state: dict) -> dict:
+  """The `train_state` item: everything but the params and the BatchNorm statistics."""
+  return {k: v for k, v in state.items() if k not in ("params", STATS)}
+
+
+def _json(value: Any) -> Any:
+  """A config value as its JSON form (tuples saved as lists compare equal)."""
+  return json.loads(json.dumps(value))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -17,11 +17,13 @@ from typing import Any
 
 import ml_collections
 
+from salad_jax import losses
 from salad_jax.data.gsv_cities import city_names
 from salad_jax.errors import UserError, note
 from salad_jax.evaluation.recall import check_recall_values
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig
+from salad_jax.train import optim
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,16 +61,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo_seed = 0
 
   c.optim = ml_collections.ConfigDict()
+  # sgd | adam | adamw as the official configure_optimizers builds them ('adam' is torch AdamW
+  # there, and here): train/optim.py
+  c.optim.name = "adamw"
   c.optim.lr = 6e-5
   c.optim.weight_decay = 9.5e-9
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.lr_start_factor = 1.0
+  c.optim.momentum = 0.9  # sgd
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # adam, adamw
+  c.optim.schedule = "linear"  # linear | multistep | cosine (torch.optim.lr_scheduler)
+  # step: the scheduler steps after every optimizer step (serizba/salad), and also at each
+  # epoch end with lightning_epoch_step (Lightning's own step); epoch: at epoch ends only (MixVPR)
+  c.optim.schedule_interval = "step"
+  c.optim.lightning_epoch_step = True
+  c.optim.lr_start_factor = 1.0  # linear
   c.optim.lr_end_factor = 0.2
   c.optim.lr_total_iters = 4000
-  c.optim.lightning_epoch_step = True  # the reference's scheduler also steps at each epoch end
-  c.optim.freeze = "auto"  # regex over param paths; auto = SALAD's frozen backbone part
+  c.optim.milestones = (5, 10, 15)  # multistep, in scheduler steps
+  c.optim.gamma = 0.3
+  c.optim.t_max = 4000  # cosine
+  c.optim.warmup_steps = 0  # MixVPR's linear warmup (with multistep per epoch)
+  # regex over param paths; auto = the official backbone wrapper's frozen part (DINOv2: all but
+  # the last num_trainable_blocks blocks; ResNet: layers_to_freeze)
+  c.optim.freeze = "auto"
 
-  c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1))
+  # salad_jax.losses.vpr_loss: any loss and miner of the official get_loss / get_miner (miner
+  # 'none': no miner); alpha, beta, base: MultiSimilarityLoss's (the official values)
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      name="MultiSimilarityLoss",
+      miner="MultiSimilarityMiner",
+      miner_margin=0.1,
+      alpha=1.0,
+      beta=50.0,
+      base=0.0,
+    )
+  )
 
   c.eval = ml_collections.ConfigDict()
   c.eval.sets = ""  # comma-separated: benchmark names (msls_val, pitts30k_val, ...) or folder:<dir>
@@ -121,16 +148,86 @@ def _get(c, key: str):
   return c
 
 
-def _size(c, key: str, min_patches: int = 0) -> tuple[int, int]:
+def _size(c, key: str, model: ModelConfig | None = None) -> tuple[int, int]:
   v = _get(c, key)
   values = list(v) if isinstance(v, (list, tuple)) else [v]
   if len(values) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in values):
     raise _fail(key, v, "must be two integers (H, W), e.g. (224, 224)")
   try:
-    vit.check_image_shape((1, values[0], values[1], 3), min_patches)
+    if model is None:
+      vit.check_image_shape((1, values[0], values[1], 3))
+    else:
+      model.check_image_shape((1, values[0], values[1], 3))
   except ValueError as e:
-    raise UserError(f"config.{key} = {tuple(values)}: {e}", HINT.format(key=key)) from None
+    msg = e.message if isinstance(e, UserError) else str(e)
+    hint = e.hint if isinstance(e, UserError) and e.hint else HINT.format(key=key)
+    raise UserError(f"config.{key} = {tuple(values)}: {msg}", hint) from None
   return values[0], values[1]
+
+
+def model_config(config) -> ModelConfig:
+  """config.model as a ModelConfig; a bad field or combination is one UserError."""
+  try:
+    return ModelConfig.from_dict(dict(config.model))
+  except ValueError as e:
+    msg = e.message if isinstance(e, UserError) else str(e)
+    hint = e.hint if isinstance(e, UserError) and e.hint else "fix config.model"
+    raise UserError(f"config.model: {msg}", hint) from None
+
+
+def no_miner(miner) -> bool:
+  """`config.loss.miner` values that mean no miner."""
+  return miner is None or (isinstance(miner, str) and miner.lower() in ("", "none"))
+
+
+MS_DEFAULTS = dict(alpha=1.0, beta=50.0, base=0.0)  # the official MultiSimilarityLoss
+
+
+def _check_loss(config) -> None:
+  name, miner = _get(config, "loss.name"), _get(config, "loss.miner")
+  try:
+    losses.check_names(name, None if no_miner(miner) else miner)
+  except UserError as e:
+    key = "loss.name" if name not in losses.LOSSES else "loss.miner"
+    raise UserError(f"config.{key}: {e.message}", e.hint) from None
+  _real(config, "loss.miner_margin", -math.inf, strict=True, must="must be a finite number")
+  _real(config, "loss.alpha", 0.0, strict=True)
+  _real(config, "loss.beta", 0.0, strict=True)
+  _real(config, "loss.base", -math.inf, strict=True, must="must be a finite number")
+  if name != "MultiSimilarityLoss":
+    for k, v in MS_DEFAULTS.items():
+      if _get(config, f"loss.{k}") != v:
+        raise _fail(
+          f"loss.{k}", _get(config, f"loss.{k}"), f"applies to MultiSimilarityLoss, not {name}"
+        )
+
+
+def _check_optim(config) -> None:
+  name = _get(config, "optim.name")
+  if name not in optim.OPTIMIZERS:
+    raise _fail("optim.name", name, f"must be one of {', '.join(optim.OPTIMIZERS)}")
+  schedule = _get(config, "optim.schedule")
+  if schedule not in optim.SCHEDULES:
+    raise _fail("optim.schedule", schedule, f"must be one of {', '.join(optim.SCHEDULES)}")
+  interval = _get(config, "optim.schedule_interval")
+  if interval not in optim.INTERVALS:
+    raise _fail("optim.schedule_interval", interval, "must be 'step' or 'epoch'")
+  _real(config, "optim.momentum", 0.0, strict=False, high=0.999999, must="must be in [0, 1)")
+  milestones = _get(config, "optim.milestones")
+  if not isinstance(milestones, (list, tuple)) or any(
+    isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones
+  ):
+    raise _fail("optim.milestones", milestones, "must be a list of integers >= 0")
+  _real(config, "optim.gamma", 0.0, strict=True)
+  _int(config, "optim.t_max", 1)
+  warmup = _int(config, "optim.warmup_steps", 0)
+  if warmup and (schedule, interval) != ("multistep", "epoch"):
+    raise _fail(
+      "optim.warmup_steps",
+      warmup,
+      "is MixVPR's warmup, which runs with schedule='multistep' and schedule_interval='epoch' "
+      "only (set those, or warmup_steps=0)",
+    )
 
 
 def check(config) -> None:
@@ -162,8 +259,9 @@ def check(config) -> None:
     f"must be an integer >= data.img_per_place ({k}): "
     "places are drawn from those with enough images",
   )
-  clusters = _int(config, "model.num_clusters", 1)
-  _size(config, "data.image_size", clusters)
+  _int(config, "model.num_clusters", 1)
+  model = model_config(config)
+  _size(config, "data.image_size", model)
   names = city_names(config.data.cities)
   repeated = sorted({c for c in names if names.count(c) > 1})
   if repeated:  # each place would be in the data twice, as two places: its own images as negatives
@@ -184,6 +282,7 @@ def check(config) -> None:
   _real(config, "optim.lr_start_factor", 0.0, strict=True, high=1.0, must="must be in (0, 1]")
   _real(config, "optim.lr_end_factor", 0.0, strict=False, high=1.0, must="must be in [0, 1]")
   _int(config, "optim.lr_total_iters", 1)
+  _check_optim(config)
   freeze = _get(config, "optim.freeze")
   if not isinstance(freeze, str):
     raise _fail("optim.freeze", freeze, "must be 'auto' or a regex over param paths")
@@ -191,12 +290,14 @@ def check(config) -> None:
     re.compile(freeze)
   except re.error as e:
     raise _fail("optim.freeze", freeze, f"is not a valid regex ({e})") from None
-  _real(config, "loss.alpha", 0.0, strict=True)
-  _real(config, "loss.beta", 0.0, strict=True)
-  _real(config, "loss.epsilon", 0.0, strict=False)
-  _real(config, "loss.base", -math.inf, strict=True, must="must be a finite number")
+  _check_loss(config)
+  if model.is_resnet and not config.init and model.layers_to_freeze >= 0:
+    note(
+      f"config.model.layers_to_freeze={model.layers_to_freeze} freezes layers of a randomly "
+      "initialised ResNet (the official wrapper freezes only pretrained ones: -1 there)"
+    )
   # evaluation: checked now, not at the end of the first epoch
-  _size(config, "eval.image_size", clusters)
+  _size(config, "eval.image_size", model)
   _int(config, "eval.batch_size", 1)
   _int(config, "eval.num_workers", 0)
   _real(
@@ -242,7 +343,7 @@ def check_trainable(config, freeze: str, train, frozen) -> None:
   if not train:
     raise UserError(
       f"config.optim.freeze={config.optim.freeze!r} freezes every parameter: nothing would train",
-      "use 'auto' (SALAD's frozen backbone part) or a regex that leaves the head trainable",
+      "use 'auto' (the backbone wrapper's frozen part) or a regex that leaves the head trainable",
     )
   if config.optim.freeze != "auto" and freeze and not frozen:
     note(

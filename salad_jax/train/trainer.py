@@ -1,7 +1,8 @@
 """SALAD training: the train state, one jitted and sharded train step, and the loop around it.
 
 state = {"params": full nested params, "opt": optax state of the trainable params only,
-         "step": int32, "rng": uint32[2]}
+         "step": int32, "rng": uint32[2]}, and "batch_stats" (BatchNorm running statistics)
+for a ResNet backbone, updated by every step (train mode, as the official training runs it).
 
 The loop never waits for the devices between steps. Per step the host dispatches the jitted step
 on the batch already on the devices, takes the next local batch and starts its transfer (batch n+1
@@ -38,7 +39,7 @@ from salad_jax.data import source
 from salad_jax.data.pipeline import normalize_images
 from salad_jax.evaluation.evaluate import EpochEvaluator
 from salad_jax.inference import load
-from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
+from salad_jax.models.vpr import ModelConfig, VPRModel, init_variables, weights_of
 from salad_jax.train import checkpoint, metrics, optim
 from salad_jax.train import config as config_lib
 from salad_jax.train import workdir as workdir_lib
@@ -61,58 +62,81 @@ def freeze_regex(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> s
   return optim.default_freeze_regex(model_cfg) if r == "auto" else r
 
 
-def initial_params(
+def initial_variables(
   config: ml_collections.ConfigDict, model_cfg: ModelConfig, rng: jax.Array
-) -> dict:
-  """config.init: '' (random), a converted/trained salad_jax dir, or a torch/safetensors file.
+) -> tuple[dict, dict | None]:
+  """(params, batch_stats or None) of config.init: '' (random), a converted/trained salad_jax
+  dir, or a torch/safetensors file.
 
-  A file is converted with config.model's shapes (a mismatch lists the offending keys); a
-  DINOv2 hub file gives the backbone and the head starts from torch's default init.
+  A file is converted with config.model's fields (a mismatch lists the offending keys); a
+  DINOv2 hub or torchvision ResNet file gives the backbone (a ResNet's BatchNorm statistics
+  included) and the head starts from the official modules' init.
   """
   if not config.init:
-    return jax.tree.map(np.asarray, init_params(model_cfg, rng, image_size=224))
-  shape = model_cfg.fields(sorted(ModelConfig.SHAPE_FIELDS))
+    v = jax.tree.map(np.asarray, init_variables(model_cfg, rng))
+    return v["params"], v.get("batch_stats")
+  fields = model_cfg.fields(model_cfg.model_fields())
   if os.path.isdir(config.init):
     loaded = load(config.init)
     diff = [
-      f"{f}: checkpoint {getattr(loaded.config, f)!r}, config {v!r}"
-      for f, v in shape.items()
-      if getattr(loaded.config, f) != v
+      f"{f}: checkpoint {v!r}, config {fields[f]!r}"
+      for f, v in loaded.config.fields(model_cfg.model_fields()).items()
+      if v != fields[f]
     ]
     if diff:
       raise ValueError(f"config.init={config.init} does not fit config.model: " + "; ".join(diff))
   else:
-    loaded = load(config.init, rng=rng, **shape)  # a torch file, converted on the fly
-  return jax.tree.map(np.asarray, dict(loaded.params))
+    fields["layers_to_crop"] = tuple(fields.get("layers_to_crop", ()))
+    loaded = load(config.init, rng=rng, **fields)  # a torch file, converted on the fly
+  stats = None if loaded.batch_stats is None else jax.tree.map(np.asarray, loaded.batch_stats)
+  return jax.tree.map(np.asarray, dict(loaded.params)), stats
+
+
+def initial_params(
+  config: ml_collections.ConfigDict, model_cfg: ModelConfig, rng: jax.Array
+) -> dict:
+  """The params of `initial_variables`."""
+  return initial_variables(config, model_cfg, rng)[0]
 
 
 def abstract_state(model_cfg: ModelConfig, tx, freeze: str) -> dict:
   """The train state's shapes and dtypes (jax.ShapeDtypeStruct), without computing anything."""
-  params = jax.eval_shape(
-    lambda r: VPRModel(model_cfg).init(r, jnp.zeros((1, 224, 224, 3)))["params"], jax.random.key(0)
+  size = model_cfg.example_image_size()
+  variables = jax.eval_shape(
+    lambda r: VPRModel(model_cfg).init(r, jnp.zeros((1, size, size, 3))), jax.random.key(0)
   )
+  params = variables["params"]
   train, _ = optim.split_trainable(params, freeze)
-  return {
+  state = {
     "params": dict(params),
     "opt": jax.eval_shape(tx.init, train),
     "step": jax.ShapeDtypeStruct((), jnp.int32),
     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
   }
+  if "batch_stats" in variables:
+    state["batch_stats"] = dict(variables["batch_stats"])
+  return state
 
 
 def state_shardings(state: Any, mesh) -> dict:
-  """Params and optimizer state by the sharding rules (fsdp); step and rng replicated."""
-  return {
+  """Params and optimizer state by the sharding rules (fsdp); step, rng and BatchNorm
+  statistics replicated."""
+  out = {
     "params": sharding.tree_shardings(state["params"], mesh),
     "opt": sharding.tree_shardings(state["opt"], mesh),
     "step": sharding.replicated(mesh),
     "rng": sharding.replicated(mesh),
   }
+  if "batch_stats" in state:
+    out["batch_stats"] = jax.tree.map(lambda _: sharding.replicated(mesh), state["batch_stats"])
+  return out
 
 
-def create_state(params: Mapping, tx, freeze: str, mesh, rng: jax.Array) -> dict:
+def create_state(
+  params: Mapping, tx, freeze: str, mesh, rng: jax.Array, batch_stats: Mapping | None = None
+) -> dict:
   """The train state on `mesh` (replicated, or sharded over its `fsdp` axis); optimizer state
-  for the trainable params only."""
+  for the trainable params only; `batch_stats` for a ResNet."""
   train, _ = optim.split_trainable(params, freeze)
   state = {
     "params": jax.tree.map(np.asarray, dict(params)),
@@ -120,20 +144,70 @@ def create_state(params: Mapping, tx, freeze: str, mesh, rng: jax.Array) -> dict
     "step": np.int32(0),
     "rng": np.asarray(rng),
   }
+  if batch_stats:
+    state["batch_stats"] = jax.tree.map(np.asarray, dict(batch_stats))
   return sharding.put(state, state_shardings(state, mesh))
 
 
+def eval_weights(state: Mapping):
+  """What evaluation takes from the train state: the params, + a ResNet's batch_stats."""
+  return weights_of(state["params"], state.get("batch_stats"))
+
+
 # ------------------------------------------------------------------------------ the step
-def make_loss_fn(model_cfg: ModelConfig, loss_cfg: Mapping[str, float]):
-  """loss_fn(train, frozen, images_u8, labels, valid, dropout_rng) -> (loss, (aux, descriptors))."""
+def compute_loss(desc, labels, valid, loss_cfg: Mapping[str, Any]):
+  """(loss, aux) of `config.loss`: any official loss and miner (`losses.vpr_loss`).
+
+  MultiSimilarityLoss with MultiSimilarityMiner (the default) runs `multi_similarity_loss`
+  with alpha, beta, base and the miner margin as epsilon, as before the other options existed
+  (`loss_cfg` may still name the margin `epsilon`). Names are static: chosen at trace time.
+  """
+  name = loss_cfg.get("name", "MultiSimilarityLoss")
+  miner = loss_cfg.get("miner", "MultiSimilarityMiner")
+  miner = None if config_lib.no_miner(miner) else miner
+  margin = loss_cfg.get("miner_margin", loss_cfg.get("epsilon", 0.1))
+  ms = {k: loss_cfg.get(k, v) for k, v in config_lib.MS_DEFAULTS.items()}
+  if name == "MultiSimilarityLoss" and miner == "MultiSimilarityMiner":
+    return losses.multi_similarity_loss(desc, labels, valid=valid, epsilon=margin, **ms)
+  kw = {"loss_kwargs": ms} if name == "MultiSimilarityLoss" else {}
+  return losses.vpr_loss(
+    desc, labels, loss=name, miner=miner, miner_margin=margin, valid=valid, **kw
+  )
+
+
+def make_stats_loss_fn(model_cfg: ModelConfig, loss_cfg: Mapping[str, Any]):
+  """loss_fn(train, frozen, batch_stats, images_u8, labels, valid, dropout_rng) -> (loss, (aux,
+  descriptors, new batch_stats)): the model in train mode; a ResNet's BatchNorm statistics
+  come from the valid examples and are returned updated (None in, None out)."""
   model = VPRModel(model_cfg)
 
+  def loss_fn(train, frozen, batch_stats, images, labels, valid, dropout_rng):
+    variables = {"params": optim.unflatten({**frozen, **train})}
+    kw = dict(train=True, valid=valid, rngs={"dropout": dropout_rng})
+    if batch_stats is None:
+      desc, new_stats = model.apply(variables, normalize_images(images), **kw), None
+    else:
+      desc, updated = model.apply(
+        {**variables, "batch_stats": batch_stats},
+        normalize_images(images),
+        mutable=["batch_stats"],
+        **kw,
+      )
+      new_stats = updated["batch_stats"]
+    desc = desc.astype(jnp.float32)
+    loss, aux = compute_loss(desc, labels, valid, loss_cfg)
+    return loss, (aux, desc, new_stats)
+
+  return loss_fn
+
+
+def make_loss_fn(model_cfg: ModelConfig, loss_cfg: Mapping[str, Any]):
+  """loss_fn(train, frozen, images_u8, labels, valid, dropout_rng) -> (loss, (aux, descriptors));
+  models without BatchNorm (`make_stats_loss_fn` takes and returns a ResNet's statistics)."""
+  fn = make_stats_loss_fn(model_cfg, loss_cfg)
+
   def loss_fn(train, frozen, images, labels, valid, dropout_rng):
-    params = optim.unflatten({**frozen, **train})
-    desc = model.apply(
-      {"params": params}, normalize_images(images), train=True, rngs={"dropout": dropout_rng}
-    ).astype(jnp.float32)
-    loss, aux = losses.multi_similarity_loss(desc, labels, valid=valid, **loss_cfg)
+    loss, (aux, desc, _) = fn(train, frozen, None, images, labels, valid, dropout_rng)
     return loss, (aux, desc)
 
   return loss_fn
@@ -153,7 +227,7 @@ def make_train_step(
   The state keeps the layout of `state_shardings` (params and optimizer state sharded over the
   mesh's `fsdp` axis, if any); the batch is split over all devices.
   """
-  loss_fn = make_loss_fn(model_cfg, loss_cfg)
+  loss_fn = make_stats_loss_fn(model_cfg, loss_cfg)
 
   def step(state, batch):
     # the model keeps activations batch-split under fsdp (vit.constrain_batch reads this mesh)
@@ -163,8 +237,9 @@ def make_train_step(
   def _step(state, batch):
     train, frozen = optim.split_trainable(state["params"], freeze)
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, (aux, desc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      train, frozen, batch["images"], batch["labels"], batch["valid"], dropout_rng
+    stats = state.get("batch_stats")
+    (loss, (aux, desc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      train, frozen, stats, batch["images"], batch["labels"], batch["valid"], dropout_rng
     )
     updates, opt = tx.update(grads, state["opt"], train)
     train = optax.apply_updates(train, updates)
@@ -180,6 +255,8 @@ def make_train_step(
       "step": state["step"] + 1,
       "rng": state["rng"],
     }
+    if stats is not None:
+      new["batch_stats"] = stats
     metrics = {
       "loss": loss,
       "b_acc": aux["b_acc"],
@@ -236,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
     freeze = freeze_regex(config, model_cfg)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = create_state(initial_params(config, model_cfg, init_rng), tx, freeze, mesh, state_rng)
+    params, batch_stats = initial_variables(config, model_cfg, init_rng)
+    state = create_state(params, tx, freeze, mesh, state_rng, batch_stats)
     train, frozen = optim.split_trainable(state["params"], freeze)
     config_lib.check_trainable(config, freeze, train, frozen)
     checkpointer = checkpoint.TrainCheckpointer(
@@ -259,14 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
     step = int(np.asarray(state["step"]))
     print(
-      f"training ViT-{model_cfg.variant} SALAD: {spec.num_places} places, {steps_per_epoch} "
+      f"training {model_cfg.describe()}: {spec.num_places} places, {steps_per_epoch} "
       f"steps/epoch, {config.num_epochs} epochs, {global_images} images/step, "
       f"{sum(x.size for x in train.values()):,} trainable params, {jax.device_count()} device(s)"
     )
     results: dict[str, Any] = {"evals": {}}
     if step == 0 and config.eval.at_start and evaluator.enabled:
       results["evals"][0] = evaluator(
-        state["params"], model_cfg, step=0, writer=writer, label="untrained"
+        eval_weights(state), model_cfg, step=0, writer=writer, label="untrained"
       )
 
     # ---- the loop
@@ -315,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_metrics = None
             if evaluate:
               eval_metrics = evaluator(
-                state["params"],
+                eval_weights(state),
                 model_cfg,
                 step=step,
                 writer=writer,

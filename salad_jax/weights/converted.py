@@ -3,7 +3,9 @@
 `convert_weights.py` and `SaladModel.save` write it; `salad_jax.load` reads it. The JSON holds the
 model config, the source file (path, sha256), a checksum of the params, and the path and size of
 every file written under `params/`, so `--overwrite` can tell salad_jax's files from a user's.
-Written in a fresh temporary directory beside the destination, then renamed into place.
+A ResNet's BatchNorm statistics are a second Orbax item, `batch_stats/`, recorded the same way
+(`batch_stats_checksum`, its files). Written in a fresh temporary directory beside the
+destination, then renamed into place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from salad_jax.weights.orbax_reads import quiet_orphaned_reads, restore_params
 
 CONFIG_FILE = "salad_config.json"
 PARAMS_DIR = "params"
+STATS_DIR = "batch_stats"  # a ResNet's BatchNorm statistics (absent for DINOv2)
 FORMAT_VERSION = 1
 FILES_KEY = "files"  # in salad_config.json: {path under the dir: size} of every params file
 # What Orbax's StandardCheckpointer writes (dirs saved before FILES_KEY was recorded are
@@ -58,7 +61,7 @@ def _refusal(dst: str) -> UserError | None:
       f"(no {CONFIG_FILE}); salad_jax only ever replaces its own checkpoints",
       "choose a new or empty --dst directory",
     )
-  extra = sorted(set(os.listdir(dst)) - {CONFIG_FILE, PARAMS_DIR})
+  extra = sorted(set(os.listdir(dst)) - {CONFIG_FILE, PARAMS_DIR, STATS_DIR})
   foreign = ", ".join(extra[:5]) if extra else _foreign_file(dst)
   if foreign:
     return UserError(
@@ -82,21 +85,27 @@ def _foreign_file(directory: str) -> str | None:
   if isinstance(files, dict):
     recorded_dirs = {os.path.dirname(p) for p in files}
     recorded_dirs |= {d for p in recorded_dirs for d in _parents(p)}
-  for root, dirs, names in os.walk(params_dir):
-    for name in sorted(dirs) + sorted(names):
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, directory).replace(os.sep, "/")
-      sub = rel[len(PARAMS_DIR) + 1 :]
-      if os.path.islink(full):
-        return f"{rel}, a symbolic link"
-      if name in dirs:
-        ok = rel in recorded_dirs if isinstance(files, dict) else _ORBAX_DIRS.fullmatch(sub)
-      elif isinstance(files, dict):
-        ok = files.get(rel) == os.path.getsize(full)
-      else:
-        ok = _ORBAX_FILES.fullmatch(sub)
-      if not ok:
-        return rel
+  for item in (PARAMS_DIR, STATS_DIR):
+    item_dir = os.path.join(directory, item)
+    if item == STATS_DIR and not os.path.lexists(item_dir):
+      continue
+    if item == STATS_DIR and (os.path.islink(item_dir) or not isinstance(files, dict)):
+      return STATS_DIR  # written only with the files record
+    for root, dirs, names in os.walk(item_dir):
+      for name in sorted(dirs) + sorted(names):
+        full = os.path.join(root, name)
+        rel = os.path.relpath(full, directory).replace(os.sep, "/")
+        sub = rel[len(item) + 1 :]
+        if os.path.islink(full):
+          return f"{rel}, a symbolic link"
+        if name in dirs:
+          ok = rel in recorded_dirs if isinstance(files, dict) else _ORBAX_DIRS.fullmatch(sub)
+        elif isinstance(files, dict):
+          ok = files.get(rel) == os.path.getsize(full)
+        else:
+          ok = _ORBAX_FILES.fullmatch(sub)
+        if not ok:
+          return rel
   return None
 
 
@@ -123,8 +132,10 @@ def save_converted(
   config: ModelConfig,
   source: Mapping | None = None,
   overwrite: bool = False,
+  batch_stats: Mapping | None = None,
 ) -> None:
-  """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically).
+  """Writes an Orbax params checkpoint + `salad_config.json` into `directory` (atomically);
+  a ResNet's `batch_stats` as a second item beside the params.
 
   The params are checked (`torch_files.check_params`) and their checksum recorded, with the path and
   size of every file written (so `overwrite` can tell them from a user's). An existing
@@ -135,22 +146,29 @@ def save_converted(
 
   directory = destinations.check_replace_dir(os.fspath(directory), overwrite, _refusal)
   params = torch_files.check_params(jax.tree.map(np.asarray, dict(params)), "params to save")
+  items = {PARAMS_DIR: params}
+  if batch_stats:
+    items[STATS_DIR] = torch_files.check_params(
+      jax.tree.map(np.asarray, dict(batch_stats)), "batch_stats to save"
+    )
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   atomic.remove_leftovers(directory)
-  atomic.check_space(directory, sum(x.nbytes for x in jax.tree.leaves(params)))
+  atomic.check_space(directory, sum(x.nbytes for x in jax.tree.leaves(items)))
   with atomic.new_dir(directory) as tmp:
     ckptr = ocp.StandardCheckpointer()
     try:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-      ckptr.wait_until_finished()
+      for name, tree in items.items():
+        ckptr.save(os.path.join(tmp, name), tree)
+        ckptr.wait_until_finished()
     finally:
       ckptr.close()
     files = {
       os.path.relpath(os.path.join(r, n), tmp).replace(os.sep, "/"): os.path.getsize(
         os.path.join(r, n)
       )
-      for r, _, names in os.walk(os.path.join(tmp, PARAMS_DIR))
+      for name in items
+      for r, _, names in os.walk(os.path.join(tmp, name))
       for n in names
     }
     meta = {
@@ -160,6 +178,8 @@ def save_converted(
       "params_checksum": checksum.params_checksum(params),
       FILES_KEY: dict(sorted(files.items())),
     }
+    if STATS_DIR in items:
+      meta["batch_stats_checksum"] = checksum.params_checksum(items[STATS_DIR])
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
     atomic.unmark(tmp)
@@ -173,7 +193,34 @@ def save_converted(
 
 
 def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
-  """Params, model config and source of a converted dir, every step checked (file named)."""
+  """Params, model config and source of a converted dir (`load_converted_weights` also gives a
+  ResNet's BatchNorm statistics)."""
+  params, _, config, source = load_converted_weights(directory)
+  return params, config, source
+
+
+def _restore(path: str, cfg_path: str, checksum_key: str, meta: Mapping) -> dict:
+  quiet_orphaned_reads()
+  try:
+    tree = restore_params(path)
+  except Exception as e:  # Orbax/tensorstore errors of a damaged or missing params dir
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise UserError(
+      f"{path} cannot be read ({first[:200]}): the checkpoint is damaged",
+      "convert the weights again (convert_weights.py)",
+    ) from e
+  if checksum_key in meta:
+    if checksum.params_checksum(tree) != meta[checksum_key]:
+      raise UserError(
+        f"{path} is corrupt: its contents do not match the {checksum_key} recorded in {cfg_path}",
+        "convert the weights again (convert_weights.py)",
+      )
+  return torch_files.check_params(tree, path)
+
+
+def load_converted_weights(directory: str) -> tuple[dict, dict | None, ModelConfig, dict]:
+  """Params, batch_stats (None without BatchNorm), model config and source of a converted dir,
+  every step checked (file named)."""
   directory = os.path.abspath(directory)
   cfg_path = os.path.join(directory, CONFIG_FILE)
   try:
@@ -188,27 +235,21 @@ def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
       "convert the weights again (convert_weights.py), or restore the file",
     ) from None
   params_dir = os.path.join(directory, PARAMS_DIR)
-  quiet_orphaned_reads()
-  try:
-    params = restore_params(params_dir)
-  except Exception as e:  # Orbax/tensorstore errors of a damaged or missing params dir
-    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    raise UserError(
-      f"{params_dir} cannot be read ({first[:200]}): the checkpoint is damaged",
-      "convert the weights again (convert_weights.py)",
-    ) from e
-  if "params_checksum" in meta:
-    if checksum.params_checksum(params) != meta["params_checksum"]:
-      raise UserError(
-        f"{params_dir} is corrupt: its contents do not match the params_checksum "
-        f"recorded in {cfg_path}",
-        "convert the weights again (convert_weights.py)",
-      )
-  params = torch_files.check_params(params, params_dir)
-  want = convert.param_shapes(config)
-  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+  params = _restore(params_dir, cfg_path, "params_checksum", meta)
+  variables = {"params": params}
+  if config.has_batch_stats:
+    variables["batch_stats"] = _restore(
+      os.path.join(directory, STATS_DIR), cfg_path, "batch_stats_checksum", meta
+    )
+  want = convert.variable_shapes(config)
+  got = {
+    (c,) + k: np.shape(v)
+    for c, tree in variables.items()
+    for k, v in traverse_util.flatten_dict(dict(tree)).items()
+  }
   bad = [
-    f"{'/'.join(k)}: checkpoint {got.get(k, 'absent')}, model {want.get(k, 'absent')}"
+    f"{'/'.join(k[1:] if k[0] == 'params' else k)}: checkpoint {got.get(k, 'absent')}, "
+    f"model {want.get(k, 'absent')}"
     for k in sorted(set(want) | set(got))
     if got.get(k) != want.get(k)
   ]
@@ -216,4 +257,4 @@ def load_converted(directory: str) -> tuple[dict, ModelConfig, dict]:
     raise UserError(
       f"{params_dir} does not match the model in {cfg_path} ({len(bad)}): " + "; ".join(bad[:5])
     )
-  return params, config, meta.get("source", {})
+  return params, variables.get("batch_stats"), config, meta.get("source", {})

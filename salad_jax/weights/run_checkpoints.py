@@ -18,10 +18,11 @@ from absl import logging
 from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.weights import torch_files
-from salad_jax.weights.checksum import verify
+from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
 
 CHECKPOINTS = "checkpoints"  # a train.py workdir's folder of Orbax checkpoints
+STATS = "batch_stats"  # the checkpoint item of a ResNet's BatchNorm statistics
 
 
 def _resolve(path: str) -> tuple[str, int]:
@@ -58,11 +59,20 @@ def _quiet():
 
 
 def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfig, dict]:
-  """Params + model config of a training checkpoint, as numpy arrays on the host.
+  """Params + model config of a training checkpoint, as numpy arrays on the host (`load_weights`
+  also gives a ResNet's BatchNorm statistics).
 
   `path`: a workdir, its checkpoints/ dir, or one step dir. For a workdir, `which="best"` takes
   the checkpoint with the highest validation R@1 (recorded in its meta), else the latest.
   """
+  params, _, config, source = load_weights(path, which)
+  return params, config, source
+
+
+def load_weights(path: str, which: str = "best") -> tuple[dict, dict | None, ModelConfig, dict]:
+  """(params, batch_stats or None, model config, source) of a training checkpoint, as
+  `load_for_inference` picks it; a ResNet's BatchNorm statistics are the checkpoint's
+  `batch_stats` item."""
   directory, step = _resolve(path)
   step_given = os.path.basename(os.path.normpath(path)).isdigit()
   quiet_orphaned_reads()
@@ -82,7 +92,11 @@ def _load(directory: str, step: int, step_given: bool, which: str):
   mngr = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    item_handlers={
+      "params": ocp.StandardCheckpointHandler(),
+      STATS: ocp.StandardCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    },
   )
   try:
     steps = mngr.all_steps()
@@ -106,24 +120,44 @@ def _load(directory: str, step: int, step_given: bool, which: str):
       if scored:
         step = max(scored)[1]
     meta = meta_of(step)
+    where = os.path.join(directory, str(step))
+    names = ["params"] + ([STATS] if os.path.isdir(os.path.join(where, STATS)) else [])
     try:
-      tree = mngr.item_metadata(step)["params"]
-      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-      params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))[
-        "params"
-      ]
+      trees = mngr.item_metadata(step)
+      targets = {
+        n: ocp.args.StandardRestore(jax.tree.map(lambda m: np.empty(m.shape, m.dtype), trees[n]))
+        for n in names
+      }
+      restored = mngr.restore(step, args=ocp.args.Composite(**targets))
     except Exception as e:
       raise _damaged(directory, step, e, steps) from e
   finally:
     mngr.close()
-  where = os.path.join(directory, str(step))
+  params = restored["params"]
   verify(params, meta, f"checkpoint {where}")
   params = torch_files.check_params(params, os.path.join(where, "params"))
+  batch_stats = None
+  if STATS in names:
+    batch_stats = restored[STATS]
+    verify_batch_stats(batch_stats, meta, f"checkpoint {where}")
+    batch_stats = torch_files.check_params(batch_stats, os.path.join(where, STATS))
   try:
     config = ModelConfig.from_dict(meta["model"])
   except (KeyError, TypeError, ValueError) as e:
     raise UserError(
       f"checkpoint {where}: its meta holds no valid model config ({short_reason(e)})"
     ) from e
+  if config.has_batch_stats and batch_stats is None:
+    raise UserError(f"checkpoint {where} has no {STATS}: the {config.backbone} needs them")
   source = {"checkpoint": where, "step": step, "eval": meta.get("eval", {})}
-  return params, config, source
+  return params, batch_stats, config, source
+
+
+def verify_batch_stats(batch_stats, meta, where: str) -> None:
+  """BatchNorm statistics against the `batch_stats_checksum` recorded when they were saved."""
+  want = meta.get("batch_stats_checksum")
+  if want is not None and params_checksum(batch_stats) != want:
+    raise CorruptCheckpointError(
+      f"{where} is corrupt: its batch_stats do not match the checksum recorded when it was saved",
+      "use another checkpoint, or restore it from a backup",
+    )

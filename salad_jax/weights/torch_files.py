@@ -31,6 +31,7 @@ from salad_jax.errors import UserError
 from salad_jax.files import atomic, destinations
 
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+INTEGER_BUFFERS = ("num_batches_tracked",)  # the only integer tensors a weight file may hold
 SAFETENSORS_SUFFIX = ".safetensors"
 MARKER = "salad_jax"  # key of the writer marker in files salad_jax writes
 _LOW_PRECISION = {
@@ -76,15 +77,25 @@ def import_torch():
 
 
 # ------------------------------------------------------------------------------ checks
+def is_counter(name: str, a: np.ndarray) -> bool:
+  """BatchNorm's `num_batches_tracked`: a legitimate integer buffer (a scalar count >= 0)."""
+  leaf = name.replace("/", ".").rsplit(".", 1)[-1]
+  return leaf in INTEGER_BUFFERS and a.dtype.kind in "iu" and a.ndim == 0 and int(a) >= 0
+
+
 def check_weights(tensors: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
   """Every tensor floating point and finite -> float32 numpy arrays (same keys, same order).
 
   Integer/bool tensors and NaN/Inf values are a `UserError` naming the first offending tensor;
-  lower (or higher) precision floats are converted to float32 with one logged line.
+  lower (or higher) precision floats are converted to float32 with one logged line. The one
+  exception: BatchNorm's counter (`INTEGER_BUFFERS`, a scalar count) stays an integer.
   """
   out, converted, bad = {}, collections.Counter(), []
   for name, value in tensors.items():
     a = np.asarray(value)
+    if is_counter(name, a):
+      out[name] = a
+      continue
     if a.dtype.kind != "f" and a.dtype not in _LOW_PRECISION:
       raise UserError(
         f"{where}: tensor {name!r} has dtype {a.dtype}; weights must be floating point",
@@ -137,6 +148,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   A Lightning-style dict is unwrapped through its `state_dict` key.
   """
+  return read_checkpoint_file(path)[0]
+
+
+def read_checkpoint_file(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
+  """(`read_state_dict`, the Lightning file's `hyper_parameters` or None)."""
   if os.path.isdir(path):
     raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
   if not os.path.isfile(path):
@@ -146,8 +162,22 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       pass
   except OSError as e:
     raise PermissionError(f"cannot read {path}: {e.strerror}") from None
-  raw = _read_safetensors(path) if file_kind(path) == "safetensors" else _read_torch(path)
-  return check_weights(raw, path)
+  if file_kind(path) == "safetensors":
+    raw, hparams = _read_safetensors(path), None
+  else:
+    raw, hparams = _read_torch(path)
+  return check_weights(raw, path), hparams
+
+
+def _plain(value: Any) -> Any:
+  """hyper_parameters as plain JSON-like values (a tensor or other object becomes its repr)."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return repr(value)
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -176,13 +206,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
   torch = import_torch()
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
     raise _refusal(path, e) from None
+  hparams = None
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    if isinstance(obj.get("hyper_parameters"), Mapping):
+      hparams = _plain(obj["hyper_parameters"])
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping) or not obj:
     raise UserError(
@@ -202,7 +235,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
       raw[k] = v.to(torch.float32).numpy()  # float8: exact in float32
     else:
       raw[k] = v.numpy()
-  return raw
+  return raw, hparams
 
 
 def _refusal(path: str, error: Exception) -> UserError:
@@ -305,7 +338,7 @@ def file_kind(path: str) -> str | None:
 
 
 def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Writes a flat float32 state_dict (.pth/.ckpt via torch, or .safetensors) with the marker.
+  """Writes a flat float32 state_dict (BatchNorm counters int64) (.pth/.ckpt via torch, or .safetensors) with the marker.
 
   Written under a fresh temporary name beside `path`, then renamed (`atomic.new_file`); a full
   disk or a folder that cannot be written is one `UserError`, and nothing partial is left.
