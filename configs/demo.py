@@ -45,7 +45,7 @@ def get_config(arg=None):
   if "mixvpr" in parts:
     mixvpr(c)
   if "short" in parts:  # the end-to-end tests
-    c.num_epochs = 4 if "mixvpr" not in parts else 2
+    c.num_epochs = 4 if "mixvpr" not in parts else 1
   if parts - {"", "short", "mixvpr"}:
     raise ValueError(f"unknown config argument {arg!r} (use short, mixvpr or mixvpr,short)")
   return c
