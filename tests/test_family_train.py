@@ -372,3 +372,27 @@ def test_frozen_sets_follow_the_official_wrappers():
   assert not re_frozen(optim.default_freeze_regex(ModelConfig()), "backbone/norm/scale")
   r = ModelConfig(backbone="resnet50", aggregator="gem", layers_to_freeze=1)
   assert optim.default_freeze_regex(r) == resnet.freeze_regex(1)
+
+
+@pytest.mark.parametrize(
+  "name,arg,dim",
+  [
+    ("resnet50_mixvpr", None, 4096),
+    ("resnet50_convap", None, 8192),
+    ("resnet50_gem", None, 2048),
+    ("resnet50_cosplace", None, 2048),
+    ("salad_ablations", "gem", 768),
+    ("salad_ablations", "mixvpr", 4096),
+    ("salad_ablations", "netvlad", 49152),
+    ("salad_ablations", "no_dustbin", 8448),
+    ("salad_ablations", "softmax", 8448),
+    ("salad_ablations", "blocks=2", 8448),
+    ("demo", "mixvpr", 256),
+  ],
+)
+def test_the_shipped_family_configs_pass(name, arg, dim):
+  import importlib
+
+  c = importlib.import_module(f"configs.{name}").get_config(arg)
+  config_lib.check(c)
+  assert config_lib.model_config(c).descriptor_dim == dim

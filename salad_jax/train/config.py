@@ -260,6 +260,12 @@ def check(config) -> None:
     "places are drawn from those with enough images",
   )
   _int(config, "model.num_clusters", 1)
+  # model fields named in one line each (the ModelConfig checks combinations; SALAD's sizes
+  # and dropout here, with their config key)
+  for key in ("cluster_dim", "token_dim", "hidden_dim"):
+    _int(config, f"model.{key}", 1)
+  if not 0 <= _real(config, "model.dropout", 0.0, strict=False, high=1.0) < 1:
+    raise _fail("model.dropout", _get(config, "model.dropout"), "must be in [0, 1)")
   model = model_config(config)
   _size(config, "data.image_size", model)
   names = city_names(config.data.cities)
@@ -268,11 +274,6 @@ def check(config) -> None:
     raise _fail("data.cities", config.data.cities, f"lists {', '.join(repeated)} more than once")
   _int(config, "data.num_workers", 0)
   _int(config, "data.num_threads", 1)
-  # model shape fields the ModelConfig itself does not bound
-  for key in ("cluster_dim", "token_dim", "hidden_dim"):
-    _int(config, f"model.{key}", 1)
-  if not 0 <= _real(config, "model.dropout", 0.0, strict=False, high=1.0) < 1:
-    raise _fail("model.dropout", _get(config, "model.dropout"), "must be in [0, 1)")
   # optimizer and schedule (torch AdamW / LinearLR bounds)
   _real(config, "optim.lr", 0.0, strict=True)
   _real(config, "optim.weight_decay", 0.0, strict=False)
