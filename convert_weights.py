@@ -66,11 +66,10 @@ def main(argv):
     model.save(dst, overwrite=FLAGS.overwrite)
     kind = "salad_jax Orbax checkpoint"
   c = model.config
-  head = (
-    f"m={c.num_clusters} l={c.cluster_dim} g={c.token_dim} -> " if c.aggregator == "salad" else ""
-  )
+  salad = c.aggregator == "salad"
+  sizes = f", m={c.num_clusters} l={c.cluster_dim} g={c.token_dim}" if salad else ""
   print(
-    f"wrote {kind} to {dst}: {c.describe()}, {head}{c.descriptor_dim}-d descriptors"
+    f"wrote {kind} to {dst}: {c.describe()}{sizes}"
     + (f"; source sha256 {model.source['sha256'][:16]}..." if "sha256" in model.source else "")
   )
 

@@ -4,6 +4,7 @@ torch descriptors; each exports back to a state_dict the official layout loads w
 the describe API on every head; BatchNorm statistics in converted dirs; the config checks."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -306,3 +307,23 @@ def test_zz_report():
   """The measured figures (pytest -s shows them; docs/parity.md quotes them)."""
   for name, r in REPORT.items():
     print(f"{name}: {r['dim']}-d, max abs descriptor diff vs torch {r['max_abs']:.1e}")
+
+
+def test_convert_weights_cli_takes_model_settings(nano_heads, tmp_path):
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src = str(tmp_path / "softmax.pth")
+  torch.save(nano_heads["salad_softmax"].state_dict(), src)
+  dst = str(tmp_path / "conv")
+  cmd = [sys.executable, os.path.join(repo, "convert_weights.py"), "--src", src, "--dst", dst]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+  assert out.returncode == 2 and "--model salad_assignment=" in out.stderr, out.stderr
+  out = subprocess.run(
+    cmd + ["--model", "salad_assignment=softmax"], capture_output=True, text=True, cwd=tmp_path
+  )
+  assert out.returncode == 0, out.stderr
+  assert "ViT-Nano/14 + SALAD (144-d), m=8 l=16 g=16" in out.stdout
+  meta = json.loads((tmp_path / "conv" / "salad_config.json").read_text())
+  assert meta["model"]["salad_assignment"] == "softmax" and "batch_stats_checksum" not in meta
