@@ -268,17 +268,12 @@ class ModelConfig:
       )
     return grid
 
-  def example_image_size(self) -> int:
-    """A square image size the model takes (for init and shape tracing)."""
+  def example_image_size(self) -> tuple[int, int]:
+    """An image size (h, w) the model takes (for init and shape tracing)."""
     if self.aggregator == "mixvpr":
-      side = math.isqrt(self.in_h * self.in_w)
-      if side * side != self.in_h * self.in_w:
-        raise UserError(
-          f"MixVPR in_h x in_w = {self.in_h}x{self.in_w}: only square maps can be traced here"
-        )
-      return side * self.feature_stride
-    side = vit.PATCH * (math.isqrt(self.min_patches) + 1)
-    return max(224, side)
+      return self.in_h * self.feature_stride, self.in_w * self.feature_stride
+    side = max(224, vit.PATCH * (math.isqrt(self.min_patches) + 1))
+    return side, side
 
   def describe(self) -> str:
     """One line for messages: 'ViT-B/14 + SALAD (8448-d)'."""
@@ -421,17 +416,19 @@ def weights_of(params: Mapping, batch_stats: Mapping | None = None):
   return params
 
 
-def init_variables(config: ModelConfig, rng: jax.Array, image_size: int | None = None) -> dict:
+def init_variables(config: ModelConfig, rng: jax.Array, image_size=None) -> dict:
   """Fresh variables: {"params"} (+ "batch_stats" for ResNets), as plain dicts. Inits: DINOv2's
-  for the ViT, torchvision's for the ResNet, the official modules' for the heads."""
+  for the ViT, torchvision's for the ResNet, the official modules' for the heads. `image_size`
+  (side or (h, w); default one the model takes) does not change the params."""
   model = VPRModel(config)
   size = image_size or config.example_image_size()
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  h, w = (size, size) if isinstance(size, int) else size
+  x = jnp.zeros((1, h, w, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, x))(rng)
   return {k: jax.tree.map(lambda a: a, dict(v)) for k, v in variables.items()}
 
 
-def init_params(config: ModelConfig, rng: jax.Array, image_size: int | None = None) -> dict:
+def init_params(config: ModelConfig, rng: jax.Array, image_size=None) -> dict:
   """Fresh parameters as a plain dict (`init_variables` also gives BatchNorm statistics)."""
   return init_variables(config, rng, image_size)["params"]
 

@@ -101,10 +101,8 @@ def initial_params(
 
 def abstract_state(model_cfg: ModelConfig, tx, freeze: str) -> dict:
   """The train state's shapes and dtypes (jax.ShapeDtypeStruct), without computing anything."""
-  size = model_cfg.example_image_size()
-  variables = jax.eval_shape(
-    lambda r: VPRModel(model_cfg).init(r, jnp.zeros((1, size, size, 3))), jax.random.key(0)
-  )
+  x = jnp.zeros((1, *model_cfg.example_image_size(), 3))
+  variables = jax.eval_shape(lambda r: VPRModel(model_cfg).init(r, x), jax.random.key(0))
   params = variables["params"]
   train, _ = optim.split_trainable(params, freeze)
   state = {

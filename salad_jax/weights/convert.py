@@ -197,8 +197,7 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], rows, expected_shapes
 @functools.lru_cache(maxsize=8)
 def variable_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """(collection,) + flax path -> shape for `config` (traced once per config; do not mutate)."""
-  size = config.example_image_size()
-  x = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  x = jax.ShapeDtypeStruct((1, *config.example_image_size(), 3), np.float32)
   shapes = jax.eval_shape(lambda r, x: VPRModel(config).init(r, x), jax.random.key(0), x)
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(shapes))[0]:
