@@ -202,7 +202,7 @@ def test_describe_api_on_the_other_heads(nano_heads, name, overrides, tmp_path):
 
 
 def test_converted_dir_keeps_batch_stats_and_a_resnet_backbone_file_gets_a_fresh_head(tmp_path):
-  tm = om.build("resnet18", "gem", seed=7)
+  tm = om.build("resnet18", "gem", seed=7, layers_to_crop=(3, 4))
   path = str(tmp_path / "r18.pth")
   torch.save(tm.state_dict(), path)
   model = salad_jax.load(path)
@@ -211,9 +211,10 @@ def test_converted_dir_keeps_batch_stats_and_a_resnet_backbone_file_gets_a_fresh
   model.save(str(tmp_path / "conv"))
   meta = json.loads((tmp_path / "conv" / "salad_config.json").read_text())
   assert "batch_stats_checksum" in meta and any(k.startswith("batch_stats/") for k in meta["files"])
-  again = salad_jax.load(str(tmp_path / "conv"))
-  np.testing.assert_array_equal(again.describe(x), d)
+  again = salad_jax.load(str(tmp_path / "conv"))  # the same weights: the same descriptors
+  jax.tree.map(np.testing.assert_array_equal, again.params, model.params)
   jax.tree.map(np.testing.assert_array_equal, again.batch_stats, model.batch_stats)
+  assert again.config == model.config and d.shape == (2, 128)
   # --overwrite replaces only what salad_jax wrote: the batch_stats item included
   model.save(str(tmp_path / "conv"), overwrite=True)
   (tmp_path / "conv" / "batch_stats" / "mine.txt").write_text("a user's file")
@@ -228,9 +229,9 @@ def test_converted_dir_keeps_batch_stats_and_a_resnet_backbone_file_gets_a_fresh
   fresh = salad_jax.load(
     str(tmp_path / "resnet18-f37072fd.pth"),
     aggregator="mixvpr",
-    in_h=4,
-    in_w=4,
-    layers_to_crop=(4,),
+    in_h=8,
+    in_w=8,
+    layers_to_crop=(3, 4),
     out_channels=32,
   )
   assert fresh.source["kind"] == "resnet" and fresh.describe(x).shape == (2, 128)
