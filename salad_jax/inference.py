@@ -20,6 +20,7 @@ from salad_jax.data.images import (
   to_rgb,
 )
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, assignment, init_params
 from salad_jax.weights import convert, converted, run_checkpoints
@@ -159,7 +160,7 @@ def _min_max(x):
 
 def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
   """A checkpoint argument that names nothing is one line saying what it may name."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise UserError(
       f"{flag} {path} does not exist",
       "give a converted dir (convert_weights.py), "
@@ -176,9 +177,9 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
   `config_overrides` (e.g. dtype="bfloat16") replace fields of the stored model config that do not
   change parameter shapes.
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, converted.CONFIG_FILE)):
+  path = os.fspath(path)  # local, or a URL (gs://...: salad_jax.files.paths)
+  if paths.isdir(path):
+    if paths.isfile(paths.join(path, converted.CONFIG_FILE)):
       params, config, source = converted.load_converted(path)
     else:
       params, config, source = run_checkpoints.load_for_inference(path)  # a train.py workdir
@@ -191,7 +192,7 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
         )
       config = config.replace(**config_overrides)
     return SaladModel(params, config, source)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   params, config, backbone_only, source = convert.read_checkpoint(path, **config_overrides)
   if backbone_only:

@@ -17,6 +17,7 @@ import numpy as np
 
 from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 
 
 # ------------------------------------------------------------------------------ safe .npy
@@ -230,7 +231,7 @@ def requested_sets(
   if database_folder or queries_folder:
     if not (database_folder and queries_folder):
       raise UserError("--database_folder and --queries_folder go together", hint)
-    out = os.path.realpath(output_dir) if output_dir else None
+    out = paths.real(output_dir) if output_dir else None  # a URL is inside no local folder
     for flag, folder in (
       ("--database_folder", database_folder),
       ("--queries_folder", queries_folder),

@@ -13,9 +13,7 @@ Resuming takes the newest checkpoint that restores and verifies; newer damaged o
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -27,6 +25,7 @@ from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.train.lock import utc_stamp
 from salad_jax.train.workdir import DAMAGED
@@ -94,7 +93,7 @@ class TrainCheckpointer:
     best_metric: str = "R@1",
     read_only: bool = False,
   ):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    self.directory = paths.join(paths.absolute(workdir), CHECKPOINTS)
     self.best_metric = best_metric
     policy = AnyPreservationPolicy(
       [
@@ -228,11 +227,11 @@ class TrainCheckpointer:
       return
     if jax.process_index() == 0:
       stamp = utc_stamp(time.time())
-      aside = os.path.join(os.path.dirname(self.directory), DAMAGED)
-      os.makedirs(aside, exist_ok=True)
+      aside = paths.join(paths.parent(self.directory), DAMAGED)
+      paths.makedirs(aside)
       for step, e in failed:
-        dest = os.path.join(aside, f"{step}-{stamp}")
-        shutil.move(os.path.join(self.directory, str(step)), dest)
+        dest = paths.join(aside, f"{step}-{stamp}")
+        paths.move_tree(paths.join(self.directory, str(step)), dest)  # GCS: copy, then delete
         print(
           f"checkpoint step {step} cannot be restored ({short_reason(e)}); moved it to {dest}; "
           f"resuming from step {good}",
@@ -248,7 +247,7 @@ class TrainCheckpointer:
     """The input pipeline's position is saved per process (data/process_<i>-of-<n>.json): a
     checkpoint of another process count is a UserError (a launch change, not damage)."""
     try:
-      names = os.listdir(os.path.join(self.directory, str(step), "data"))
+      names = paths.listdir(paths.join(self.directory, str(step), "data"))
     except OSError:  # no data state: the restore says why
       return
     counts = {
@@ -260,7 +259,7 @@ class TrainCheckpointer:
         f"checkpoint step {step} in {self.directory} was saved by {n} process(es) and this run "
         f"has {jax.process_count()}: the input pipeline's position is saved per process",
         f"resume it with {n} processes (JAX_NUM_PROCESSES={n}), or start a new run from its "
-        f"params (--config.init={os.path.dirname(self.directory)} and another --workdir)",
+        f"params (--config.init={paths.parent(self.directory)} and another --workdir)",
       )
 
   def check_compatible(self, step: int, abstract_state: dict, model: dict | None = None) -> None:

@@ -5,7 +5,6 @@ the non-finite stop, and train.py's closing lines."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -14,6 +13,46 @@ import jax
 import numpy as np
 
 from salad_jax.errors import UserError
+from salad_jax.files import atomic, paths
+
+
+class JsonLines:
+  """metrics.jsonl, appended to. Locally an append-mode file, flushed per line. An object store
+  has no append (epath's `open('a')` silently starts the object anew), so there the lines of
+  earlier runs are read at start and the whole object is uploaded again, at most every
+  `every_s` seconds and at `close()` (each upload is atomic: a reader sees whole lines)."""
+
+  def __init__(self, path: str, every_s: float = 10.0):
+    self.path, self.every_s = path, every_s
+    self.remote = paths.is_url(path)
+    if self.remote:
+      self.text = paths.read_text(path) if paths.exists(path) else ""
+      if self.text and not self.text.endswith("\n"):
+        self.text += "\n"
+      self.last, self.dirty = time.time(), False
+    else:
+      self.f = open(path, "a")
+
+  def write(self, line: str) -> None:
+    if not self.remote:
+      self.f.write(line)
+      self.f.flush()
+      return
+    self.text += line
+    self.dirty = True
+    if time.time() - self.last >= self.every_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    with atomic.new_file(self.path) as tmp, open(tmp, "w") as f:
+      f.write(self.text)
+    self.last, self.dirty = time.time(), False
+
+  def close(self) -> None:
+    if not self.remote:
+      self.f.close()
+    elif self.dirty:
+      self._upload()
 
 
 class MetricsWriter:
@@ -32,8 +71,8 @@ class MetricsWriter:
 
     from tensorboardX import SummaryWriter
 
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))  # tensorboardX writes gs:// too
+    self.jsonl = JsonLines(paths.join(workdir, "metrics.jsonl"))
     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
     self._error: BaseException | None = None
 
@@ -48,7 +87,6 @@ class MetricsWriter:
       for k, v in scalars.items():
         self.tb.add_scalar(k, v, step)
       self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-      self.jsonl.flush()
     except BaseException as e:  # noqa: BLE001  (raised in the loop's thread, see _raise_failed)
       self._error = self._error or e
 

@@ -22,7 +22,6 @@ the steps between them, evaluation and checkpoint saves excluded.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -37,6 +36,7 @@ from salad_jax import losses, sharding
 from salad_jax.data import source
 from salad_jax.data.pipeline import normalize_images
 from salad_jax.evaluation.evaluate import EpochEvaluator
+from salad_jax.files import paths
 from salad_jax.inference import load
 from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 from salad_jax.train import checkpoint, metrics, optim
@@ -72,7 +72,7 @@ def initial_params(
   if not config.init:
     return jax.tree.map(np.asarray, init_params(model_cfg, rng, image_size=224))
   shape = model_cfg.fields(sorted(ModelConfig.SHAPE_FIELDS))
-  if os.path.isdir(config.init):
+  if paths.isdir(config.init):  # a local folder or a URL (gs://...)
     loaded = load(config.init)
     diff = [
       f"{f}: checkpoint {getattr(loaded.config, f)!r}, config {v!r}"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from typing import Iterable, Mapping
 
 import jax
 import numpy as np
 
+from salad_jax.files import paths
 from salad_jax.models import vit
 from salad_jax.models.vpr import ModelConfig, VPRModel
 from salad_jax.weights import torch_files
@@ -322,7 +322,7 @@ def read_checkpoint(path: str, **overrides) -> tuple[dict, ModelConfig, bool, di
   config, backbone_only = infer_config(sd, **overrides)
   params = torch_to_params(sd, config, backbone_only)
   source = {
-    "file": os.path.abspath(path),
+    "file": paths.absolute(path),
     "sha256": torch_files.sha256(path),
     "kind": "dinov2" if backbone_only else "salad",
   }

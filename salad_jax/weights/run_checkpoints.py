@@ -8,7 +8,6 @@ workdir the checkpoint with the highest validation R@1 is taken, else the latest
 from __future__ import annotations
 
 import contextlib
-import os
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.weights import torch_files
 from salad_jax.weights.checksum import verify
@@ -26,16 +26,16 @@ CHECKPOINTS = "checkpoints"  # a train.py workdir's folder of Orbax checkpoints
 
 def _resolve(path: str) -> tuple[str, int]:
   """A workdir, its checkpoints/ dir, or one step dir -> (manager dir, step)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
-  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    path = os.path.join(path, CHECKPOINTS)
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  path = paths.absolute(path)
+  if paths.isdir(paths.join(path, "params")) and paths.name(path).isdigit():
+    return paths.parent(path), int(paths.name(path))
+  if paths.isdir(paths.join(path, CHECKPOINTS)):
+    path = paths.join(path, CHECKPOINTS)
+  steps = sorted(int(d) for d in paths.listdir(path) if d.isdigit()) if paths.isdir(path) else []
   if not steps:
-    if os.path.basename(path) == CHECKPOINTS:
+    if paths.name(path) == CHECKPOINTS:
       raise UserError(
-        f"{os.path.dirname(path)} is a train.py workdir without a checkpoint yet",
+        f"{paths.parent(path)} is a train.py workdir without a checkpoint yet",
         "train.py saves one every --config.checkpoint.every_steps steps, at every "
         "epoch end and at stop_after_steps",
       )
@@ -64,7 +64,7 @@ def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfi
   the checkpoint with the highest validation R@1 (recorded in its meta), else the latest.
   """
   directory, step = _resolve(path)
-  step_given = os.path.basename(os.path.normpath(path)).isdigit()
+  step_given = paths.name(paths.absolute(path)).isdigit()
   quiet_orphaned_reads()
   with _quiet():
     return _load(directory, step, step_given, which)
@@ -116,9 +116,9 @@ def _load(directory: str, step: int, step_given: bool, which: str):
       raise _damaged(directory, step, e, steps) from e
   finally:
     mngr.close()
-  where = os.path.join(directory, str(step))
+  where = paths.join(directory, str(step))
   verify(params, meta, f"checkpoint {where}")
-  params = torch_files.check_params(params, os.path.join(where, "params"))
+  params = torch_files.check_params(params, paths.join(where, "params"))
   try:
     config = ModelConfig.from_dict(meta["model"])
   except (KeyError, TypeError, ValueError) as e:
