@@ -13,6 +13,8 @@ Resuming takes the newest checkpoint that restores and verifies; newer damaged o
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import os
 import re
 import time
 from typing import Any
@@ -25,7 +27,7 @@ from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from salad_jax.errors import UserError
-from salad_jax.files import paths
+from salad_jax.files import atomic, paths
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.train.lock import utc_stamp
 from salad_jax.train.workdir import DAMAGED
@@ -65,6 +67,42 @@ class _NoUntrackedMetricNotice:
 
 
 logging.get_absl_logger().addFilter(_NoUntrackedMetricNotice())
+
+_ORBAX_DIR = os.path.dirname(ocp.__file__) + os.sep
+
+
+def _write_failure(exc: BaseException | None, text: str = "") -> bool:
+  """A failed write of the file system (full disk, quota, read-only, permission), or what the
+  threads of a failed save raise after it (the interpreter shutting down under them)."""
+  return (exc is not None and atomic.os_errno(exc) is not None) or any(
+    s in text or (exc is not None and s in str(exc))
+    for s in ("os_error_code=", "cannot schedule new futures after interpreter shutdown")
+  )
+
+
+class _NoOrbaxWriteFailureTracebacks:
+  """A save that fails on the file system makes each of Orbax's threads log the same traceback
+  (~450 lines for one full disk); the main thread raises it once, as one line with a hint
+  (`TrainCheckpointer._save_error`). Other Orbax errors get through."""
+
+  def filter(self, record) -> bool:
+    if record.levelno < std_logging.ERROR or not record.pathname.startswith(_ORBAX_DIR):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not _write_failure(exc, str(record.getMessage()))
+
+
+class _NoUnretrievedWriteFailures:
+  """The same failure, once more per array, from the asyncio logger ("exception was never
+  retrieved") as Orbax's pending writes are collected."""
+
+  def filter(self, record) -> bool:
+    text = str(record.getMessage())
+    return not ("exception was never retrieved" in text and _write_failure(None, text))
+
+
+logging.get_absl_logger().addFilter(_NoOrbaxWriteFailureTracebacks())
+std_logging.getLogger("asyncio").addFilter(_NoUnretrievedWriteFailures())
 
 
 class IteratorPosition:
@@ -157,7 +195,25 @@ class TrainCheckpointer:
     }
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    try:  # an earlier asynchronous save's failure surfaces here
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as e:
+      raise self._save_error(e) from e
+    self._saving = step
+
+  def _save_error(self, e: Exception) -> Exception:
+    """A save that failed on the file system: one line naming the step and the reason."""
+    if not _write_failure(e):
+      return e
+    code = atomic.os_errno(e)
+    reason = (atomic.DISK_ERRNOS.get(code) or os.strerror(code).lower()) if code else str(e)
+    step = getattr(self, "_saving", None)
+    return UserError(
+      f"cannot save the checkpoint{f' of step {step}' if step is not None else ''} in "
+      f"{self.directory}: {reason}; the checkpoints saved before it are intact",
+      "free some space there (or lower --config.checkpoint.keep_last), then rerun the same "
+      "command: it resumes from the last checkpoint",
+    )
 
   def restore(
     self, step: int, abstract_state: dict, data_iter=None, model: dict | None = None
@@ -291,11 +347,16 @@ class TrainCheckpointer:
     )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -92,6 +92,9 @@ class MetricsWriter:
 
   def _raise_failed(self) -> None:
     if self._error is not None:
+      err = atomic.write_error(paths.parent(self.jsonl.path), self._error)
+      if err is not None:  # a full disk, ...: one line with a hint
+        raise err from self._error
       raise RuntimeError(f"writing metrics failed: {self._error}") from self._error
 
   def close(self) -> None:
