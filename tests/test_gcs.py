@@ -119,6 +119,13 @@ epath.Path("gs://bucket/run/.lock").write_text(json.dumps(json.loads(sys.argv[1]
 """
 
 
+UPLOAD = """
+import sys
+from salad_jax.files import paths
+(paths.upload_tree if paths.isdir(sys.argv[1]) else paths.upload)(sys.argv[1], sys.argv[2])
+"""
+
+
 @pytest.fixture(scope="module")
 def bucket_run(gcs):
   r = run(gcs, *train(gcs, "gs://bucket/run", **{"config.stop_after_steps": 3}))
@@ -186,9 +193,10 @@ def test_evaluate_convert_and_visualize_on_a_bucket(gcs, bucket_run):
   assert "12 descriptors from the cache" in second.stdout, second.stdout
   assert "wrote gs://bucket/eval/recalls.json" in second.stdout
 
+  query = f"{root}/queries/" + sorted(os.listdir(f"{root}/queries"))[0]
+  python(gcs, UPLOAD, query, "gs://bucket/images/q.jpg")
   vis = ["-m", "salad_jax.visualize", "--checkpoint", bucket_run, "--image_size", "56"]
-  vis += ["--images", f"{root}/queries/" + sorted(os.listdir(f"{root}/queries"))[0]]
-  vis += ["--output_dir", "gs://bucket/vis"]
+  vis += ["--images", query, "gs://bucket/images/q.jpg", "--output_dir", "gs://bucket/vis"]
   assert "wrote gs://bucket/vis/assignments.npz" in run(gcs, *vis).stdout
 
   convert = os.path.join(REPO, "convert_weights.py")
@@ -216,7 +224,26 @@ print("conv", sorted(p.name for p in epath.Path("gs://bucket/conv").iterdir()))
 """
   out = python(gcs, code).stdout
   assert "gs://bucket/conv 0.0" in out and "gs://bucket/w.safetensors 0.0" in out, out
-  assert "sets 1 True" in out and "preds 12" in out and "assignments (1, 9, 4, 4) 1" in out, out
+  assert "sets 1 True" in out and "preds 12" in out and "assignments (2, 9, 4, 4) 2" in out, out
   assert "'.salad_jax_outputs.json'" in out and "'database_descriptors.npy'" in out, out
   assert ".salad_jax_outputs.lock" not in out, out  # released
   assert "conv ['params', 'salad_config.json']" in out, out
+
+
+def test_training_reads_a_pack_from_a_bucket(gcs):
+  from salad_jax.data import tfds_gsv
+
+  local = os.path.join(gcs["base"], "tfds")
+  tfds_gsv.build(gcs["gsv"], local, image_size=(56, 56), num_workers=1, progress=False)
+  python(gcs, UPLOAD, local, "gs://bucket/tfds")  # packed locally, then uploaded
+  code = f"""
+import numpy as np
+from salad_jax.data import tfds_gsv
+a = tfds_gsv.open_gsv_cities("gs://bucket/tfds", 4, (56, 56))
+b = tfds_gsv.open_gsv_cities("{local}", 4, (56, 56))
+assert a.root.startswith("gs://bucket/tfds/") and len(a.image_place) == len(b.image_place)
+same = all(np.array_equal(a.read_array(i)[0], b.read_array(i)[0]) for i in range(len(b.order)))
+print("records", len(b.order), "equal", same)
+"""
+  out = python(gcs, code).stdout
+  assert "equal True" in out and "records 101" in out, out

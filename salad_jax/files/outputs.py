@@ -108,6 +108,12 @@ class Claim:
       self.lock.release()
       self.lock = None
 
+  def __del__(self) -> None:  # a run that dropped its claim (it failed) frees the folder
+    try:
+      self.release()
+    except Exception:  # noqa: BLE001  (interpreter shutdown)
+      pass
+
   def __enter__(self) -> "Claim":
     return self
 
