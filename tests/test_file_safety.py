@@ -184,3 +184,23 @@ def test_full_disks_cost_no_result_and_print_one_line(tmp_path, capfd):
     assert "no space left on the device" in e.value.message and "free some space" in e.value.hint
     err = capfd.readouterr().err
     assert "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err, err[:3000]
+
+
+def test_a_url_is_never_taken_for_a_local_name(tmp_path, monkeypatch):
+  """`--workdir gs://b/run` used to become `<cwd>/gs:/b/run` (os.path.abspath) and be created."""
+  from salad_jax.data import pack
+  from salad_jax.files import paths
+  from salad_jax.train import workdir
+
+  monkeypatch.chdir(tmp_path)
+  assert paths.absolute("gs://my-bucket/runs//gsv/") == "gs://my-bucket/runs/gsv"
+  assert paths.join("gs://b/run", "checkpoints") == "gs://b/run/checkpoints"
+  assert paths.parent("gs://b/run/config.json") == "gs://b/run" and paths.name("gs://b/x") == "x"
+  assert not paths.is_url("c:/data") and paths.is_url("s3://b/k")
+  run = workdir.Workdir("gs://my-bucket/runs/gsv")
+  assert (
+    run.workdir == "gs://my-bucket/runs/gsv" and run.lock.path == "gs://my-bucket/runs/gsv/.lock"
+  )
+  with pytest.raises(errors.UserError, match="a pack is written to local disk"):
+    pack.pack(str(tmp_path / "nothing"), "gs://my-bucket/tfds")
+  assert not os.listdir(tmp_path)  # nothing named gs: was created

@@ -32,7 +32,7 @@ from PIL import Image
 
 from salad_jax.data import gsv_cities, images, pack_records
 from salad_jax.errors import UserError
-from salad_jax.files import atomic
+from salad_jax.files import atomic, paths
 from salad_jax.files.destinations import check_dir
 
 JOB_FILE = "job.json"
@@ -173,6 +173,13 @@ def pack(
   """Writes the pack; returns its directory. See the module docstring."""
   import tensorflow_datasets as tfds
 
+  if paths.is_url(data_dir):  # gs://...: the ArrayRecord writer writes local files only
+    raise UserError(
+      f"--data_dir {data_dir}: a pack is written to local disk (the ArrayRecord writer cannot "
+      "write to object stores)",
+      "pack into a local --data_dir, then upload it (gsutil -m cp -r <data_dir>/gsv_cities "
+      "gs://...) and train with --config.data.tfds_data_dir=gs://...",
+    )
   image_size = images.as_size(image_size) if image_size is not None else None
   if compression not in ("none", "zstd"):
     raise UserError(f"compression {compression!r}: use none or zstd")
