@@ -258,6 +258,7 @@ class UrlLock:
   def _read(self) -> tuple[dict, str | None]:
     """(holder, generation) of the lock object; ({}, None) if there is none."""
     f, p, *_ = self._fs()
+    f.invalidate_cache(p)  # the generation now, not a listing's
     try:
       info = f.info(p)
       data = f.cat_file(p)

@@ -66,7 +66,12 @@ _PACKAGES = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", Non
 
 @functools.lru_cache(maxsize=None)
 def _backend(scheme: str) -> None:
-  """A scheme whose fsspec package is missing is one line saying what to install."""
+  """A scheme whose fsspec package is missing is one line saying what to install. Listings are
+  not cached: Orbax (tensorstore) writes checkpoints beside fsspec, and a cached listing would
+  hide them (a setting of the user's fsspec config, e.g. FSSPEC_GCS, wins)."""
+  import fsspec.config
+
+  fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
   module, extra = _PACKAGES.get(scheme, (None, None))
   if module is None:
     return
