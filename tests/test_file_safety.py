@@ -45,42 +45,53 @@ def _evaluate(model, s, out, **kw):
   return evaluate_checkpoint(model, [s], str(out), image_size=(56, 56), num_workers=0, **kw)
 
 
-def test_a_rewritten_image_is_never_served_from_the_cache_and_outputs_are_new_files(
-  tiny_model_dir, tmp_path, capsys
-):
-  root, out, cache = tmp_path / "sets", tmp_path / "out", str(tmp_path / "cache")
-  s = _folders(str(root))
-  kw = dict(cache_dir=cache, save_descriptors=True, num_preds_to_save=1)
-  first = _evaluate(tiny_model_dir, s, out, **kw)
-  assert "12 descriptors extracted and cached" in capsys.readouterr().out
-  backup = tmp_path / "backup"  # cp -al: hard links to every output
-  subprocess.run(["cp", "-al", str(out), str(backup)], check=True)
-  before = {f: (backup / f).read_bytes() for f in ("recalls.json", "database_descriptors.npy")}
-  before["preds/000.jpg"] = (backup / "preds" / "000.jpg").read_bytes()
-
+def _rewrite_same_sizes(root, s):
+  """Other pictures in the database files, of the same byte sizes, their mtime set back."""
   times = {p: os.stat(p) for p in s.database_paths}
   sizes = {p: os.path.getsize(p) for p in s.database_paths}
-  _folders(str(root), shift=1)  # other pictures, same byte sizes, mtime set back
+  _folders(str(root), shift=1)
   for p, st in times.items():
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
   assert {p: os.path.getsize(p) for p in s.database_paths} == sizes
   assert {p: os.stat(p).st_mtime_ns for p in s.database_paths} == {
     p: st.st_mtime_ns for p, st in times.items()
   }
-  cached = _evaluate(tiny_model_dir, s, out, **kw)
+
+
+def test_a_rewritten_image_is_never_served_from_the_cache(tiny_model_dir, tmp_path, capsys):
+  root, cache = tmp_path / "sets", str(tmp_path / "cache")
+  s = _folders(str(root))
+  first = _evaluate(tiny_model_dir, s, tmp_path / "a", cache_dir=cache)
+  assert "12 descriptors extracted and cached" in capsys.readouterr().out
+  _rewrite_same_sizes(root, s)
+  cached = _evaluate(tiny_model_dir, s, tmp_path / "b", cache_dir=cache)
   log = capsys.readouterr().out
   assert "12 descriptors from the cache" not in log, log
   assert "cache entry not used, made for other inputs: image files changed" in log
   truth = _evaluate(tiny_model_dir, s, tmp_path / "truth")  # no cache
   assert cached == truth and cached != first
+
+
+def test_outputs_are_new_files_so_a_hard_linked_backup_keeps_its_contents(tiny_model_dir, tmp_path):
+  root, out = tmp_path / "sets", tmp_path / "out"
+  s = _folders(str(root))
+  kw = dict(save_descriptors=True, num_preds_to_save=1)
+  _evaluate(tiny_model_dir, s, out, **kw)
+  backup = tmp_path / "backup"  # cp -al: hard links to every output
+  subprocess.run(["cp", "-al", str(out), str(backup)], check=True)
+  files = ["recalls.json", "database_descriptors.npy", "queries_descriptors.npy"]
+  files += ["preds/000.jpg", "preds/000.txt", ".salad_jax_outputs.json"]
+  before = {f: (backup / f).read_bytes() for f in files}
+  _rewrite_same_sizes(root, s)
+  _evaluate(tiny_model_dir, s, out, **kw)
+  for f, data in before.items():  # the backup still holds the first run's outputs
+    assert (backup / f).read_bytes() == data, f
+  assert (out / "database_descriptors.npy").read_bytes() != before["database_descriptors.npy"]
   np.testing.assert_allclose(
     np.load(out / "database_descriptors.npy"),
     salad_jax.load(tiny_model_dir).describe(salad_jax.preprocess(s.database_paths, (56, 56))),
     atol=1e-5,
   )
-  for f, data in before.items():  # the backup still holds the first run's outputs
-    assert (backup / f).read_bytes() == data, f
-  assert (out / "database_descriptors.npy").read_bytes() != before["database_descriptors.npy"]
 
 
 def test_one_run_per_output_folder(tiny_model_dir, tmp_path):
