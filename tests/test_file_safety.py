@@ -212,6 +212,10 @@ def test_a_url_is_never_taken_for_a_local_name(tmp_path, monkeypatch):
   assert (
     run.workdir == "gs://my-bucket/runs/gsv" and run.lock.path == "gs://my-bucket/runs/gsv/.lock"
   )
+  from salad_jax.data import benchmarks
+
+  with pytest.raises(errors.UserError, match="evaluation images are read from local disk"):
+    benchmarks.requested_sets("gs://b/db", "gs://b/q", [], "", "", 25.0)
   with pytest.raises(errors.UserError, match="a pack is written to local disk"):
     pack.pack(str(tmp_path / "nothing"), "gs://my-bucket/tfds")
   assert not os.listdir(tmp_path)  # nothing named gs: was created

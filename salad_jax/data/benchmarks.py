@@ -227,6 +227,16 @@ def requested_sets(
   """evaluate.py's sets: the two folders (if given), then each benchmark under data_root.
   `output_dir` may not lie inside an image folder (a rerun would read its pictures as images)."""
   hint = "see --helpshort for the flags"
+  for flag, value in (
+    ("--database_folder", database_folder),
+    ("--queries_folder", queries_folder),
+    ("--data_root", data_root),
+  ):
+    if value and paths.is_url(value):
+      raise UserError(
+        f"{flag} {value}: evaluation images are read from local disk",
+        "copy them to this machine (gsutil -m cp -r ...) and give the local folder",
+      )
   sets = []
   if database_folder or queries_folder:
     if not (database_folder and queries_folder):
