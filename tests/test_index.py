@@ -175,7 +175,10 @@ def test_save_refuses_what_it_did_not_write_and_load_errors_are_one_line(tmp_pat
     else:
       p.write_bytes(content)
     before = p.read_bytes()
-    with pytest.raises(ValueError, match=r"refusing to overwrite .*: salad_jax did not write it \(not a salad_jax index\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"refusing to overwrite .*: salad_jax did not write it \(not a salad_jax index\)",
+    ):
       index.save(str(p), overwrite=True)
     assert p.read_bytes() == before
   damaged = tmp_path / "damaged.npz"
