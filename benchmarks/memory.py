@@ -61,6 +61,7 @@ def parse_args(argv=None):
     help="params, AdamW state and kept-for-backward only (seconds, not minutes)",
   )
   ap.add_argument("--json", default="")
+  ap.add_argument("--save_hlo", default="", help="a folder: write each compiled program's HLO")
   return ap.parse_args(argv)
 
 
@@ -216,6 +217,39 @@ def per_device_bytes(tree) -> int:
   )
 
 
+def collectives(hlo: str) -> dict[str, int]:
+  """'all-reduce f32 over 8' -> count, for the collectives of a compiled program's HLO text
+  (the group size from replica_groups, explicit `{{0,1},{2,3}}` or iota `[2,8]<=[16]`). On a
+  multi-slice TPU program the collectives between slices are host transfers to the megascale
+  (DCN) runtime: 'DCN all-reduce f32 between slices', one per send."""
+  import re
+
+  out: dict[str, int] = {}
+  pattern = (
+    r"= \(?(\w+)\[[^\]]*\].*? (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\("
+  )
+  for line in hlo.splitlines():
+    dcn = re.search(r"= \((\w+)\[.*? send\(.*_xla_megascale_transfer_type=\"(\w+)\"", line)
+    if dcn:  # a collective between slices: host transfers through the megascale runtime
+      key = f"DCN {dcn.group(2).lower().replace('_', '-')} {dcn.group(1)} between slices"
+      out[key] = out.get(key, 0) + 1
+      continue
+    m = re.search(pattern, line)
+    if not m:
+      continue
+    size = "?"
+    g = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if g:
+      size = g.group(2)
+    else:
+      g = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+      if g:
+        size = str(len(g.group(1).split(",")))
+    key = f"{m.group(2)} {m.group(1)} over {size}"
+    out[key] = out.get(key, 0) + 1
+  return dict(sorted(out.items()))
+
+
 def measure(model_cfg, devices, fsdp: int, args) -> dict:
   import jax
   import numpy as np
@@ -275,7 +309,14 @@ def measure(model_cfg, devices, fsdp: int, args) -> dict:
   row["args_accounted"] = (
     abs(row["argument"] / (row["params"] + row["opt"] + row["batch"]) - 1) < 0.05
   )
-  del compiled
+  hlo = compiled.as_text()
+  row["collectives"] = collectives(hlo)
+  if args.save_hlo:
+    os.makedirs(args.save_hlo, exist_ok=True)
+    name = f"{model_cfg.variant.replace('/', '')}_fsdp{fsdp}_{model_cfg.remat}_{model_cfg.dtype}"
+    with open(os.path.join(args.save_hlo, name + ".hlo.txt"), "w") as f:
+      f.write(hlo)
+  del compiled, hlo
   jax.clear_caches()
   return row
 
@@ -365,6 +406,8 @@ def main(argv=None):
             if "total" in r
             else " GiB (not compiled)"
           )
+          if r.get("collectives"):
+            print(f"    collectives: {r['collectives']}", flush=True)
           print(
             f"  {model} fsdp={fsdp} remat={remat:6s} {dtype:8s}: params {r['params'] / GiB:.3f} "
             f"({r['param_count']:,} x 4 B / {r['params'] and round(r['param_count'] * 4 / r['params'], 2)}) "
