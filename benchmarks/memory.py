@@ -234,6 +234,12 @@ def collectives(hlo: str) -> dict[str, int]:
       key = f"DCN {dcn.group(2).lower().replace('_', '-')} {dcn.group(1)} between slices"
       out[key] = out.get(key, 0) + 1
       continue
+    fused = re.search(r"= \(?(\w+)\[.* fusion\(.*kind=kCustom, calls=%all-reduce-scatter", line)
+    if fused:  # XLA:TPU's reduce-scatter of gradients fused with their producers
+      cores = re.search(r"cores:\{(\d+)\}", line)
+      key = f"all-reduce-scatter fusion {fused.group(1)} over {cores.group(1) if cores else '?'}"
+      out[key] = out.get(key, 0) + 1
+      continue
     m = re.search(pattern, line)
     if not m:
       continue

@@ -5,8 +5,9 @@ the attention terms), done per matmul for this model, because most of the ViT is
 
 - forward through every ViT block: qkv, the attention logits Q K^T and P V (the T^2 terms: 2 x
   T^2 x D each), the output projection, and the MLP (fc1, fc2) or SwiGLU (w12, w3); the patch
-  embedding (a 14x14 conv as a matmul); LayerNorm, GELU, softmax and the residual adds are not
-  counted (elementwise, ~1-3 % of a block);
+  embedding (a 14x14 conv as a matmul) and the pos-embed table's resampling to the patch grid
+  (once per step); LayerNorm, GELU, softmax and the residual adds are not counted
+  (elementwise, ~1-3 % of a block);
 - the SALAD head: the token, cluster-feature and score MLPs (1x1 convs: matmuls over the n
   patches) and the aggregation einsum (2 x n x l x m); Sinkhorn (3 log-sum-exp iterations over
   [m+1, n]) is elementwise and not counted;
