@@ -149,7 +149,7 @@ def _slice_mesh(shape: tuple[int, int], devices: Sequence) -> np.ndarray:
   """`shape` laid onto one slice's (or group's) interconnect: `create_device_mesh`, allowed to
   split physical axes if the shape needs it (e.g. 8 x 2 on a 4x4 v5e); where it has no layout
   (a TPU topology with one device per TensorCore, which it refuses) the id order, with a
-  warning. On CPU it is the given order; on GPUs the id order."""
+  warning. On CPU it keeps the (process, id) order of `mesh_groups`; on GPUs the id order."""
   from jax.experimental import mesh_utils
 
   try:  # splits a physical axis only where no whole-axis assignment fits
