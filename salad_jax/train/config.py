@@ -35,8 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = ""
   c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
   # devices = data x fsdp: the batch is split over all of them; params and optimizer state are
-  # sharded over fsdp groups (1 = replicated, plain data parallelism)
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  # sharded over fsdp groups (1 = replicated, plain data parallelism). dcn_data: the part of
+  # `data` that spans TPU slices over the data-centre network (0 = auto: one per slice, 1 on
+  # devices without slices; on CPU/GPU N > 1 splits the devices into N groups); fsdp stays
+  # inside a slice (salad_jax.sharding.make_mesh)
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, dcn_data=0))
 
   c.data = ml_collections.ConfigDict()
   # folder: the GSV-Cities JPEG files | tfds: a pack (python -m salad_jax.data.tfds_gsv), the
@@ -141,6 +144,8 @@ def check(config) -> None:
   if config.get("stop_after_steps") is not None:
     _int(config, "stop_after_steps", 0, "must be an integer >= 0 (0: run every epoch)")
   _int(config, "mesh.fsdp", 1)
+  if config.mesh.get("dcn_data") is not None:
+    _int(config, "mesh.dcn_data", 0, "must be an integer >= 0 (0: one per TPU slice)")
   # data: the loss needs several places (negatives) and several images of each (positives)
   _int(
     config,
@@ -223,6 +228,15 @@ def check(config) -> None:
     "must be an integer >= 1 (the newest checkpoint is what a rerun resumes from)",
   )
   _int(config, "checkpoint.keep_best", 0)
+
+
+def check_mesh(config, devices=None) -> None:
+  """`config.mesh` against the devices (default: all) and their TPU slices: `mesh.dcn_data`
+  must be the number of slices (or 0), `mesh.fsdp` must divide the devices of one slice. Needs
+  the backend (after `jax.distributed.initialize`), so it is not part of `check`."""
+  from salad_jax import sharding
+
+  sharding.check_mesh(devices, config.mesh.fsdp, config.mesh.get("dcn_data", 0))
 
 
 def check_data(config, num_places: int) -> None:

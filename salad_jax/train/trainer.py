@@ -221,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with workdir_lib.hold(workdir) as run:
     # ---- set-up: every check before anything is written or compiled
     sharding.maybe_initialize_distributed()
-    mesh = sharding.make_mesh(fsdp=config.mesh.fsdp)  # a bad fsdp is an error before anything runs
+    config_lib.check_mesh(config)  # fsdp / dcn_data against the devices, before anything runs
+    mesh = sharding.make_mesh(fsdp=config.mesh.fsdp, dcn_data=config.mesh.get("dcn_data", 0))
     model_cfg = model_config(config)
     data = source.open_source(config)  # raises with instructions before anything compiles
     config_lib.check_data(config, data.num_places)
