@@ -97,10 +97,14 @@ class EpochEvaluator:
   def __init__(self, config, mesh):
     e = config.eval
     specs = [s.strip() for s in e.sets.split(",") if s.strip()] if e.sets else []
-    self.sets = [
-      benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
-      for s in specs
-    ]
+    specs = benchmarks.unique_specs(specs, "config.eval.sets")  # each set once
+    self.sets = eval_sets.unique_names(  # names unique: they key the metrics
+      [
+        benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
+        for s in specs
+      ],
+      [not s.startswith("folder:") for s in specs],
+    )
     for s in self.sets:
       s.check_files()
     self.enabled = bool(self.sets)
