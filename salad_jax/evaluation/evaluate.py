@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -109,9 +110,37 @@ class EpochEvaluator:
       s.check_files()
     self.enabled = bool(self.sets)
     self.cfg, self.mesh = e, mesh
-    self.select_metric = "R@1"  # ranks the checkpoints: always computed
+    self.select_metric = "R@1"  # ranks the checkpoints: always computed, on the first set
+    self.settings = self._settings(specs[0]) if specs else {}
     self.recall_values = tuple(sorted(set(check_recall_values(e.recall_values)) | {1}))
     self._describe = None
+
+  def _settings(self, spec: str) -> dict:
+    """What `select_metric` depends on: the first set (its files' place), the threshold and
+    the image size. A checkpoint records them (`run_checkpoints.SETTINGS`); R@1 under other
+    settings is never compared with it. Other sets, K values, batch size and search method
+    do not change R@1 on the first set."""
+    e = self.cfg
+    first = (
+      {"folder": os.path.realpath(spec[len("folder:") :])}
+      if spec.startswith("folder:")
+      else {
+        "benchmark": self.sets[0].name,
+        "data_root": os.path.realpath(e.data_root),
+        "index_root": os.path.realpath(e.index_root or os.path.join(e.data_root, "datasets")),
+      }
+    )
+    settings = {
+      "set": first,
+      "positive_dist_threshold": float(e.positive_dist_threshold),
+      "image_size": [int(x) for x in e.image_size],
+    }
+    text = (
+      f"R@1 on {self.sets[0].name}, positives within {e.positive_dist_threshold:g} m, "
+      f"{e.image_size[0]}x{e.image_size[1]}"
+    )
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "text": text, **settings}
 
   def __call__(
     self, params, model_cfg: ModelConfig, step: int, writer=None, label: str = ""
