@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from salad_jax.data import gsv_cities, images, pack_records
+from salad_jax.data.workers import die_with_parent
 from salad_jax.errors import UserError
 from salad_jax.files import atomic
 from salad_jax.files.destinations import check_dir
@@ -447,7 +448,10 @@ def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial
     # forkserver: workers fork from a clean server process that imported this module once
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["salad_jax.data.pack", "salad_jax.data.tfds_gsv"])
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    # each writer exits when this process is gone (kill -9 left them writing)
+    with ProcessPoolExecutor(
+      workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
       try:
         for t, summary in zip(tasks, pool.map(_write_shard, tasks)):
           summaries[t["shard"]] = summary
