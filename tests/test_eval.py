@@ -711,3 +711,12 @@ def test_sets_of_one_name_get_unique_names_everywhere(tiny_model_dir, tmp_path, 
   ev = evaluate.EpochEvaluator(c, sharding.make_mesh())
   assert [s.name for s in ev.sets] == ["sped_2", "sped_3", "sped"]
   assert "config.eval.sets names sped twice (sped and SPED)" in capsys.readouterr().err
+  # what a checkpoint's R@1 is measured under: a ground-truth file has no radius
+  assert ev.settings["text"] == "R@1 on sped_2, positives within 25 m, 56x56"
+  c.eval.sets = "sped"
+  fingerprints = set()
+  for c.eval.positive_dist_threshold in (25.0, 5000.0):
+    ev = evaluate.EpochEvaluator(c, sharding.make_mesh())
+    assert ev.settings["text"] == "R@1 on sped, its ground truth, 56x56"
+    fingerprints.add(ev.settings["fingerprint"])
+  assert len(fingerprints) == 1  # the threshold does not change R@1 on a ground-truth file

@@ -182,8 +182,9 @@ ALIASES = {"msls": "msls_val", "mslsval": "msls_val", "msls_challenge": "msls_te
 
 def _pitts_gt_from_mat(
   mat_path: str, db: Sequence[str], q: Sequence[str], radius: float | None
-) -> list[np.ndarray]:
-  """Ground truth from the NetVLAD `dbStruct` .mat: UTM radius search (posDistThr, 25 m)."""
+) -> tuple[list[np.ndarray], float]:
+  """Ground truth from the NetVLAD `dbStruct` .mat: UTM radius search (`radius`, else its
+  posDistThr, 25 m); returns (positives, the radius used)."""
   from scipy.io import loadmat
 
   s = loadmat(mat_path)["dbStruct"][0, 0]
@@ -206,7 +207,7 @@ def _pitts_gt_from_mat(
     return np.asarray(out)
 
   di, qi = index(db, db_pos), index(q, q_pos, "queries_real/")
-  return positives_within(utm_db[di], utm_q[qi], thr)
+  return positives_within(utm_db[di], utm_q[qi], thr), thr
 
 
 def benchmark_set(
@@ -234,7 +235,7 @@ def benchmark_set(
     )
   db = [str(x) for x in load_npy(os.path.join(index_root, db_file))]
   q = [str(x) for x in load_npy(os.path.join(index_root, q_file))]
-  positives = None
+  positives, radius = None, None
   protocol = ""
   if key == "msls_val":
     q_idx_path = os.path.join(index_root, "msls_val/msls_val_qIdx.npy")
@@ -249,7 +250,7 @@ def benchmark_set(
       mat = os.path.join(index_root, "Pittsburgh", key + ".mat")
       if not os.path.isfile(mat):
         raise FileNotFoundError(f"{key}: neither {gt_path} nor the NetVLAD struct {mat} exists")
-      positives = _pitts_gt_from_mat(mat, db, q, positive_dist_threshold)
+      positives, radius = _pitts_gt_from_mat(mat, db, q, positive_dist_threshold)
       protocol = f"{key}: ground truth from {os.path.basename(mat)} UTM radius search"
     else:
       raise FileNotFoundError(f"{key}: ground-truth file {gt_path} not found")
@@ -264,6 +265,7 @@ def benchmark_set(
     positives,
     challenge=key == "msls_test",
     protocol=protocol or key,
+    positives_radius=radius,
   )
 
 

@@ -44,6 +44,7 @@ class EvalSet:
   positives: list[np.ndarray] | None  # per query: database indices; None = no labels
   challenge: bool = False  # MSLS test: no labels, predictions go to the challenge file
   protocol: str = ""
+  positives_radius: float | None = None  # metres of a UTM radius search; None: a ground-truth file
 
   @property
   def num_database(self) -> int:
@@ -263,7 +264,8 @@ def folder_set(
     if use_labels
     else "no labels (--no_labels): retrieval only, no recalls"
   )
-  return EvalSet(name, db, q, positives, protocol=protocol)
+  radius = positive_dist_threshold if use_labels else None
+  return EvalSet(name, db, q, positives, protocol=protocol, positives_radius=radius)
 
 
 # names a set may not take: evaluate.py's files beside the per-set folders (several sets)

@@ -116,29 +116,28 @@ class EpochEvaluator:
     self._describe = None
 
   def _settings(self, spec: str) -> dict:
-    """What `select_metric` depends on: the first set (its files' place), the threshold and
-    the image size. A checkpoint records them (`run_checkpoints.SETTINGS`); R@1 under other
-    settings is never compared with it. Other sets, K values, batch size and search method
-    do not change R@1 on the first set."""
-    e = self.cfg
+    """What `select_metric` depends on: the first set (its files' place), the radius of its
+    positives (the threshold; none for a ground-truth file) and the image size. A checkpoint
+    records them (`run_checkpoints.SETTINGS`); R@1 under other settings is never compared with
+    it. Other sets, K values, batch size and search method do not change R@1 on the first set."""
+    e, first_set = self.cfg, self.sets[0]
     first = (
       {"folder": os.path.realpath(spec[len("folder:") :])}
       if spec.startswith("folder:")
       else {
-        "benchmark": self.sets[0].name,
+        "benchmark": first_set.name,
         "data_root": os.path.realpath(e.data_root),
         "index_root": os.path.realpath(e.index_root or os.path.join(e.data_root, "datasets")),
       }
     )
+    radius = first_set.positives_radius
     settings = {
       "set": first,
-      "positive_dist_threshold": float(e.positive_dist_threshold),
+      "positive_dist_threshold": None if radius is None else float(radius),
       "image_size": [int(x) for x in e.image_size],
     }
-    text = (
-      f"R@1 on {self.sets[0].name}, positives within {e.positive_dist_threshold:g} m, "
-      f"{e.image_size[0]}x{e.image_size[1]}"
-    )
+    positives = "its ground truth" if radius is None else f"positives within {radius:g} m"
+    text = f"R@1 on {first_set.name}, {positives}, {e.image_size[0]}x{e.image_size[1]}"
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {"fingerprint": digest, "text": text, **settings}
 
