@@ -416,6 +416,7 @@ ENTRY_POINTS = [
   ("salad_jax.data.check", "--data_root --datasets sped", "--data_root has no value: it is followed by the flag --datasets"),
   ("salad_jax.data.check", "--data_root /nonexistent", "hint: give the folder that holds"),
   ("salad_jax.data.tfds_gsv", "--manual_dir --data_dir x", "--manual_dir has no value: it is followed by the flag --data_dir"),
+  ("salad_jax.export", "--checkpoint m --output --overwrite", "--output has no value: it is followed by the flag --overwrite"),
 ]  # fmt: skip
 RUN_ENTRY_POINTS = r"""
 import contextlib, io, json, runpy, sys, warnings

@@ -232,7 +232,7 @@ def _invalid(r: Report) -> Report:
   if r.invalid:
     r.status = "invalid"
     r.notes += [f"error: {m}" for m in r.invalid]
-    r.todo.append(f"index files: {benchmarks.INDEX_HINT}")
+    r.todo.append(benchmarks.INDEX_HINT)
   return r
 
 
