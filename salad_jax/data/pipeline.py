@@ -14,6 +14,7 @@ per process (plus one in each worker's output buffer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -26,7 +27,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from salad_jax.data import augment
+from salad_jax.data import augment, workers
 from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
 from salad_jax.data.images import (
   DAMAGED,
@@ -236,14 +237,16 @@ class ReportDamaged:
 
 
 def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 1) -> grain.IterDataset:
-  """Worker processes via mp_prefetch. grain reads absl flags in the workers, so outside
-  `app.run` (notebooks, tests) the flags are marked parsed first."""
+  """Worker processes via mp_prefetch, each dying with this process (`workers.die_with_parent`:
+  `kill -9` left them running). grain reads absl flags in the workers, so outside `app.run`
+  (notebooks, tests) the flags are marked parsed first."""
   if num_workers <= 0:
     return it
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return it.mp_prefetch(
-    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+    worker_init_fn=functools.partial(workers.die_with_parent, os.getpid()),
   )
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
@@ -99,17 +100,48 @@ class EpochEvaluator:
   def __init__(self, config, mesh):
     e = config.eval
     specs = [s.strip() for s in e.sets.split(",") if s.strip()] if e.sets else []
-    self.sets = [
-      benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
-      for s in specs
-    ]
+    specs = benchmarks.unique_specs(specs, "config.eval.sets")  # each set once
+    self.sets = eval_sets.unique_names(  # names unique: they key the metrics
+      [
+        benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
+        for s in specs
+      ],
+      [not s.startswith("folder:") for s in specs],
+    )
     for s in self.sets:
       s.check_files()
     self.enabled = bool(self.sets)
     self.cfg, self.mesh = e, mesh
-    self.select_metric = "R@1"  # ranks the checkpoints: always computed
+    self.select_metric = "R@1"  # ranks the checkpoints: always computed, on the first set
+    self.settings = self._settings(specs[0]) if specs else {}
     self.recall_values = tuple(sorted(set(check_recall_values(e.recall_values)) | {1}))
     self._describe = None
+
+  def _settings(self, spec: str) -> dict:
+    """What `select_metric` depends on: the first set (its files' place), the radius of its
+    positives (the threshold; none for a ground-truth file) and the image size. A checkpoint
+    records them (`run_checkpoints.SETTINGS`); R@1 under other settings is never compared with
+    it. Other sets, K values, batch size and search method do not change R@1 on the first set."""
+    e, first_set = self.cfg, self.sets[0]
+    first = (
+      {"folder": os.path.realpath(spec[len("folder:") :])}
+      if spec.startswith("folder:")
+      else {
+        "benchmark": first_set.name,
+        "data_root": os.path.realpath(e.data_root),
+        "index_root": os.path.realpath(e.index_root or os.path.join(e.data_root, "datasets")),
+      }
+    )
+    radius = first_set.positives_radius
+    settings = {
+      "set": first,
+      "positive_dist_threshold": None if radius is None else float(radius),
+      "image_size": [int(x) for x in e.image_size],
+    }
+    positives = "its ground truth" if radius is None else f"positives within {radius:g} m"
+    text = f"R@1 on {first_set.name}, {positives}, {e.image_size[0]}x{e.image_size[1]}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "text": text, **settings}
 
   def __call__(
     self, params, model_cfg: ModelConfig, step: int, writer=None, label: str = ""

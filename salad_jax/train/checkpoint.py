@@ -2,7 +2,9 @@
 
 Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`. `params` alone is
 what inference needs (`salad_jax.load(workdir)`), so it is its own item. Keeps the last N
-checkpoints and the best M by a validation metric; saves are atomic (Orbax writes to a tmp dir
+checkpoints and the best M by a validation metric under each eval settings (a checkpoint's
+metrics record the settings they were measured under; recalls under other settings are never
+compared: `salad_jax.weights.run_checkpoints.rank`); saves are atomic (Orbax writes to a tmp dir
 and renames), so an interrupted save never damages an earlier checkpoint.
 
 Each checkpoint's meta holds `params_checksum` (salad_jax.weights.checksum), verified on every restore.
@@ -24,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, LatestN
 
 from salad_jax.errors import UserError
 from salad_jax.files import atomic, paths
@@ -33,7 +35,13 @@ from salad_jax.train.lock import utc_stamp
 from salad_jax.train.workdir import DAMAGED
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
-from salad_jax.weights.run_checkpoints import CHECKPOINTS  # the workdir's layout
+from salad_jax.weights.run_checkpoints import (  # the workdir's layout, and what "best" means
+  CHECKPOINTS,
+  Scored,
+  best_per_settings,
+  rank,
+  scored,
+)
 
 
 def _everywhere(ok: bool) -> bool:
@@ -105,6 +113,19 @@ logging.get_absl_logger().addFilter(_NoOrbaxWriteFailureTracebacks())
 std_logging.getLogger("asyncio").addFilter(_NoUnretrievedWriteFailures())
 
 
+class BestNPerSettings:
+  """Orbax preservation policy: the `n` best checkpoints by `metric` under each eval settings
+  (Orbax's BestN ranked R@1 at 5000 m against R@1 at 25 m and deleted the best)."""
+
+  def __init__(self, metric: str, n: int):
+    self.metric, self.n = metric, n
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    found = [c for info in checkpoints if (c := scored(info.step, info.metrics, self.metric))]
+    keep = best_per_settings(found, self.n)
+    return [info.step in keep for info in checkpoints]
+
+
 class IteratorPosition:
   """A data iterator's state taken now, saved later (after the next batch was already taken).
 
@@ -133,16 +154,7 @@ class TrainCheckpointer:
   ):
     self.directory = paths.join(paths.absolute(workdir), CHECKPOINTS)
     self.best_metric = best_metric
-    policy = AnyPreservationPolicy(
-      [
-        LatestN(keep_last),
-        BestN(
-          get_metric_fn=lambda m: m[best_metric],
-          n=keep_best,
-          keep_checkpoints_without_metrics=False,
-        ),
-      ]
-    )
+    policy = AnyPreservationPolicy([LatestN(keep_last), BestNPerSettings(best_metric, keep_best)])
     # best_fn makes Orbax write each save's metrics to disk: without it BestN only sees the
     # metrics of this process's saves, and a resumed run could delete the best checkpoint.
     options = ocp.CheckpointManagerOptions(
@@ -167,17 +179,24 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """The kept checkpoint with the highest `best_metric` (ties: the later), as
-    `salad_jax.load(workdir)` picks it; None when no checkpoint has the metric (Orbax's own
-    `best_step()` falls back to the latest step)."""
-    scored = [
-      (m[self.best_metric], s)
+  def scored(self) -> list[Scored]:
+    """Each kept checkpoint's `best_metric` and the eval settings it was measured under."""
+    return [
+      c
       for s in self.manager.all_steps()
-      for m in [self.manager.metrics(s) or {}]
-      if self.best_metric in m
+      if (c := scored(s, self.manager.metrics(s), self.best_metric))
     ]
-    return max(scored)[1] if scored else None
+
+  def best(self) -> tuple[Scored | None, list[Scored]]:
+    """(the best checkpoint, the best under each other eval settings), as
+    `salad_jax.load(workdir)` picks it (`run_checkpoints.rank`)."""
+    return rank(self.scored())
+
+  def best_step(self) -> int | None:
+    """The best kept checkpoint (`best`), as `salad_jax.load(workdir)` picks it; None when no
+    checkpoint has the metric (Orbax's own `best_step()` falls back to the latest step)."""
+    best, _ = self.best()
+    return best.step if best else None
 
   def metric_of(self, step: int) -> float | None:
     """The `best_metric` saved with `step` (also for checkpoints of an earlier run), or None."""

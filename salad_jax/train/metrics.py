@@ -236,7 +236,8 @@ def summary(results: Mapping[str, Any], evaluator) -> None:
 
 def done_line(results: Mapping[str, Any]) -> str:
   """train.py's last line: the step reached and what is actually on disk (and, with validation,
-  the best checkpoint by R@1, which `evaluate.py` and `salad_jax.load` pick from a workdir)."""
+  the best checkpoint by R@1, which `evaluate.py` and `salad_jax.load` pick from a workdir, with
+  the eval settings it was measured under, and the best kept under each earlier settings)."""
   saved, step, evals = results.get("saved_step"), results["step"], results.get("evals") or {}
   if saved is None:
     return f"done: step {step}; no checkpoint saved"
@@ -250,7 +251,13 @@ def done_line(results: Mapping[str, Any]) -> str:
   line = (
     f"done: step {step}; checkpoint of step {saved}{recall(saved)} in {results['checkpoint_dir']}"
   )
-  best = results.get("best_step")
-  if best is not None and best != saved:
-    line += f"; best by R@1: step {best}{recall(best)}"
+  best, others = results.get("best_step"), results.get("other_bests") or []
+  settings = results.get("best_settings") or ""
+  if best is not None and (best != saved or others):
+    under = f" ({settings})" if others and settings else ""
+    line += f"; best by R@1{under}: step {best}{recall(best)}"
+  for c in others:  # never compared with the best above: measured under other settings
+    line += (
+      f"; kept step {c.step} (R@1 {c.r1:.2f}), the best under earlier eval settings ({c.text})"
+    )
   return line

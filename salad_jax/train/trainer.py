@@ -42,6 +42,7 @@ from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
 from salad_jax.train import checkpoint, metrics, optim
 from salad_jax.train import config as config_lib
 from salad_jax.train import workdir as workdir_lib
+from salad_jax.weights import run_checkpoints
 
 MAX_AHEAD = 2  # steps the host may dispatch before the devices have finished them
 MAX_PENDING = 64  # fetch (already finished) metrics at least this often, whatever log_every_steps
@@ -210,6 +211,26 @@ def next_batch(data_iter, mesh) -> tuple[dict[str, jax.Array], int]:
   return sharding.global_batch(local, mesh), corrupt
 
 
+def _say_if_eval_settings_changed(checkpointer, evaluator) -> None:
+  """R@1 under other eval settings is not comparable: say that the best checkpoints measured
+  under the earlier settings are kept and ranked apart."""
+  if not evaluator.enabled or jax.process_index() != 0:
+    return
+  now = evaluator.settings["fingerprint"]
+  earlier = [c for c in checkpointer.scored() if c.settings != now]
+  if not earlier:
+    return
+  best, others = run_checkpoints.rank(earlier)
+  kept = sorted([best, *others], key=lambda c: c.step)
+  print(
+    f"note: the eval settings changed ({evaluator.settings['text']}): the checkpoints "
+    "measured under earlier settings are ranked apart and their best kept ("
+    + "; ".join(f"step {c.step}: {c.text}, R@1 {c.r1:.2f}" for c in kept)
+    + ")",
+    flush=True,
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can.
 
@@ -251,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_saved, state, _ = restored
       logging.info("resumed from %s at step %d", checkpointer.directory, last_saved)
       print(f"resumed from step {last_saved} ({checkpointer.directory})")
+      _say_if_eval_settings_changed(checkpointer, evaluator)
     step_fn = make_train_step(model_cfg, tx, freeze, dict(config.loss), schedule, mesh)
     writer = metrics.MetricsWriter(workdir)
     meta = {
@@ -325,15 +347,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               metrics.same_on_every_process(eval_metrics)
               results["evals"][step] = eval_metrics
             if save:
+              settings = evaluator.settings if eval_metrics else {}
               sel = (
-                {evaluator.select_metric: eval_metrics[evaluator.select_metric]}
+                {
+                  evaluator.select_metric: eval_metrics[evaluator.select_metric],
+                  run_checkpoints.SETTINGS: settings["fingerprint"],
+                  run_checkpoints.SETTINGS_TEXT: settings["text"],
+                }
                 if eval_metrics
                 else None
               )
               checkpointer.save(
                 step,
                 state,
-                {**meta, "step": step, "eval": eval_metrics or {}},
+                {
+                  **meta,
+                  "step": step,
+                  "eval": eval_metrics or {},
+                  run_checkpoints.SETTINGS: settings,
+                },
                 position,
                 metrics=sel,
               )
@@ -341,7 +373,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           excluded += time.perf_counter() - t
           if stop:
             break
-      results["best_step"] = checkpointer.best_step() if evaluator.enabled else None
+      checkpointer.wait()  # the last save's metrics are on disk: rank every kept checkpoint
+      best, other_bests = checkpointer.best()  # as salad_jax.load(workdir) picks it
+      results["best_step"] = best.step if best else None
+      results["best_settings"] = best.text if best else ""
+      results["other_bests"] = other_bests  # the best under each earlier eval settings, kept
       # R@1 of the kept checkpoints, those saved before a resume included (for the last line)
       results["saved_recalls"] = {
         s: checkpointer.metric_of(s)

@@ -3,11 +3,19 @@
 A workdir, its checkpoints/ dir, or one step dir -> the params (numpy, on the host, checked
 against their recorded checksum) and the model config saved in the checkpoint's meta. From a
 workdir the checkpoint with the highest validation R@1 is taken, else the latest.
+
+"Best" has one meaning for `load`, train.py's last line and the checkpoint retention (`rank`):
+recalls measured under other eval settings (another set, threshold or image size) are not
+comparable, so each checkpoint records the settings its R@1 was measured under (a fingerprint,
+`eval_settings`), checkpoints are ranked only against those of the same settings, and the best
+is the best under the settings of the newest checkpoint that has an R@1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -22,6 +30,60 @@ from salad_jax.weights.checksum import verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
 
 CHECKPOINTS = "checkpoints"  # a train.py workdir's folder of Orbax checkpoints
+SETTINGS = "eval_settings"  # the fingerprint of the eval settings, in a checkpoint's metrics
+SETTINGS_TEXT = "eval_settings_text"  # the same in words, e.g. "R@1 on eval, 25 m, 112x112"
+UNRECORDED = "eval settings not recorded (saved by an older salad_jax)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """A checkpoint's R@1 and the eval settings it was measured under."""
+
+  step: int
+  r1: float
+  settings: str | None  # fingerprint; None: saved before settings were recorded
+  text: str = ""
+
+
+def scored(step: int, metrics: dict | None, metric: str = "R@1") -> Scored | None:
+  """A Scored from a checkpoint's metrics (Orbax's) or meta["eval"] + meta["eval_settings"]."""
+  if not metrics or metrics.get(metric) is None:
+    return None
+  return Scored(
+    step,
+    float(metrics[metric]),
+    metrics.get(SETTINGS),
+    metrics.get(SETTINGS_TEXT) or ("" if metrics.get(SETTINGS) else UNRECORDED),
+  )
+
+
+def rank(checkpoints: Iterable[Scored]) -> tuple[Scored | None, list[Scored]]:
+  """(the best, the best under each other eval settings, oldest first).
+
+  The best is the highest R@1 (ties: the later step) among the checkpoints measured under the
+  settings of the newest checkpoint with an R@1; R@1 under other settings is never compared
+  with it (R@1 at 5000 m "beat" the best at 25 m and deleted it).
+  """
+  groups: dict[str | None, list[Scored]] = {}
+  for c in checkpoints:
+    groups.setdefault(c.settings, []).append(c)
+  if not groups:
+    return None, []
+  bests = {k: max(v, key=lambda c: (c.r1, c.step)) for k, v in groups.items()}
+  newest = max((c for v in groups.values() for c in v), key=lambda c: c.step).settings
+  others = sorted((b for k, b in bests.items() if k != newest), key=lambda c: c.step)
+  return bests[newest], others
+
+
+def best_per_settings(checkpoints: Iterable[Scored], n: int) -> set[int]:
+  """The steps of the n best checkpoints under each eval settings (the retention's BestN)."""
+  groups: dict[str | None, list[Scored]] = {}
+  for c in checkpoints:
+    groups.setdefault(c.settings, []).append(c)
+  keep: set[int] = set()
+  for v in groups.values():
+    keep.update(c.step for c in sorted(v, key=lambda c: (c.r1, c.step))[-n:] if n > 0)
+  return keep
 
 
 def _resolve(path: str) -> tuple[str, int]:
@@ -61,7 +123,8 @@ def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfi
   """Params + model config of a training checkpoint, as numpy arrays on the host.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir. For a workdir, `which="best"` takes
-  the checkpoint with the highest validation R@1 (recorded in its meta), else the latest.
+  the best by validation R@1 (recorded in its meta) under the newest eval settings (`rank`),
+  else the latest.
   """
   directory, step = _resolve(path)
   step_given = paths.name(paths.absolute(path)).isdigit()
@@ -94,17 +157,27 @@ def _load(directory: str, step: int, step_given: bool, which: str):
         raise _damaged(directory, s, e, steps) from e
 
     if which == "best" and not step_given:
-      scored = []
+      found = []
       for s in steps:
         try:
-          r1 = meta_of(s).get("eval", {}).get("R@1")
+          m = meta_of(s)
         except UserError as e:
           logging.warning("skipping %s", e)
           continue
-        if r1 is not None:
-          scored.append((r1, s))
-      if scored:
-        step = max(scored)[1]
+        settings = m.get(SETTINGS) or {}
+        c = scored(
+          s,
+          {
+            **m.get("eval", {}),
+            SETTINGS: settings.get("fingerprint"),
+            SETTINGS_TEXT: settings.get("text"),
+          },
+        )
+        if c is not None:
+          found.append(c)
+      best, _ = rank(found)
+      if best is not None:
+        step = best.step
     meta = meta_of(step)
     try:
       tree = mngr.item_metadata(step)["params"]
@@ -125,5 +198,10 @@ def _load(directory: str, step: int, step_given: bool, which: str):
     raise UserError(
       f"checkpoint {where}: its meta holds no valid model config ({short_reason(e)})"
     ) from e
-  source = {"checkpoint": where, "step": step, "eval": meta.get("eval", {})}
+  source = {
+    "checkpoint": where,
+    "step": step,
+    "eval": meta.get("eval", {}),
+    SETTINGS: meta.get(SETTINGS, {}),
+  }
   return params, config, source
