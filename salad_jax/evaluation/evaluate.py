@@ -124,12 +124,12 @@ class EpochEvaluator:
     it. Other sets, K values, batch size and search method do not change R@1 on the first set."""
     e, first_set = self.cfg, self.sets[0]
     first = (
-      {"folder": os.path.realpath(spec[len("folder:") :])}
+      {"folder": paths.real(spec[len("folder:") :])}
       if spec.startswith("folder:")
       else {
         "benchmark": first_set.name,
-        "data_root": os.path.realpath(e.data_root),
-        "index_root": os.path.realpath(e.index_root or os.path.join(e.data_root, "datasets")),
+        "data_root": paths.real(e.data_root),
+        "index_root": paths.real(e.index_root or paths.join(e.data_root, "datasets")),
       }
     )
     radius = first_set.positives_radius
