@@ -818,7 +818,7 @@ def locked_workdir(c):
   wd = c.tmp / "busy"
   wd.mkdir()
   hold = (
-    "import sys, time\nfrom salad_jax.train import lock\nlock.Lock(sys.argv[1]).acquire()\n"
+    "import sys, time\nfrom salad_jax.files import lock\nlock.Lock(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\ntime.sleep(120)\n"
   )
   c.holder = subprocess.Popen(
