@@ -133,11 +133,26 @@ def test_first_step_gradients_match_across_device_counts():
     assert np.abs(grads[8][k] - v).max() <= 1e-6 * max(np.abs(v).max(), 1e-3), k
 
 
-def test_batch_layout_keeps_places_on_one_device():
+def test_batch_layout_pads_what_does_not_divide():
+  """Any P x K on any device count: the paper's 60 x 4 needs no padding on 8 or 16 devices, 64
+  devices get 16 padding entries, and places split over processes are padded whole."""
   mesh = sharding.make_mesh()
-  sharding.check_batch_layout(8 * 4, 4, mesh)
-  with pytest.raises(ValueError, match="multiple of 8 places"):
-    sharding.check_batch_layout(60 * 4, 4, mesh)
+  lay = sharding.batch_layout(60, 4, mesh)
+  assert (lay.local_images, lay.padding) == (240, 0)
+  lay = sharding.batch_layout(7, 4, mesh)  # 28 images on 8 devices: 4 per device, 4 padding
+  assert (lay.global_images, lay.padding) == (32, 4) and "4 of them padding" in lay.describe()
+  lay = sharding.batch_layout(60, 4, sharding.make_mesh(jax.devices()[:1]))
+  assert (lay.global_images, lay.padding) == (240, 0)
+  padded = sharding.pad_batch(
+    {
+      "images": np.ones((28, 2, 2, 3), np.uint8),
+      "labels": np.arange(28),
+      "valid": np.ones(28, bool),
+    },
+    32,
+  )
+  assert padded["images"].shape == (32, 2, 2, 3) and not padded["images"][28:].any()
+  assert (padded["labels"][28:] == -1).all() and not padded["valid"][28:].any()
 
 
 def _tiny_config(gsv_root):
