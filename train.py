@@ -4,7 +4,7 @@ r"""Trains SALAD.
   python train.py --config configs/gsv.py --workdir runs/gsv --config.data.root=/data/GSVCities
 
 Resumes automatically from the latest checkpoint in --workdir. The loop is
-`salad_jax.train.trainer.train_and_evaluate`.
+`salad_jax.train.trainer.train_and_evaluate`. SIGTERM saves the step reached and exits with 143.
 """
 
 from absl import app, flags
@@ -31,6 +31,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from salad_jax.train import preemption
+
+  # SIGTERM from now on: saved at the trainer's next safe point, never raised mid-statement
+  preemption.install()
+  preemption.cooperate()
   from salad_jax import cli
 
   cli.run(main, config_flags=("config",))

@@ -1,5 +1,5 @@
 """Two JAX processes x 2 CPU devices (jax.distributed, gloo) train and evaluate like one process x
-4 devices."""
+4 devices, with a batch of 5 places: each process loads 3 whole places, the second one padding."""
 
 import json
 import os
@@ -89,7 +89,7 @@ def test_two_processes_match_one_process(tmp_path):
     "--config.data.source=folder",
     f"--config.data.root={root}",
     "--config.data.cities=Alpha,Beta",
-    "--config.data.places_per_batch=8",
+    "--config.data.places_per_batch=5",  # 5 / 2 processes: a padding place on process 1
     "--config.data.image_size=(56,56)",
     "--config.data.num_workers=0",
     f"--config.eval.sets=folder:{tmp_path / 'eval'}",
@@ -116,12 +116,13 @@ def test_two_processes_match_one_process(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   outs = _run_two(args + ["--workdir", str(tmp_path / "two")])
   assert "4 device(s)" in outs[0][0]  # process 0 sees the global mesh
+  assert "each step holds 24 entries, 4 of them padding" in outs[0][0], outs[0][0]
   logs = {
     run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     for run in ("one", "two")
   }
   one, two = ([x["loss"] for x in logs[run] if "loss" in x] for run in ("one", "two"))
-  np.testing.assert_allclose(two, one, rtol=1e-6)
+  np.testing.assert_allclose(two, one, rtol=1e-5)  # 20 images vs 20 + 4 padding entries
   # evaluation: each process loads half of every batch; every process reports the recalls of one
   (val_one,), (val_two,) = ([x for x in logs[run] if "val/R@1" in x] for run in ("one", "two"))
   assert val_two == val_one and val_one["val/R@1"] > 0  # (R@1 = 0 could hide a shuffled order)
@@ -158,7 +159,7 @@ def test_two_processes_match_one_process(tmp_path):
   rerun = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
   losses = [x["loss"] for x in rerun if "loss" in x]
   assert len(losses) == len(one) + 1
-  np.testing.assert_allclose(losses[-1], one[-1], rtol=1e-6)
+  np.testing.assert_allclose(losses[-1], one[-1], rtol=1e-5)
   assert [out.strip().splitlines()[-1] for out, _ in again] == [d for d in done[1:]]
 
   # one process cannot take over the two processes' input positions: a one-line launch error
