@@ -3,10 +3,12 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -41,10 +43,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_two(args):
+def _run_two(args, sigterm_at=None, rc=0):
   """Both processes to completion: (stdout, stderr) of each. Their output goes to files, not pipes: a pipe read only after the other process ends could fill, block its writer
   and leave the other process waiting for it at a collective (jax.distributed's shutdown barrier
-  then times out after 300 s and aborts both)."""
+  then times out after 300 s and aborts both). `sigterm_at`: SIGTERM to process 1 once process
+  0 has printed this."""
   port = _free_port()
   files, procs = [], []
   for i in range(2):
@@ -62,9 +65,16 @@ def _run_two(args):
           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
           JAX_NUM_PROCESSES="2",
           JAX_PROCESS_ID=str(i),
+          JAX_PLATFORMS="cpu",
         ),
       )
     )
+  t0 = time.time()
+  while sigterm_at and time.time() - t0 < 600 and all(p.poll() is None for p in procs):
+    if sigterm_at in os.pread(files[0][0].fileno(), 1 << 20, 0).decode(errors="replace"):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
   outs = []
   for p, (out, err) in zip(procs, files):
     p.wait(timeout=600)
@@ -72,7 +82,7 @@ def _run_two(args):
       out.seek(0), err.seek(0)
       outs.append((out.read(), err.read()))
   for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == rc, err[-3000:]
   return outs
 
 
@@ -180,3 +190,18 @@ def test_two_processes_match_one_process(tmp_path):
   ), alone.stderr
   assert len(alone.stderr.splitlines()) == 2 and "Traceback" not in alone.stderr
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == before
+
+  # preemption: a SIGTERM to process 1 alone (jax.distributed's preemption service takes it);
+  # both processes save the same step, each its data position, and exit 143 with one line
+  longer = [a for a in args if not a.startswith("--config.num_epochs")]
+  longer += ["--config.num_epochs=2", "--workdir", str(tmp_path / "two")]
+  outs = _run_two(longer, sigterm_at=f"step {len(one) + 1}/", rc=143)
+  lines = [[ln for ln in err.splitlines() if ln.startswith("terminated")] for _, err in outs]
+  assert len(lines[0]) == 1 and lines[0] == lines[1], [err[-2000:] for _, err in outs]
+  saved = int(lines[0][0].split("saved step ")[1].split()[0])
+  assert len(one) < saved < 2 * len(one), saved
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / str(saved) / "data")) == [
+    "commit_success.txt",
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]

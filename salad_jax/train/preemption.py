@@ -46,13 +46,18 @@ def _handler(signum, frame):
     raise Terminated()
 
 
-def install() -> None:
+def install(replace: bool = False) -> None:
   """SIGTERM -> `_handler`, from the main thread and where nothing else handles it (a handler
-  installed before us is left alone)."""
+  installed before us is left alone, unless `replace`)."""
   if threading.current_thread() is not threading.main_thread():
     return
-  if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _handler):
+  if replace or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _handler):
     signal.signal(signal.SIGTERM, _handler)
+
+
+def request() -> None:
+  """Records a SIGTERM received before `install` (train.py catches them while importing)."""
+  _requested.set()
 
 
 def cooperate() -> None:

@@ -18,6 +18,15 @@ dispatching step n), so batches in flight stay bounded. (The bound also matters 
 hundreds of dispatched steps with collectives deadlock its 8 host devices in a rendezvous
 timeout; 2 or 8 steps ahead ran fine.) `step_time` is the wall time between two log points over
 the steps between them, evaluation and checkpoint saves excluded.
+
+Any number of places, devices and processes: each process loads whole places and pads its local
+batch to a multiple of its devices with invalid entries (`sharding.BatchLayout`); the step's
+loss, gradients and dropout masks do not depend on positions or padding, so every layout
+trains the numbers one device trains. SIGTERM (`preemption`) is a flag checked after each
+step's dispatch, between evaluation batches and after a save: the step reached is saved and
+`preemption.Terminated` names it (several processes stop at the same step through
+jax.distributed's preemption sync point). `checkpoint.every_secs` adds time-based saves, and
+`compile_cache_dir` JAX's persistent compilation cache (`compile_cache`).
 """
 
 from __future__ import annotations
