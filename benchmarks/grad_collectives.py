@@ -111,6 +111,7 @@ def collectives(text: str) -> dict:
   """{op: {dtype: [count, MiB]}} over the collectives of arrays (rank >= 1)."""
   out: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
   pattern = r"= (\(?[^=]*?) (" + "|".join(OPS) + r")(-start)?\("
+  text = re.sub(r"/\*index=\d+\*/", "", text)  # tuple element markers hold an '='
   for m in re.finditer(pattern, text):
     for dtype, shape in re.findall(r"(\w+)\[([\d,]+)\]", m.group(1)):
       size = 1

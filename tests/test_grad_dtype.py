@@ -47,7 +47,8 @@ def gradient_collectives(reduce: str, fsdp: int, dump_dir: str) -> dict[str, lis
   )
   (path,) = glob.glob(f"{dump_dir}/*jit_step*after_spmd-partitioning*.txt")
   out: dict[str, list[str]] = {}
-  for m in COLLECTIVE.finditer(open(path).read()):
+  text = re.sub(r"/\*index=\d+\*/", "", open(path).read())  # tuple markers hold an '='
+  for m in COLLECTIVE.finditer(text):
     for dtype, shape in re.findall(r"(\w+)\[([\d,]+)\]", m.group(1)):
       dims = sorted(int(d) for d in shape.split(","))  # either layout of a kernel's gradient
       out.setdefault(dtype, []).append(",".join(map(str, dims)))
