@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from salad_jax import errors
 from salad_jax.files.atomic import DISK_ERRNOS, exception_chain
 from salad_jax.train import preemption
-from salad_jax.train.preemption import Terminated  # noqa: F401  (the name cli had)
+from salad_jax.train.preemption import Terminated
 
 
 def quiet_logs() -> None:

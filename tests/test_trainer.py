@@ -232,12 +232,33 @@ def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(g
     8,
   ]
   assert r["saved_step"] == 8 and r["metric_fetches"] == 5  # after steps 1, 3, 4, 6, 8
+  # compile_cache_dir=auto: the run's programs in <workdir>/compile_cache; jax's settings restored
+  assert len(os.listdir(tmp_path / "compile_cache")) > 3
+  assert jax.config.jax_compilation_cache_dir is None
   assert metrics.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
   logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in logged] == [4, 8]
   for x in logged:
     assert np.isfinite(x["loss"]) and x["step_time"] > 0
     assert x["images_per_s"] == pytest.approx(32 / x["step_time"])
+
+
+def test_time_based_saves_and_their_setting(monkeypatch):
+  from salad_jax.train import config as config_lib
+
+  clock = [100.0]
+  monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+  timed = trainer.TimedSaves(60, log_every=10)
+  assert not timed.due(1)
+  clock[0] += 61
+  assert timed.due(2)
+  timed.saved()
+  assert not timed.due(3)
+  assert not trainer.TimedSaves(0, 10).due(1)  # 0 = off
+  cfg = config_lib.base_config()
+  cfg.checkpoint.every_secs = -1.0
+  with pytest.raises(salad_jax.errors.UserError, match="checkpoint.every_secs"):
+    config_lib.check(cfg)
 
 
 def test_init_from_files_and_dirs(tmp_path):
@@ -366,6 +387,7 @@ def straight(gsv_root, compile_cache, tmp_path_factory):
   cmd, env = run_train(workdir, gsv_root, **{"config.compile_cache_dir": compile_cache})
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert os.listdir(compile_cache) and not (workdir / "compile_cache").exists()
   want, last = final_params(workdir)
   return workdir, want, last
 
