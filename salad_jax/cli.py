@@ -11,6 +11,8 @@ from absl import app, flags, logging
 
 from salad_jax import errors
 from salad_jax.files.atomic import DISK_ERRNOS, exception_chain
+from salad_jax.train import preemption
+from salad_jax.train.preemption import Terminated
 
 
 def quiet_logs() -> None:
@@ -225,8 +227,8 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
       )
     except KeyboardInterrupt as e:
       if isinstance(e, Terminated):
-        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        sys.exit(143)
+        print(e.message, file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
       print("interrupted", file=sys.stderr)
       sys.exit(130)
     except MemoryError as e:  # host memory: numpy could not allocate a batch or an array
@@ -241,27 +243,5 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
         raise
       fail(line, "free some space or choose a place you can write to")
 
-  _terminate_like_ctrl_c()
+  preemption.install()  # SIGTERM: Ctrl-C-like, or a flag the trainer checks (preemption.py)
   app.run(wrapped, flags_parser=_parse_flags)
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a scheduler stopping the job), raised in the main thread like Ctrl-C, so that the
-  cleanups run: the workdir lock is released and a checkpoint being written is finished."""
-
-
-def _terminate_like_ctrl_c() -> None:
-  """Without a handler SIGTERM kills at once, leaving the lock and an unfinished save. Installed
-  only where nothing else handles SIGTERM (jax.distributed's preemption service, started later in
-  multi-process runs, replaces it with its own)."""
-  import signal
-  import threading
-
-  def handler(signum, frame):
-    raise Terminated()
-
-  if (
-    threading.current_thread() is threading.main_thread()
-    and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-  ):
-    signal.signal(signal.SIGTERM, handler)

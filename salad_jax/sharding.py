@@ -1,8 +1,8 @@
 """Device mesh, shardings and global batches: data parallel with optional FSDP. No pmap.
 
 The mesh has two axes, `data` and `fsdp` (`config.mesh.fsdp`; `data` = devices / fsdp). A batch
-is split over both axes on its first dim (every device holds different images, whole places per
-device). Params and optimizer state are sharded over `fsdp` by rules on their paths (big_vision
+is split over both axes on its first dim (every device holds different images; any number of
+places and devices, padded with invalid entries where they do not divide: `BatchLayout`). Params and optimizer state are sharded over `fsdp` by rules on their paths (big_vision
 `sharding.py` style: (regex, spec) pairs, first match wins, "fsdp" = the largest dim the axis
 divides, else replicated), so fsdp=1 is plain data parallelism with replicated params. XLA adds
 the all-gathers of weights and reduce-scatters of gradients that FSDP needs.
@@ -16,6 +16,7 @@ data-parallel gradient reduction crosses the slower data-centre network (DCN).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -209,20 +210,78 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
-def check_batch_layout(global_images: int, img_per_place: int, mesh: Mesh) -> None:
-  """All K images of a place must sit on one device: images per device divisible by K."""
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a step's P places x K images lie on the devices: any P, K, device and process count.
+
+  The loss is global (the step gathers every descriptor before the similarity matrix), so
+  places need not stay on one device. Each process loads ceil(P / processes) whole places
+  (`data.pipeline.TrainSpec`: padding places where P does not divide), then pads its images to
+  a multiple of its devices with invalid entries (`pad_batch`): every process's local batch has
+  the same shape, and the global batch splits evenly over the devices.
+  """
+
+  places: int  # P
+  img_per_place: int  # K
+  local_places: int  # per process, padding places included
+  local_images: int  # per process, padding included
+  num_processes: int
+  num_devices: int
+
+  @property
+  def global_images(self) -> int:
+    return self.local_images * self.num_processes
+
+  @property
+  def padding(self) -> int:
+    """Padding entries per step (whole padding places and per-device padding)."""
+    return self.global_images - self.places * self.img_per_place
+
+  def describe(self) -> str:
+    """One line for the start of a run: how much of each batch is padding."""
+    n = self.places * self.img_per_place
+    if not self.padding:
+      return (
+        f"batch layout: {self.places} places x {self.img_per_place} images = {n} images over "
+        f"{self.num_devices} device(s), {n // self.num_devices} per device, no padding"
+      )
+    return (
+      f"batch layout: {self.places} places x {self.img_per_place} images = {n} images over "
+      f"{self.num_devices} device(s) ({self.num_processes} process(es)): each step holds "
+      f"{self.global_images} entries, {self.padding} of them padding "
+      f"({100 * self.padding / self.global_images:.1f} %, masked out of the loss; "
+      f"{self.global_images // self.num_devices} per device)"
+    )
+
+
+def batch_layout(places: int, img_per_place: int, mesh: Mesh) -> BatchLayout:
+  """The layout of a P x K batch on `mesh` (all its processes; each holds the same number of
+  the mesh's devices)."""
+  procs = len({d.process_index for d in mesh.devices.flat})
   n = mesh.devices.size
-  if global_images % n or (global_images // n) % img_per_place:
-    places = global_images // img_per_place
-    layout = (
-      f" (mesh data={mesh.shape[DATA]} x fsdp={fsdp_size(mesh)})" if FSDP in mesh.shape else ""
-    )
-    raise UserError(
-      f"a batch of {places} places x {img_per_place} images cannot be split over "
-      f"{n} devices{layout} with whole places per device",
-      f"use a multiple of {n} places, e.g. --config.data.places_per_batch="
-      f"{max(n, places // n * n)}",
-    )
+  local_devices = n // procs
+  local_places = -(-places // procs)
+  local_images = -(-local_places * img_per_place // local_devices) * local_devices
+  return BatchLayout(places, img_per_place, local_places, local_images, procs, n)
+
+
+# padding values of the batch fields: invalid entries with no label and no example identity
+PAD_VALUES = {"labels": -1, "ids": -1, "valid": False, "index": -1}
+
+
+def pad_batch(local: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads every array of a local batch along its first dim to `size` (`PAD_VALUES`, else 0)."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if v.ndim == 0 or v.shape[0] == size:
+      out[k] = v
+      continue
+    if v.shape[0] > size:
+      raise ValueError(f"batch field {k!r} has {v.shape[0]} entries, more than {size}")
+    pad = np.full((size - v.shape[0],) + v.shape[1:], PAD_VALUES.get(k, 0), v.dtype)
+    out[k] = np.concatenate([v, pad])
+  return out
 
 
 # ------------------------------------------------------------------------------ params

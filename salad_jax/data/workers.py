@@ -17,6 +17,7 @@ a forkserver's workers have the forkserver, not the main process, as their paren
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -54,3 +55,18 @@ def die_with_parent(main_pid: int, *_worker_info) -> None:
     os._exit(1)
 
   threading.Thread(target=watch, name="salad_jax-die-with-parent", daemon=True).start()
+
+
+def start_data_worker(main_pid: int, *worker_info) -> None:
+  """grain's data workers: `die_with_parent`, and survive a SIGTERM sent to the whole process
+  group (systemd on a VM being preempted, SLURM), so that the trainer can still save
+  (`train/preemption.py`); grain stops them when the trainer exits. A worker whose parent is gone
+  exits on SIGTERM."""
+  parent = os.getppid()
+
+  def on_sigterm(signum, frame):
+    if os.getppid() != parent:
+      os._exit(143)
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+  die_with_parent(main_pid, *worker_info)

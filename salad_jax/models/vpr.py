@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salad_jax.models import attention, vit
+from salad_jax.models import attention, grads, vit
 from salad_jax.models.salad import SALAD
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,6 +36,9 @@ class ModelConfig:
   remat: str = (
     "none"  # trainable blocks in training: none | blocks (recompute) | dots (keep matmuls)
   )
+  # weight gradients under bf16 compute: summed (over the batch and across devices) in float32,
+  # or in bfloat16 (the cheaper collective); no effect under float32 compute (models/grads.py)
+  grad_reduce_dtype: str = "float32"
 
   # The fields that fix the parameter shapes (a saved model cannot change them)...
   SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -62,6 +65,7 @@ class ModelConfig:
     vit.check_remat(self.remat)
     vit.check_micro_batch(self.micro_batch)
     vit.check_micro_batch(self.train_micro_batch)
+    grads.check_grad_reduce_dtype(self.grad_reduce_dtype)
 
   @property
   def width(self) -> int:
@@ -119,10 +123,12 @@ class VPRModel(nn.Module):
     skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
     return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
 
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, example_ids=None):
+    """`example_ids` [B] (training): each image's identity in the step, keying its dropout."""
     vit.check_image_shape(images.shape, min_patches=self.config.num_clusters)
-    feats, token = self.features(images, train=train)
-    return self.aggregator(feats, token, train=train)
+    with grads.reduce_dtype(self.config.grad_reduce_dtype):
+      feats, token = self.features(images, train=train)
+      return self.aggregator(feats, token, train=train, example_ids=example_ids)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, image_size: int = 224) -> dict:

@@ -21,6 +21,7 @@ from salad_jax.data.gsv_cities import city_names
 from salad_jax.errors import UserError, note
 from salad_jax.evaluation.recall import check_recall_values
 from salad_jax.models import vit
+from salad_jax.models.grads import GRAD_REDUCE_DTYPES
 from salad_jax.models.vpr import ModelConfig
 
 
@@ -85,7 +86,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_workers = 4
   c.eval.at_start = False  # also evaluate the untrained model
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=3, keep_best=1))
+  # every_secs > 0: also save when that much wall time passed since the last save (a step count
+  # is a different wall time on different hardware); 0 = off
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(every_steps=500, every_secs=0.0, keep_last=3, keep_best=1)
+  )
+  # JAX's persistent compilation cache: auto = <workdir>/compile_cache (restarts and every host
+  # of a pod skip the compiles), a path or gs:// URL (shared by runs), '' = off
+  c.compile_cache_dir = "auto"
   return c
 
 
@@ -228,6 +236,25 @@ def check(config) -> None:
     "must be an integer >= 1 (the newest checkpoint is what a rerun resumes from)",
   )
   _int(config, "checkpoint.keep_best", 0)
+  if config.checkpoint.get("every_secs") is not None:
+    _real(
+      config,
+      "checkpoint.every_secs",
+      0.0,
+      strict=False,
+      must="must be a number of seconds >= 0 (0: no time-based saves)",
+    )
+  cache = config.get("compile_cache_dir", "")
+  if not isinstance(cache, str):
+    raise _fail("compile_cache_dir", cache, "must be 'auto', a directory or gs:// path, or ''")
+  reduce = _get(config, "model.grad_reduce_dtype") if "grad_reduce_dtype" in config.model else None
+  if reduce is not None and reduce not in GRAD_REDUCE_DTYPES:
+    raise _fail(
+      "model.grad_reduce_dtype",
+      reduce,
+      f"must be one of {', '.join(GRAD_REDUCE_DTYPES)} (the dtype weight gradients are summed "
+      "in under bf16 compute)",
+    )
 
 
 def check_mesh(config, devices=None) -> None:

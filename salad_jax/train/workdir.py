@@ -54,6 +54,7 @@ MAY_CHANGE = (
   "model.train_micro_batch",
   "model.remat",
   "mesh.*",
+  "compile_cache_dir",
 )
 # why a setting that looks harmless is fixed
 WHY_FIXED = {
@@ -68,6 +69,7 @@ LAYOUT = {
   HISTORY: "dir",
   "tensorboard": "dir",
   DAMAGED: "dir",
+  "compile_cache": "dir",  # config.compile_cache_dir=auto (train/compile_cache.py)
   CONFIG: "file",
   "metrics.jsonl": "file",
   LOCK: "file",
