@@ -8,7 +8,7 @@ SALAD, GeM, ConvAP, CosPlace, MixVPR, NetVLAD), a DINOv2 hub or torchvision ResN
   # salad_jax checkpoint (converted dir or train.py workdir) -> official-layout PyTorch state_dict
   python convert_weights.py --src runs/gsv --dst salad_from_jax.pth
 
---overwrite only ever replaces what salad_jax wrote: a converted directory (salad_config.json +
+Both may be URLs (gs://bucket/...). --overwrite only ever replaces what salad_jax wrote: a converted directory (salad_config.json +
 params/, nothing else) or a weight file carrying salad_jax's marker; anything else is refused.
 """
 
@@ -46,14 +46,15 @@ def main(argv):
 
   import salad_jax
   from salad_jax import cli
+  from salad_jax.files import paths
   from salad_jax.models.vpr import parse_overrides
   from salad_jax.weights import converted, torch_files
 
   cli.quiet_logs()
-  src, dst = FLAGS.src, FLAGS.dst
-  if not os.path.exists(src):  # both ends checked before anything is read or converted
+  src, dst = FLAGS.src, FLAGS.dst  # local paths or URLs (gs://...)
+  if not paths.exists(src):  # both ends checked before anything is read or converted
     raise FileNotFoundError(f"--src {src} does not exist")
-  if os.path.isfile(src) and not os.access(src, os.R_OK):
+  if not paths.is_url(src) and os.path.isfile(src) and not os.access(src, os.R_OK):
     raise PermissionError(f"--src {src} is not readable (permission denied)")
   converted.check_destination(dst, FLAGS.overwrite)
   overrides = parse_overrides(FLAGS.model)

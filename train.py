@@ -4,11 +4,17 @@ r"""Trains SALAD.
   python train.py --config configs/gsv.py --workdir runs/gsv --config.data.root=/data/GSVCities
 
 Resumes automatically from the latest checkpoint in --workdir. The loop is
-`salad_jax.train.trainer.train_and_evaluate`.
+`salad_jax.train.trainer.train_and_evaluate`. SIGTERM saves the step reached and exits with 143.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import signal
+
+# A SIGTERM while the libraries load (seconds) is kept for the trainer, not a silent kill.
+_EARLY_SIGTERM: list[int] = []
+signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_SIGTERM.append(signum))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,6 +37,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from salad_jax.train import preemption
+
+  # SIGTERM from now on: saved at the trainer's next safe point, never raised mid-statement
+  preemption.cooperate()
+  preemption.install(replace=True)
+  if _EARLY_SIGTERM:
+    preemption.request()
   from salad_jax import cli
 
   cli.run(main, config_flags=("config",))

@@ -12,6 +12,7 @@ dropped, or replaced by ours) or raises `UserError`.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -69,6 +70,11 @@ def rewrite(
     while j < len(argv) and _is_value(argv[j]) and (name in lists or name in unsupported):
       values.append(argv[j])
       j += 1
+    if not values and (name in lists or name in unsupported) and j < len(argv):
+      raise UserError(
+        f"--{name} has no value: it is followed by the flag {argv[j].split('=')[0]}",
+        HINT if name in lists else f"give --{name} its value",
+      )
     if name in unsupported:
       if len(values) > 1:
         raise UserError(f"--{name} {' '.join(values)}: one value expected", HINT)
@@ -122,10 +128,12 @@ def _ignored(flag: str, accepted: set[str], instead: str):
 
 
 def _log_dir(value):
-  """Their --log_dir NAME: outputs under logs/NAME/<date_time>/ (ours: --output_dir)."""
+  """Their --log_dir NAME: outputs under logs/NAME/<date_time>/, or NAME/<date_time>/ when NAME
+  is absolute (ours: --output_dir)."""
   if not value:
     raise UserError("--log_dir needs a name", "e.g. --log_dir toy_experiment")
-  out = f"logs/{value}/{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+  # as their Path("logs") / log_dir / start_time: an absolute --log_dir is used as it is
+  out = os.path.join("logs", value, f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
   return f"--log_dir {value}: outputs go to --output_dir {out}", [f"--output_dir={out}"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -10,6 +11,8 @@ from absl import app, flags, logging
 
 from salad_jax import errors
 from salad_jax.files.atomic import DISK_ERRNOS, exception_chain
+from salad_jax.train import preemption
+from salad_jax.train.preemption import Terminated
 
 
 def quiet_logs() -> None:
@@ -56,11 +59,102 @@ def _one_line(text: str) -> str:
   return " ".join(lines)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with flag and config-override errors as one line."""
+_ALIAS_HELP = re.compile(r"Alias for --(\S+)\.")
+
+
+def _spelled_flag(token: str, flag_values) -> str | None:
+  """The defined flag that `token` spells (`--name`, `--name=...`, `-name`, `--noname` for a
+  bool, `--config.x.y` for a config file flag's override), else None."""
+  if not token.startswith("-") or token.strip("-") == "":
+    return None
+  name = token.lstrip("-").split("=", 1)[0]
+  known = flag_values._flags()  # noqa: SLF001 (absl has no public listing)
+  if name in known:
+    return name
+  if name.startswith("no") and name[2:] in known and known[name[2:]].boolean:
+    return name[2:]
+  roots = [n for n, f in known.items() if "." not in n and _is_config_flag(f)]
+  if any(name.startswith((f"{r}.", f"no{r}.")) for r in roots):
+    return name  # an override: defined only once absl parses the config file
+  return None
+
+
+def _is_config_flag(flag) -> bool:
+  return type(flag).__module__.startswith("ml_collections")
+
+
+def check_flag_values(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
+  """Refuses what absl silently takes: a flag that needs a value followed by another flag
+  (`--output_dir --save_descriptors` made a folder named `--save_descriptors`), a value that
+  spells one of the program's flags (`--output_dir=--save_descriptors`), and a flag given
+  under two names (`--val_datasets MSLS --datasets sped` kept one list).
+
+  Only flags defined in `flag_values` are looked at (config overrides once their config is
+  parsed); raises `UserError` naming both flags.
+  """
+  known = flag_values._flags()  # noqa: SLF001
+  first: dict[str, tuple[str, str]] = {}  # flag -> (name used, token) of its first mention
+  i = 1
+  while i < len(argv):
+    token = argv[i]
+    if token == "--":
+      break
+    name = _spelled_flag(token, flag_values)
+    flag = known.get(name) if name else None
+    i += 1
+    if flag is None:
+      continue
+    target = _ALIAS_HELP.fullmatch(flag.help or "")
+    canonical = target.group(1) if target else flag.name
+    said = token if "=" in token or flag.boolean or i >= len(argv) else f"{token} {argv[i]}"
+    used, earlier = first.setdefault(canonical, (name, said))
+    if used != name:
+      lists = isinstance(flag.parser, flags.ListParser)
+      raise errors.UserError(
+        f"{earlier} and {said} set the same flag (--{canonical}): only the last one would be used",
+        f"give one list: --{canonical} followed by every value you mean"
+        if lists
+        else f"give one of them (--{canonical})",
+      )
+    if flag.boolean:
+      continue
+    eq, value = "=" in token, token.split("=", 1)[1] if "=" in token else None
+    if not eq:
+      if i >= len(argv):
+        continue  # absl says the value is missing
+      value, i = argv[i], i + 1
+    parts = value.split(",") if isinstance(flag.parser, flags.ListParser) else [value]
+    other = next((o for p in parts if (o := _spelled_flag(p, flag_values))), None)
+    if other is not None:
+      raise errors.UserError(
+        f"{token}: the value of --{name} is the flag --{other}"
+        if eq
+        else f"--{name} has no value: it is followed by the flag {value.split('=')[0]}",
+        f"give --{name} its value; a path that really starts with '-' can be written ./{value}",
+      )
+
+
+def _check_flag_values(argv: list[str]) -> None:
   try:
-    return flags.FLAGS(argv)
+    expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # --flagfile
+  except Exception:  # noqa: BLE001 (absl reports a bad --flagfile itself)
+    expanded = argv
+  try:
+    check_flag_values(expanded)
+  except errors.UserError as e:
+    fail(e.message, e.hint)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with flag and config-override errors as one line; a flag missing its
+  value (followed by another flag) is refused before and after (`check_flag_values`)."""
+  _check_flag_values(argv)
+  try:
+    parsed = flags.FLAGS(argv)
+    _check_flag_values(argv)  # config overrides are defined now
+    return parsed
   except flags.Error as e:
+    _check_flag_values(argv)  # a swallowed flag explains e.g. "--workdir must have a value"
     fail(_one_line(str(e)), "see --helpshort for the flags")
   except AttributeError as e:  # a config override naming a key the config does not have
     text = _one_line(str(e)).strip("'\"").replace("\\n", " ").replace("\\'", "'")
@@ -133,8 +227,8 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
       )
     except KeyboardInterrupt as e:
       if isinstance(e, Terminated):
-        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        sys.exit(143)
+        print(e.message, file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
       print("interrupted", file=sys.stderr)
       sys.exit(130)
     except MemoryError as e:  # host memory: numpy could not allocate a batch or an array
@@ -149,27 +243,5 @@ def run(main: Callable[[Sequence[str]], None], config_flags: Sequence[str] = ())
         raise
       fail(line, "free some space or choose a place you can write to")
 
-  _terminate_like_ctrl_c()
+  preemption.install()  # SIGTERM: Ctrl-C-like, or a flag the trainer checks (preemption.py)
   app.run(wrapped, flags_parser=_parse_flags)
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a scheduler stopping the job), raised in the main thread like Ctrl-C, so that the
-  cleanups run: the workdir lock is released and a checkpoint being written is finished."""
-
-
-def _terminate_like_ctrl_c() -> None:
-  """Without a handler SIGTERM kills at once, leaving the lock and an unfinished save. Installed
-  only where nothing else handles SIGTERM (jax.distributed's preemption service, started later in
-  multi-process runs, replaces it with its own)."""
-  import signal
-  import threading
-
-  def handler(signum, frame):
-    raise Terminated()
-
-  if (
-    threading.current_thread() is threading.main_thread()
-    and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-  ):
-    signal.signal(signal.SIGTERM, handler)

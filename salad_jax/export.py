@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 
 from salad_jax.errors import UserError
-from salad_jax.files import atomic, destinations
+from salad_jax.files import atomic, destinations, paths
 
 FUN_NAME = "salad_jax_describe"  # the exported function's name: how we recognise our files
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -127,7 +127,7 @@ def save(exported, path: str, overwrite: bool = False) -> int:
   check_serializer()
   check_destination(path, overwrite)
   data = exported.serialize()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  paths.makedirs(paths.parent(path))  # local, or gs://... (one upload)
   atomic.check_space(path, len(data))
   with atomic.new_file(path) as tmp:
     with open(tmp, "wb") as f:
@@ -143,10 +143,9 @@ def load(path: str):
 
   check_serializer()
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"no exported model at {path}")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   try:
     exp = export.deserialize(bytearray(data))
   except Exception as e:  # flatbuffers raises whatever the bytes make it hit

@@ -35,6 +35,7 @@ import numpy as np
 
 from salad_jax.errors import UserError, note
 from salad_jax.files import atomic, destinations
+from salad_jax.files import paths as files_paths
 
 FORMAT = "salad_jax.index"
 VERSION = 1
@@ -313,7 +314,7 @@ class Index:
         pca_mean=self.pca.mean, pca_components=self.pca.components, pca_scale=self.pca.scale
       )
     arrays["metadata"] = _json_array(meta)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files_paths.makedirs(files_paths.parent(path))  # local, or gs://... (one upload)
     atomic.remove_leftovers(path)
     atomic.check_space(path, sum(a.nbytes for a in arrays.values()))
     with atomic.new_file(path) as tmp:
@@ -328,12 +329,12 @@ class Index:
     import faiss
 
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if files_paths.isdir(path):
       raise IsADirectoryError(f"{path} is a directory, not an index file")
-    if not os.path.exists(path):
+    if not files_paths.exists(path):
       raise FileNotFoundError(f"no index file at {path}")
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with files_paths.open_read(path, "rb") as f, np.load(f, allow_pickle=False) as z:
         meta = _read_metadata(z, path)
         arrays = {name: z[name] for name in z.files}
     except UserError:

@@ -20,6 +20,7 @@ from salad_jax.data.images import (
   to_rgb,
 )
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 from salad_jax.models.vpr import (
   ModelConfig,
   VPRModel,
@@ -199,7 +200,7 @@ def _min_max(x):
 
 def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
   """A checkpoint argument that names nothing is one line saying what it may name."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise UserError(
       f"{flag} {path} does not exist",
       "give a converted dir (convert_weights.py), "
@@ -218,9 +219,9 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
   replace fields of a saved model config that change neither its parameters nor its function;
   for a torch file they also decide what its keys leave open (e.g. salad_assignment="softmax").
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, converted.CONFIG_FILE)):
+  path = os.fspath(path)  # local, or a URL (gs://...: salad_jax.files.paths)
+  if paths.isdir(path):
+    if paths.isfile(paths.join(path, converted.CONFIG_FILE)):
       params, batch_stats, config, source = converted.load_converted_weights(path)
     else:  # a train.py workdir
       params, batch_stats, config, source = run_checkpoints.load_weights(path)
@@ -238,7 +239,7 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
         )
       config = config.replace(**config_overrides)
     return SaladModel(params, config, source, batch_stats)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   variables, config, backbone_only, source = convert.read_checkpoint_variables(
     path, **config_overrides

@@ -13,7 +13,13 @@ Sinkhorn assignment (`SaladModel.assignment`; this module only draws):
 per image: the image, (a) the dustbin mass per patch, (b) the arg-max cluster per patch (one
 fixed colour per cluster, the same in every picture); with --pair, two images side by side with
 only the patches whose cluster appears in both coloured. `assignments.npz` holds the values:
-per image [m+1, H/14, W/14], row m = dustbin.
+`names` (the image paths as given, [N] strings) and `assignments` [N, m+1, H/14, W/14] (row m =
+dustbin), in the same order: `z = np.load(...); dict(zip(z["names"], z["assignments"]))`.
+(Image names are never used as keys: np.savez takes them as its own keyword arguments.)
+
+Every file is written under a fresh name and renamed into place (`salad_jax.files.atomic`), so a
+hard-linked backup of an earlier run's output is never written into; `--output_dir` may be a URL
+(gs://...).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from salad_jax.data.images import load_image, normalize, resize
+from salad_jax.files import atomic, paths
 from salad_jax.weights import torch_files
 
 TILE = 256
@@ -84,7 +91,7 @@ def save_predictions(
 
   A prediction of -1 (faiss: no result) is drawn and listed as "no result", never as an image.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written = 0
   digits = max(3, len(str(len(predictions))))
   for qi, preds in enumerate(predictions):
@@ -93,17 +100,19 @@ def save_predictions(
     if only_wrong and correct and correct[0]:
       continue
     query = eval_set.query_paths[qi]
-    paths = [eval_set.database_paths[int(p)] if int(p) >= 0 else None for p in preds]
-    prediction_image(query, paths, correct).save(os.path.join(out_dir, f"{qi:0{digits}d}.jpg"))
-    listed = [p if p is not None else "(no result)" for p in paths]
+    found = [eval_set.database_paths[int(p)] if int(p) >= 0 else None for p in preds]
+    picture = prediction_image(query, found, correct)
+    atomic.write_with(
+      paths.join(out_dir, f"{qi:0{digits}d}.jpg"), lambda f: picture.save(f, format="JPEG")
+    )
+    listed = [p if p is not None else "(no result)" for p in found]
     lines = ["Query path:", query + "\n", "Predictions paths:", "\n".join(listed) + "\n"]
     if pos is not None:
       lines += [
         "Positives paths:",
         "\n".join(eval_set.database_paths[j] for j in sorted(pos)) + "\n",
       ]
-    with open(os.path.join(out_dir, f"{qi:0{digits}d}.txt"), "w") as f:
-      f.write("\n".join(lines))
+    atomic.write_text(paths.join(out_dir, f"{qi:0{digits}d}.txt"), "\n".join(lines))
     written += 1
   return written
 
@@ -213,18 +222,18 @@ def pair_picture(
   )
 
 
-def _names(paths) -> list[str]:
+def _names(images) -> list[str]:
   """File stems, unique: when two images share one, every name gets its position as a prefix
   (prefixing only the repeated ones could meet another image's own name, e.g. 00_x)."""
-  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  stems = [os.path.splitext(paths.name(p))[0] for p in images]
   if len(set(stems)) == len(stems):
     return stems
   return [f"{i:02d}_{stem}" for i, stem in enumerate(stems)]
 
 
-def assignment_files(paths, pair: bool = False) -> list[str]:
-  """The files `assignment_maps` writes for `paths`, relative to its output_dir."""
-  names = _names(paths)
+def assignment_files(images, pair: bool = False) -> list[str]:
+  """The files `assignment_maps` writes for `images`, relative to its output_dir."""
+  names = _names(images)
   return (
     [f"{name}_assignment.png" for name in names]
     + ([f"pair_{names[0]}_{names[1]}.png"] if pair else [])
@@ -232,21 +241,27 @@ def assignment_files(paths, pair: bool = False) -> list[str]:
   )
 
 
-def assignment_maps(model, paths, image_size, output_dir: str, pair: bool = False) -> list[str]:
+def _save_png(path: str, picture: Image.Image) -> None:
+  atomic.write_with(path, lambda f: picture.save(f, format="PNG"))
+
+
+def assignment_maps(model, files, image_size, output_dir: str, pair: bool = False) -> list[str]:
   """Draws `model.assignment` for each image; returns the files written into `output_dir`."""
-  if not paths:
+  if not files:
     raise ValueError("assignment_maps: no images given")
-  images, assigns, names = [], [], _names(paths)
-  for path in paths:
-    im = resize(load_image(path), image_size)  # the pixels the model sees
+  images, assigns = [], []
+  for path in files:
+    with paths.local_copy(path) as local:  # an image on gs:// is read from a download
+      im = resize(load_image(local), image_size)  # the pixels the model sees
     images.append(im)
     assigns.append(model.assignment(normalize(im)[None])[0])
-  written = [os.path.join(output_dir, f) for f in assignment_files(paths, pair)]
+  written = [paths.join(output_dir, f) for f in assignment_files(files, pair)]
   for im, a, path in zip(images, assigns, written):
-    assignment_picture(im, a).save(path)
+    _save_png(path, assignment_picture(im, a))
   if pair:
-    pair_picture(images[0], assigns[0], images[1], assigns[1]).save(written[-2])
-  np.savez(written[-1], **dict(zip(names, assigns)))
+    _save_png(written[-2], pair_picture(images[0], assigns[0], images[1], assigns[1]))
+  names = np.asarray([os.fspath(p) for p in files], dtype=str)
+  atomic.write_with(written[-1], lambda f: np.savez(f, names=names, assignments=np.stack(assigns)))
   return written
 
 
@@ -254,16 +269,17 @@ def has_salad_head(path: str) -> bool:
   """Whether a torch/safetensors checkpoint file holds a SALAD head, from its keys alone (a
   DINOv2 backbone file would get a random head). Undecidable here: True, `load` will tell."""
   try:
-    if torch_files.file_kind(path) == "safetensors":
-      from safetensors import safe_open
+    with paths.local_copy(path) as local:
+      if torch_files.file_kind(path) == "safetensors":
+        from safetensors import safe_open
 
-      with safe_open(path, "np") as f:
-        keys = list(f.keys())
-    else:
-      import torch
+        with safe_open(local, "np") as f:
+          keys = list(f.keys())
+      else:
+        import torch
 
-      obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-      keys = list(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
+        obj = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        keys = list(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
   except Exception:  # noqa: BLE001 (unreadable here: salad_jax.load gives the real message)
     return True
   return any(str(k).startswith("aggregator.") for k in keys) or not keys
@@ -272,7 +288,6 @@ def has_salad_head(path: str) -> bool:
 def _main(argv) -> None:
   from absl import app, flags
 
-  import salad_jax
   from salad_jax import argv_compat, cli, errors, inference
   from salad_jax.data import images
   from salad_jax.files import destinations, outputs
@@ -285,17 +300,24 @@ def _main(argv) -> None:
   if not F.images:
     raise errors.UserError("--images is empty: no image files given", "e.g. --images a.jpg b.jpg")
   for p in F.images:
-    if os.path.isdir(p):
+    if paths.isdir(p):
       raise IsADirectoryError(f"--images {p} is a folder; give image files (e.g. {p}/*.jpg)")
-    if not os.path.isfile(p):
+    if not paths.isfile(p):
       raise FileNotFoundError(f"--images: image not found: {p}")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
   inference.check_checkpoint_exists(F.checkpoint)
   out = destinations.check_dir(F.output_dir, "--output_dir")
   images.check_batch_memory(size, 1)
-  claimed = outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize")
-  no_head = os.path.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
+  with outputs.claim(out, assignment_files(F.images, F.pair), "salad_jax.visualize") as claimed:
+    _draw(F, size, out, claimed)
+
+
+def _draw(F, size, out, claimed) -> None:
+  import salad_jax
+  from salad_jax import errors
+
+  no_head = paths.isfile(F.checkpoint) and not has_salad_head(F.checkpoint)
   model = None if no_head else salad_jax.load(F.checkpoint)
   if no_head or model.source.get("kind") == "dinov2":
     raise errors.UserError(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.numpy import save_file
 
 import salad_jax
@@ -817,7 +818,7 @@ def locked_workdir(c):
   wd = c.tmp / "busy"
   wd.mkdir()
   hold = (
-    "import sys, time\nfrom salad_jax.train import lock\nlock.Lock(sys.argv[1]).acquire()\n"
+    "import sys, time\nfrom salad_jax.files import lock\nlock.Lock(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\ntime.sleep(120)\n"
   )
   c.holder = subprocess.Popen(
@@ -987,3 +988,151 @@ def test_cli_bad_input(ctx, gsv_root, case, command, words):
   if "batch layout" in case:  # exactly the two settings changed, nothing else
     assert said.count(" -> ") == 2, said
   assert not (ctx.tmp / "ran").exists()
+
+
+# ------------------------------------------------------------ kill -9 leaves no worker behind
+def _family(pid):
+  """{pid: cmdline} of the living (not zombie) descendants of `pid`."""
+  children = collections.defaultdict(list)
+  for d in os.listdir("/proc"):
+    try:
+      fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+      if fields[0] != "Z":
+        children[int(fields[1])].append(int(d))
+    except (OSError, ValueError, IndexError):
+      continue
+  out, todo = {}, [pid]
+  while todo:
+    for c in children.get(todo.pop(), []):
+      if (line := _cmdline(c)) is not None:
+        out[c] = line
+        todo.append(c)
+  return out
+
+
+def _cmdline(pid):
+  try:
+    return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+  except OSError:
+    return None
+
+
+def _running(pid):
+  try:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _shm_mapped(pids):
+  """The /dev/shm segments mapped by `pids` (grain's batches travel in them)."""
+  found = set()
+  for p in pids:
+    try:
+      lines = open(f"/proc/{p}/maps").read().splitlines()
+    except OSError:
+      continue
+    found |= {ln.split()[-1] for ln in lines if "/dev/shm/" in ln and "(deleted)" not in ln}
+  return found
+
+
+def _utm_folders(root, n):
+  rng = np.random.default_rng(0)
+  for folder, count in (("database", n), ("queries", n // 4)):
+    os.makedirs(root / folder)
+    for i in range(count):
+      img = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+      Image.fromarray(img).save(root / folder / f"@{10 * i}@0@{folder[0]}{i}@.jpg")
+  return root
+
+
+def _tiny_init(c):
+  """The tiny model (shared fixture) as init: no init compile before the workers start."""
+  head = dict(num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32)
+  return {
+    "init": c.tiny,
+    "data.image_size": "(56,56)",
+    **{f"model.{k}": v for k, v in head.items()},
+  }
+
+
+def _kill_cases():
+  return {
+    "evaluate.py --num_workers 2": (
+      lambda c: [
+        os.path.join(REPO, "evaluate.py"),
+        "--checkpoint",
+        c.tiny,
+        "--database_folder",
+        str(c.folders / "database"),
+        "--queries_folder",
+        str(c.folders / "queries"),
+        "--image_size=56,56",
+        "--batch_size=2",
+        "--num_workers=2",
+        f"--output_dir={c.tmp / 'eval'}",
+      ],
+      lambda fam, shm: sum("spawn_main" in v for v in fam.values()) >= 2 and shm,
+    ),
+    "train.py with data.num_workers=2": (
+      lambda c: train_cli(c, c.tmp / "run", **_tiny_init(c), **{"data.num_workers": 2})[0][1:],
+      lambda fam, shm: sum("spawn_main" in v for v in fam.values()) >= 2,
+    ),
+    "the pack with --num_workers 2": (
+      lambda c: [
+        "-m",
+        "salad_jax.data.tfds_gsv",
+        f"--manual_dir={c.gsv_root}",
+        f"--data_dir={c.tmp / 'tfds'}",
+        "--image_size=28,28",
+        "--images_per_shard=1",
+        "--num_workers=2",
+      ],
+      lambda fam, shm: sum("forkserver" in v for v in fam.values()) >= 3,  # server + 2 writers
+    ),
+  }
+
+
+@pytest.mark.parametrize("case", list(_kill_cases()))
+def test_kill_9_leaves_no_worker_and_no_shared_memory_behind(
+  gsv_root, tiny_model_dir, case, tmp_path
+):
+  """kill -9 of evaluate.py --num_workers 2 left both grain workers (~225 MB each), the
+  resource tracker and 62 /dev/shm segments until killed by hand."""
+  import signal
+  import time
+
+  ctx = types.SimpleNamespace(tmp=tmp_path, gsv_root=gsv_root, tiny=tiny_model_dir)
+  if "evaluate" in case:
+    ctx.folders = _utm_folders(tmp_path / "utm", 200)
+  argv, ready = _kill_cases()[case]
+  proc = subprocess.Popen(
+    [sys.executable, *argv(ctx)],
+    cwd=str(tmp_path),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO),
+  )
+  family, shm, seen = {}, set(), False
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not seen:
+      family = {**family, **_family(proc.pid)}
+      shm |= _shm_mapped([proc.pid, *family])
+      seen = bool(ready(_family(proc.pid), shm)) and proc.poll() is None
+      time.sleep(0.02)
+  finally:
+    family = {**family, **_family(proc.pid)}
+    proc.send_signal(signal.SIGKILL)  # no cleanup of any kind runs in the parent
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+      left = [p for p in family if _running(p) and _cmdline(p) == family[p]]
+      if not left and not [s for s in shm if os.path.exists(s)]:
+        break
+      time.sleep(0.1)
+    for p in left:  # a failure leaves nothing running either (the tracker then exits)
+      os.kill(p, signal.SIGKILL)
+  assert seen, f"{case}: no workers seen before it ended: {family}"
+  assert not left, {p: family[p] for p in left}
+  assert not [s for s in shm if os.path.exists(s)], shm

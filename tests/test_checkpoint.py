@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+import salad_jax
 from salad_jax.errors import UserError
-from salad_jax.train import checkpoint
+from salad_jax.train import checkpoint, metrics
 from salad_jax.weights import run_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +209,133 @@ def test_orphaned_orbax_reads_of_a_failed_restore_are_quiet_and_nothing_else_is(
   assert orbax == "", orbax[:2000]
   assert "Exception ignored" in other and "mine.py" in other  # the same from other code is shown
   assert "Task exception was never retrieved" in other
+
+
+# ------------------------------------------------------------ best under each eval settings
+def _scored(step, r1, settings):
+  text = f"R@1 on eval, positives within {settings} m, 112x112"
+  return run_checkpoints.Scored(step, r1, settings and f"fp{settings}", text if settings else "")
+
+
+def test_recalls_under_other_eval_settings_are_never_ranked_together():
+  # the issue's run: steps 66, 77 at 25 m (77 best), resumed at 5000 m: 88, 99 (a tie)
+  found = [_scored(66, 60.0, 25), _scored(77, 85.0, 25), _scored(88, 100.0, 5000)]
+  found.append(_scored(99, 100.0, 5000))
+  best, others = run_checkpoints.rank(found)
+  assert (best.step, [c.step for c in others]) == (99, [77])  # ties: the later step
+  assert run_checkpoints.best_per_settings(found, 1) == {77, 99}
+  assert run_checkpoints.best_per_settings(found, 2) == {66, 77, 88, 99}
+  best, others = run_checkpoints.rank(found + [_scored(110, 70.0, 25)])  # back at 25 m
+  assert (best.step, [c.step for c in others]) == (77, [99])
+  legacy = [_scored(5, 90.0, None), _scored(6, 10.0, 25)]  # settings not recorded: apart
+  assert run_checkpoints.rank(legacy)[0].step == 6
+  assert run_checkpoints.best_per_settings(legacy, 1) == {5, 6}
+  line = metrics.done_line(
+    {
+      "step": 99,
+      "saved_step": 99,
+      "best_step": 99,
+      "best_settings": "R@1 on eval, positives within 5000 m, 112x112",
+      "other_bests": [found[1]],
+      "checkpoint_dir": "/w/checkpoints",
+      "evals": {99: {"R@1": 100.0}},
+    }
+  )
+  assert line == (
+    "done: step 99; checkpoint of step 99 (R@1 100.00) in /w/checkpoints; best by R@1 "
+    "(R@1 on eval, positives within 5000 m, 112x112): step 99 (R@1 100.00); kept step 77 "
+    "(R@1 85.00), the best under earlier eval settings (R@1 on eval, positives within 25 m, "
+    "112x112)"
+  )
+
+
+@pytest.fixture(scope="module")
+def short_run_data(tmp_path_factory):
+  """GSV-Cities of 16 places (2 steps an epoch at 8 places) and a UTM folder set whose places
+  lie 100 m apart: R@1 is a real measure at 25 m and 100 at 5000 m."""
+  from PIL import Image
+
+  from helpers import make_gsv
+
+  root = tmp_path_factory.mktemp("short_run")
+  make_gsv(str(root / "gsv"), {"Alpha": [4] * 8, "Beta": [4] * 8}, size=(32, 32))
+  rng = np.random.default_rng(0)
+  for p, colour in enumerate(rng.integers(0, 256, (6, 3))):
+    for folder, names in (("database", ["a", "b"]), ("queries", ["q"])):
+      for k, n in enumerate(names):
+        img = np.clip(colour + rng.integers(-40, 40, (56, 56, 3)), 0, 255).astype(np.uint8)
+        os.makedirs(root / "eval" / folder, exist_ok=True)
+        Image.fromarray(img).save(root / "eval" / folder / f"@{100 * p + 3 * k}@0@{n}{p}@.jpg")
+  return root
+
+
+def _short_demo(workdir, data, init, *overrides):
+  """train.py on the demo config, shrunk: the tiny model (shared fixture) as init, 2 steps an
+  epoch at 56x56, one checkpoint kept besides the best. A persistent compilation cache makes
+  the resumed run skip most compiles."""
+  o = {
+    "model.num_clusters": 8,
+    "model.cluster_dim": 16,
+    "model.token_dim": 16,
+    "model.hidden_dim": 32,
+    "model.num_trainable_blocks": 1,
+    "init": init,
+    "data.source": "folder",
+    "data.root": data / "gsv",
+    "data.cities": "Alpha,Beta",
+    "data.places_per_batch": 8,
+    "data.image_size": "(56,56)",
+    "eval.sets": f"folder:{data / 'eval'}",
+    "eval.image_size": "(56,56)",
+    "eval.at_start": False,
+    "checkpoint.keep_last": 1,
+    "checkpoint.every_steps": 100,
+  }
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", f"{REPO}/configs/demo.py"]
+  cmd += ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in o.items()]
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    JAX_COMPILATION_CACHE_DIR=str(data / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  r = subprocess.run(
+    cmd + list(overrides), capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout
+
+
+def test_a_resume_under_another_threshold_keeps_the_best_and_all_agree(
+  short_run_data, tiny_model_dir, tmp_path
+):
+  """The demo resumed with --config.eval.positive_dist_threshold=5000 (an allowed change)
+  deleted the best checkpoint at 25 m (R@1 at 5000 m "beat" it); the last line and
+  salad_jax.load then named two other steps."""
+  workdir = tmp_path / "run"
+  out = _short_demo(workdir, short_run_data, tiny_model_dir, "--config.num_epochs=1")
+  r1_25 = float(out.split("checkpoint of step 2 (R@1 ")[1].split(")")[0])
+  out = _short_demo(
+    workdir,
+    short_run_data,
+    tiny_model_dir,
+    "--config.num_epochs=2",
+    "--config.eval.positive_dist_threshold=5000",
+  )
+  assert "note: the eval settings changed (R@1 on eval, positives within 5000 m, 56x56)" in out
+  assert f"(step 2: R@1 on eval, positives within 25 m, 56x56, R@1 {r1_25:.2f})" in out
+  ck = checkpoint.TrainCheckpointer(str(workdir), read_only=True)
+  assert ck.manager.all_steps() == [2, 4]  # the best at 25 m survived
+  settings = {s: ck.manager.metrics(s)[run_checkpoints.SETTINGS] for s in (2, 4)}
+  assert settings[2] != settings[4]
+  last = out.strip().splitlines()[-1]
+  assert last == (
+    f"done: step 4; checkpoint of step 4 (R@1 100.00) in {workdir}/checkpoints; best by R@1 "
+    "(R@1 on eval, positives within 5000 m, 56x56): step 4 (R@1 100.00); kept step 2 "
+    f"(R@1 {r1_25:.2f}), the best under earlier eval settings (R@1 on eval, positives within "
+    "25 m, 56x56)"
+  )
+  model = salad_jax.load(str(workdir))  # picks what the last line names
+  assert model.source["step"] == 4
+  assert model.source["eval_settings"]["positive_dist_threshold"] == 5000.0

@@ -127,6 +127,23 @@ def test_two_processes_split_every_batch_and_cover_each_place_once(gsv):
   assert sorted(set(ids.tolist())) == sorted(ds.place_ids.tolist())
 
 
+def test_processes_pad_whole_places_when_places_do_not_divide(gsv):
+  """5 places over 2 processes: 3 each, process 1's third a padding place; the real places and
+  their example ids are one process's batch (ids: place position in the step x K + k)."""
+  _, _, ds = gsv
+  full, _ = _batches(ds, num_epochs=1, places_per_batch=5)
+  p0, spec = _batches(ds, n_proc=2, proc=0, num_epochs=1, places_per_batch=5)
+  p1, _ = _batches(ds, n_proc=2, proc=1, num_epochs=1, places_per_batch=5)
+  assert spec.local_places == 3 and spec.padding_places == 1
+  for f, a, b in zip(full, p0, p1):
+    assert a["images"].shape == b["images"].shape == (12, 28, 28, 3)
+    assert not b["valid"][8:].any() and (b["ids"][8:] == -1).all() and (b["labels"][8:] == -1).all()
+    for key in ("images", "labels", "valid", "ids"):
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key][:8]]), f[key])
+  ids = full[0]["ids"]
+  np.testing.assert_array_equal(ids, np.arange(20))
+
+
 def test_iterator_state_restores_the_identical_next_batch(gsv):
   _, _, ds = gsv
   it, _ = pipeline.train_dataset(

@@ -1,13 +1,16 @@
 """python -m salad_jax.data.check on generated benchmark trees: complete, partial, misplaced."""
 
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from salad_jax.data import check
+from salad_jax import errors
+from salad_jax.data import benchmarks, check
 
 from helpers import make_gsv
 
@@ -189,4 +192,48 @@ def test_cli_lists_everything_and_exits_1_when_incomplete(tmp_path):
     cwd=REPO,
     timeout=300,
   )
-  assert r.returncode == 2 and "Traceback" not in r.stderr and "is not a folder" in r.stderr
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert (
+    "--data_root" in r.stderr
+    and "does not exist" in r.stderr
+    and "hint: give the folder" in r.stderr
+  )
+
+
+def _ragged(*lists):
+  gt = np.empty(len(lists), dtype=object)
+  gt[:] = [np.asarray(x) for x in lists]
+  return gt
+
+
+# (case, file under datasets/, its new content, words of the note); SPED: 2 queries, 2 db images
+BAD_INDEX = [
+  ("gt past the database", "SPED/SPED_gt.npy", _ragged([0], [2]), "query 1 lists database index 2"),
+  ("negative gt index", "SPED/SPED_gt.npy", np.array([[0], [-1]]), "database index -1"),
+  ("gt of floats", "SPED/SPED_gt.npy", _ragged([0], [1.5]), "holds 1.5"),
+  ("gt masks, not indices", "SPED/SPED_gt.npy", np.array([[True, False]] * 2), "holds True"),
+  ("one gt list short", "SPED/SPED_gt.npy", _ragged([0]), "1 ground-truth lists for 2 queries"),
+  ("qIdx past the list", "msls_val/msls_val_qIdx.npy", np.array([0, 3]), "entry 1 is 3"),
+  ("pIdx past the database", "msls_val/msls_val_pIdx.npy", _ragged([0], [3]), "index 3"),
+]
+
+
+@pytest.mark.parametrize("case,name,content,words", BAD_INDEX, ids=[b[0] for b in BAD_INDEX])
+def test_index_files_naming_images_outside_their_lists_are_invalid(
+  tmp_path, case, name, content, words
+):
+  """Such ground truth gave R@1 0.00 without a word: data.check and evaluate.py name it."""
+  root = str(tmp_path)
+  make_msls_val(root)
+  make_ref_query(root, "SPEDTEST", "SPED", 2, 2, "SPED")
+  path = os.path.join(root, "datasets", name)
+  _npy(path, content)
+  key = "sped" if "SPED" in name else "msls_val"
+  r = _by_name(check.check_all(root, names=["msls_val", "sped"], expected=TINY))
+  assert r[key].status == "invalid", r[key]
+  error = next(n for n in r[key].notes if n.startswith("error: "))
+  assert path in error and words in error, error
+  assert r[{"sped": "msls_val", "msls_val": "sped"}[key]].status == "complete"
+  with pytest.raises(errors.UserError, match=re.escape(path)) as e:
+    benchmarks.benchmark_set(key, root)
+  assert words in e.value.message and "datasets/ folder of serizba/salad" in e.value.hint

@@ -659,3 +659,64 @@ def test_an_output_dir_inside_an_image_folder_is_refused(tmp_path):
   assert benchmarks.requested_sets(
     str(tmp_path / "db"), str(tmp_path / "q"), [], "", None, 25.0, output_dir=str(tmp_path / "out")
   )
+
+
+def test_sets_of_one_name_get_unique_names_everywhere(tiny_model_dir, tmp_path, capsys):
+  """A folder set under .../sped/ with --datasets sped printed two headers and one row, and both
+  wrote into one sped/ folder: every set now has its own row, recalls.json entry and folder."""
+  from salad_jax.train import config
+
+  root, idx = tmp_path / "data", tmp_path / "data" / "datasets"
+  _np_save(str(idx / "SPED/SPED_dbImages.npy"), np.array(["ref/0.jpg", "ref/1.jpg"]))
+  _np_save(str(idx / "SPED/SPED_qImages.npy"), np.array(["query/0.jpg", "query/1.jpg"]))
+  _np_save(str(idx / "SPED/SPED_gt.npy"), np.array([[0], [1]]))
+  for i, c in enumerate([(200, 0, 0), (0, 0, 200)]):
+    for sub in ("ref", "query"):
+      _write(str(root / "SPEDTEST" / sub / f"{i}.jpg"), c)
+    for sub, at in (("database", 0), ("queries", 5)):
+      for parent in ("a", "b"):
+        _write(str(tmp_path / parent / "sped" / sub / f"@{1000 * i + at}@0@.jpg"), c)
+  folder = tmp_path / "a" / "sped"
+  sets = benchmarks.requested_sets(
+    str(folder / "database"), str(folder / "queries"), ["sped", "SPED"], str(root), None, 25.0
+  )
+  err = capsys.readouterr().err
+  assert [s.name for s in sets] == ["sped_2", "sped"]  # the benchmark keeps its protocol name
+  assert "--datasets names sped twice (sped and SPED): evaluated once" in err
+  assert f"the set ({folder / 'database'}, ...) is reported as 'sped_2'" in err
+  out = tmp_path / "out"
+  table = evaluate.evaluate_checkpoint(
+    tiny_model_dir,
+    sets,
+    str(out),
+    image_size=(56, 56),
+    batch_size=4,
+    num_workers=0,
+    recall_values=(1,),
+    save_descriptors=True,
+  )
+  printed = capsys.readouterr().out
+  assert sorted(table) == ["sped", "sped_2"]
+  assert sorted(json.loads((out / "recalls.json").read_text())) == ["sped", "sped_2"]
+  assert [ln.split()[0] for ln in printed.splitlines() if ln.startswith("sped")] == [
+    "sped_2",
+    "sped",
+  ]
+  for name, n in (("sped", 2), ("sped_2", 2)):
+    assert np.load(out / name / "database_descriptors.npy").shape[0] == n
+  # training's sets: two folders of one name, and one benchmark spelled twice
+  c = config.base_config()
+  c.eval.sets = f"folder:{tmp_path / 'a' / 'sped'},folder:{tmp_path / 'b' / 'sped'},sped,SPED"
+  c.eval.data_root, c.eval.image_size, c.eval.num_workers = str(root), (56, 56), 0
+  ev = evaluate.EpochEvaluator(c, sharding.make_mesh())
+  assert [s.name for s in ev.sets] == ["sped_2", "sped_3", "sped"]
+  assert "config.eval.sets names sped twice (sped and SPED)" in capsys.readouterr().err
+  # what a checkpoint's R@1 is measured under: a ground-truth file has no radius
+  assert ev.settings["text"] == "R@1 on sped_2, positives within 25 m, 56x56"
+  c.eval.sets = "sped"
+  fingerprints = set()
+  for c.eval.positive_dist_threshold in (25.0, 5000.0):
+    ev = evaluate.EpochEvaluator(c, sharding.make_mesh())
+    assert ev.settings["text"] == "R@1 on sped, its ground truth, 56x56"
+    fingerprints.add(ev.settings["fingerprint"])
+  assert len(fingerprints) == 1  # the threshold does not change R@1 on a ground-truth file

@@ -152,9 +152,9 @@ def _records(path):
   ]
 
 
-def test_a_killed_pack_resumes_in_parallel_and_equals_a_clean_pack(packs, tmp_path, capsys):
-  root, raw, _ = packs
-  out = str(tmp_path / "out")
+def _killed_pack(root, out):
+  """`python -m salad_jax.data.tfds_gsv` of `root` in 46 shards, stopped once a shard is
+  committed and killed: a real interruption. Returns (final dir, staging dir, committed)."""
   final = pack_records.pack_dir(out, SIZE)
   staging = final + ".partial"
   cmd = [
@@ -190,15 +190,64 @@ def test_a_killed_pack_resumes_in_parallel_and_equals_a_clean_pack(packs, tmp_pa
   finally:
     proc.kill()
     proc.wait()
+  committed = sorted(f for f in os.listdir(staging) if f.endswith("-of-00046"))
+  assert 0 < len(committed) < 46
+  return final, staging, committed
+
+
+def test_a_killed_pack_resumes_in_parallel_and_equals_a_clean_pack(packs, tmp_path, capsys):
+  root, raw, _ = packs
+  out = str(tmp_path / "out")
+  final, staging, committed = _killed_pack(root, out)
   assert not os.path.exists(final)  # never a partial dataset under the final name
   with pytest.raises(FileNotFoundError, match="no gsv_cities TFDS build"):
     tfds_gsv.open_gsv_cities(out, image_size=SIZE)
-  committed = len([f for f in os.listdir(staging) if f.endswith("-of-00046")])
-  assert 0 < committed < 46
   pack.pack(root, out, image_size=SIZE, num_workers=2, images_per_shard=2, progress=False)
-  assert f"resuming: {committed} of 46 shards" in capsys.readouterr().out
+  assert f"resuming: {len(committed)} of 46 shards" in capsys.readouterr().out
   assert not os.path.exists(staging)
   assert _records(final) == _records(pack_records.pack_dir(raw, SIZE))
+
+
+def _rewrite_keeping_size_and_mtime(path):
+  """Another picture in the same number of bytes, with the old modification time restored."""
+  st = os.stat(path)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # entropy-coded data: other pixels
+  open(path, "wb").write(bytes(data))
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert os.path.getsize(path) == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_pack_resumed_after_its_source_changed_writes_those_shards_again(packs, tmp_path, capsys):
+  """The resume key had no file identity: a resume mixed old and new images of one city."""
+  root = str(tmp_path / "src")
+  shutil.copytree(packs[0], root)
+  out = str(tmp_path / "out")
+  final, _, committed = _killed_pack(root, out)
+  shard = int(committed[0].split("-")[-3])
+  ds = gsv_cities.read_gsv_cities(root, pack.cities_in(root), min_img_per_place=1)
+  i = next(
+    int(i)
+    for i in ds.order[2 * shard : 2 * shard + 2]
+    if pack.encode_image(ds.image_path(int(i)), SIZE)[1] == images.OK
+  )
+  path, name = ds.image_path(i), str(ds.paths[i])
+  old = pack.encode_image(path, SIZE)[0]
+  _rewrite_keeping_size_and_mtime(path)
+  new = pack.encode_image(path, SIZE)[0]
+  assert new != old
+  pack.pack(root, out, image_size=SIZE, num_workers=1, images_per_shard=2, progress=False)
+  said = capsys.readouterr().out
+  if len(committed) > 1:
+    assert f"resuming: {len(committed) - 1} of 46 shards" in said
+  assert "1 shard(s) already written are written again: their source images changed" in said
+  got = [image for image, _, n in _records(final) if n in (name, name.encode())]
+  assert got == [new]  # the image as it is now, not as the killed pack read it
+  # a finished pack whose source changed is refused, never reported as "already packed"
+  _rewrite_keeping_size_and_mtime(path)
+  with pytest.raises(UserError, match="was packed from other source files") as e:
+    pack.pack(root, out, image_size=SIZE, num_workers=1, images_per_shard=2, progress=False)
+  assert f"delete {final}" in e.value.hint
 
 
 def test_a_staging_dir_of_another_job_is_restarted_from_scratch(packs, tmp_path, capsys):

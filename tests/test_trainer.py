@@ -14,7 +14,7 @@ import pytest
 
 import salad_jax
 from salad_jax import sharding
-from salad_jax.train import checkpoint, metrics, optim, trainer
+from salad_jax.train import checkpoint, metrics, optim, preemption, trainer
 from salad_jax.weights import run_checkpoints
 
 from helpers import make_gsv, place_batch, tiny_train_setup
@@ -63,7 +63,7 @@ def run_train(workdir, root, extra=(), **kw):
     + tiny_overrides(root, **kw)
     + list(extra)
   )
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   return cmd, env
 
 
@@ -133,11 +133,26 @@ def test_first_step_gradients_match_across_device_counts():
     assert np.abs(grads[8][k] - v).max() <= 1e-6 * max(np.abs(v).max(), 1e-3), k
 
 
-def test_batch_layout_keeps_places_on_one_device():
+def test_batch_layout_pads_what_does_not_divide():
+  """Any P x K on any device count: the paper's 60 x 4 needs no padding on 8 or 16 devices, 64
+  devices get 16 padding entries, and places split over processes are padded whole."""
   mesh = sharding.make_mesh()
-  sharding.check_batch_layout(8 * 4, 4, mesh)
-  with pytest.raises(ValueError, match="multiple of 8 places"):
-    sharding.check_batch_layout(60 * 4, 4, mesh)
+  lay = sharding.batch_layout(60, 4, mesh)
+  assert (lay.local_images, lay.padding) == (240, 0)
+  lay = sharding.batch_layout(7, 4, mesh)  # 28 images on 8 devices: 4 per device, 4 padding
+  assert (lay.global_images, lay.padding) == (32, 4) and "4 of them padding" in lay.describe()
+  lay = sharding.batch_layout(60, 4, sharding.make_mesh(jax.devices()[:1]))
+  assert (lay.global_images, lay.padding) == (240, 0)
+  padded = sharding.pad_batch(
+    {
+      "images": np.ones((28, 2, 2, 3), np.uint8),
+      "labels": np.arange(28),
+      "valid": np.ones(28, bool),
+    },
+    32,
+  )
+  assert padded["images"].shape == (32, 2, 2, 3) and not padded["images"][28:].any()
+  assert (padded["labels"][28:] == -1).all() and not padded["valid"][28:].any()
 
 
 def _tiny_config(gsv_root):
@@ -217,12 +232,33 @@ def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(g
     8,
   ]
   assert r["saved_step"] == 8 and r["metric_fetches"] == 5  # after steps 1, 3, 4, 6, 8
+  # compile_cache_dir=auto: the run's programs in <workdir>/compile_cache; jax's settings restored
+  assert len(os.listdir(tmp_path / "compile_cache")) > 3
+  assert jax.config.jax_compilation_cache_dir is None
   assert metrics.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
   logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in logged] == [4, 8]
   for x in logged:
     assert np.isfinite(x["loss"]) and x["step_time"] > 0
     assert x["images_per_s"] == pytest.approx(32 / x["step_time"])
+
+
+def test_time_based_saves_and_their_setting(monkeypatch):
+  from salad_jax.train import config as config_lib
+
+  clock = [100.0]
+  monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+  timed = preemption.TimedSaves(60, log_every=10)
+  assert not timed.due(1)
+  clock[0] += 61
+  assert timed.due(2)
+  timed.saved()
+  assert not timed.due(3)
+  assert not preemption.TimedSaves(0, 10).due(1)  # 0 = off
+  cfg = config_lib.base_config()
+  cfg.checkpoint.every_secs = -1.0
+  with pytest.raises(salad_jax.errors.UserError, match="checkpoint.every_secs"):
+    config_lib.check(cfg)
 
 
 def test_init_from_files_and_dirs(tmp_path):
@@ -261,16 +297,107 @@ def test_init_from_files_and_dirs(tmp_path):
   )
 
 
+@pytest.fixture
+def sigterm(monkeypatch):
+  """SIGTERM handled in this process as train.py handles it; `sigterm()` sends one to itself."""
+  monkeypatch.setattr(preemption, "_cooperative", False)
+  before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  preemption.clear()
+  preemption.install()
+  yield lambda: os.kill(os.getpid(), signal.SIGTERM)
+  signal.signal(signal.SIGTERM, before)
+  preemption.clear()
+
+
+def test_sigterm_during_a_save_or_an_evaluation_saves_that_step(
+  gsv_root, tmp_path, sigterm, monkeypatch
+):
+  """A real SIGTERM to this process while step 2 is being saved, then (resumed) while step 3
+  is being evaluated: each time the step reached is saved and `Terminated` names it; the
+  interrupted evaluation is skipped; resuming to the end gives the uninterrupted run's params."""
+  from test_multiprocess import make_eval_folder
+
+  from salad_jax.evaluation import descriptors
+
+  make_eval_folder(str(tmp_path / "eval"))
+  cfg = _tiny_config(gsv_root)
+  cfg.eval.sets, cfg.eval.image_size, cfg.eval.batch_size = (
+    f"folder:{tmp_path / 'eval'}",
+    (56, 56),
+    4,
+  )
+  cfg.num_epochs, cfg.log_every_steps, cfg.checkpoint.every_steps = 2, 1, 2  # epoch ends 3, 6
+  cfg.compile_cache_dir = str(tmp_path / "cache")  # the runs below compile once
+  want = optim.flatten(
+    jax.tree.map(
+      np.asarray, trainer.train_and_evaluate(cfg, str(tmp_path / "a"))["state"]["params"]
+    )
+  )
+
+  wd = str(tmp_path / "b")
+  save = checkpoint.TrainCheckpointer.save
+
+  def save_with_sigterm(self, step, *args, **kw):
+    if step == 2:
+      sigterm()  # handled at once: the flag is set while the save runs
+    return save(self, step, *args, **kw)
+
+  monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", save_with_sigterm)
+  with pytest.raises(preemption.Terminated) as e:
+    trainer.train_and_evaluate(cfg, wd)
+  assert e.value.message == preemption.saved_message(2, f"{wd}/checkpoints")
+  assert checkpoint.TrainCheckpointer(wd, read_only=True).manager.all_steps() == [2]
+  monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", save)
+  preemption.clear()
+
+  extract = descriptors.extract
+
+  def extract_with_sigterm(*args, **kw):
+    sigterm()
+    return extract(*args, **kw)
+
+  monkeypatch.setattr(descriptors, "extract", extract_with_sigterm)
+  with pytest.raises(preemption.Terminated) as e:
+    trainer.train_and_evaluate(cfg, wd)
+  assert e.value.message == preemption.saved_message(3, f"{wd}/checkpoints")
+  saved = checkpoint.TrainCheckpointer(wd, read_only=True)
+  assert saved.manager.all_steps() == [2, 3] and saved.metric_of(3) is None  # not evaluated
+  monkeypatch.setattr(descriptors, "extract", extract)
+  preemption.clear()
+
+  r = trainer.train_and_evaluate(cfg, wd)
+  assert r["step"] == 6 and sorted(r["evals"]) == [6]
+  got = optim.flatten(jax.tree.map(np.asarray, r["state"]["params"]))
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 # ------------------------------------------------------------------------------ subprocesses
-def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
-  cmd, env = run_train(tmp_path / "straight", gsv_root)
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """One persistent compilation cache for the train.py runs of this module: the first run
+  compiles, the others load its programs (config.compile_cache_dir)."""
+  return str(tmp_path_factory.mktemp("compile_cache"))
+
+
+@pytest.fixture(scope="module")
+def straight(gsv_root, compile_cache, tmp_path_factory):
+  """An uninterrupted 6-step train.py run: (workdir, flat final params, last step)."""
+  workdir = tmp_path_factory.mktemp("straight")
+  cmd, env = run_train(workdir, gsv_root, **{"config.compile_cache_dir": compile_cache})
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  cfg = json.loads((tmp_path / "straight" / "config.json").read_text())
-  assert cfg["data"]["places_per_batch"] == 8 and cfg["model"]["variant"] == "Nano/14"  # overrides
-  want, last = final_params(tmp_path / "straight")
+  assert os.listdir(compile_cache) and not (workdir / "compile_cache").exists()
+  want, last = final_params(workdir)
+  return workdir, want, last
 
-  cmd, env = run_train(tmp_path / "killed", gsv_root)
+
+def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, straight, compile_cache, tmp_path):
+  workdir, want, last = straight
+  cfg = json.loads((workdir / "config.json").read_text())
+  assert cfg["data"]["places_per_batch"] == 8 and cfg["model"]["variant"] == "Nano/14"  # overrides
+
+  cmd, env = run_train(tmp_path / "killed", gsv_root, **{"config.compile_cache_dir": compile_cache})
   proc = subprocess.Popen(
     cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
   )
@@ -282,7 +409,6 @@ def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
   proc.wait()
   steps = sorted(int(d) for d in os.listdir(tmp_path / "killed" / "checkpoints") if d.isdigit())
   assert 2 in steps and steps[-1] < last, steps
-  cmd, env = run_train(tmp_path / "killed", gsv_root)
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed from step {steps[-1]}" in r.stdout
@@ -290,6 +416,68 @@ def test_kill_and_resume_equals_the_uninterrupted_run(gsv_root, tmp_path):
   assert got_last == last
   for k, v in want.items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def _terminated_lines(stderr):
+  return [ln for ln in stderr.splitlines() if ln.startswith("terminated (SIGTERM)")]
+
+
+def test_sigterm_saves_the_step_reached_and_resume_equals_the_uninterrupted_run(
+  gsv_root, straight, compile_cache, tmp_path
+):
+  """Two SIGTERMs 0.3 s apart right after the first step's log line: one line naming the saved
+  step, exit 143, no traceback (it used to end in segmentation faults); the rerun resumes from
+  that step to the uninterrupted run's params."""
+  _, want, last = straight
+  wd = tmp_path / "termed"
+  cmd, env = run_train(wd, gsv_root, **{"config.compile_cache_dir": compile_cache})
+  proc = subprocess.Popen(
+    cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+  )
+  for line in proc.stdout:
+    if line.startswith("step 1/"):
+      proc.send_signal(signal.SIGTERM)
+      time.sleep(0.3)
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  (line,) = _terminated_lines(err)
+  assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+  saved = int(line.split("saved step ")[1].split()[0])
+  assert line == (
+    f"terminated (SIGTERM): saved step {saved} in {wd}/checkpoints; rerun the same command "
+    "to resume"
+  )
+  assert 1 <= saved < last
+  kept = os.listdir(wd / "checkpoints")
+  assert str(saved) in kept and not [d for d in kept if "tmp" in d], kept  # complete
+  assert not (wd / ".lock").exists()
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumed from step {saved}" in r.stdout
+  got, got_last = final_params(wd)
+  assert got_last == last
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_sigterm_during_start_up_saves_nothing(gsv_root, compile_cache, tmp_path):
+  wd = tmp_path / "early"
+  cmd, env = run_train(wd, gsv_root, **{"config.compile_cache_dir": compile_cache})
+  proc = subprocess.Popen(
+    cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+  )
+  time.sleep(3)  # importing jax: long before the first step
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  assert _terminated_lines(err) == [
+    "terminated (SIGTERM) before the first step; nothing to save"
+  ], err[-3000:]
+  assert "Traceback" not in err
+  assert not (wd / "checkpoints").exists() or not os.listdir(wd / "checkpoints")
+  assert not (wd / ".lock").exists()
 
 
 def test_bad_override_is_rejected(gsv_root, tmp_path):

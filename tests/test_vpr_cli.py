@@ -3,6 +3,7 @@ and the descriptor cache (--cache_dir)."""
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -108,7 +109,10 @@ def test_their_flags_we_do_not_have_say_what_we_do_instead():
   [
     ("--image_size=322 322", "ambiguous, '=' takes one value"),
     ("--recall_values 1,5 10", "ambiguous mix of commas and spaces"),
-    ("--image_size --batch_size 4", "--image_size needs a value"),
+    (
+      "--image_size --batch_size 4",
+      "--image_size has no value: it is followed by the flag --batch_size",
+    ),
     ("--save_descriptors True", "--save_descriptors takes no value"),
   ],
 )
@@ -326,3 +330,137 @@ def test_cache_entries_are_keyed_checked_and_recomputed_when_in_doubt(tmp_path):
   )
   with pytest.raises(errors.UserError, match="--cache_dir .* is a file"):
     descriptor_cache.DescriptorCache(paths[0], "sum32:aa", config, (56, 56))
+
+
+# ------------------------------------------------------------------ flags that swallow flags
+def _flag_table():
+  from absl import flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("output_dir", "o", "", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1, "", flag_values=fv)
+  flags.DEFINE_float("positive_dist_threshold", 25.0, "", flag_values=fv)
+  flags.DEFINE_enum("search", "faiss", ["faiss", "jax"], "", flag_values=fv)
+  flags.DEFINE_list("datasets", [], "", flag_values=fv)
+  flags.DEFINE_bool("save_descriptors", False, "", flag_values=fv)
+  flags.DEFINE_alias("val_datasets", "datasets", flag_values=fv)
+  return fv
+
+
+VALUE_FLAGS = ["output_dir", "batch_size", "positive_dist_threshold", "search", "datasets"]
+NEXT = ["--save_descriptors", "--nosave_descriptors", "--batch_size=3", "-search", "--datasets"]
+
+
+@pytest.mark.parametrize("name", VALUE_FLAGS + ["val_datasets"])
+def test_a_flag_without_its_value_never_takes_the_next_flag(name):
+  from salad_jax import cli
+
+  fv = _flag_table()
+  for other in NEXT:
+    if other.lstrip("-").split("=")[0] in (name, fv[name].name):
+      continue
+    for argv, words in (
+      ([f"--{name}", other, "x"], f"--{name} has no value: it is followed by the flag"),
+      ([f"--{name}={other}"], f"the value of --{name} is the flag"),
+    ):
+      with pytest.raises(errors.UserError, match=re.escape(words)) as e:
+        cli.check_flag_values(["prog"] + argv, fv)
+      assert other.split("=")[0] in e.value.message and f"./{other}" in e.value.hint
+  # values that only look like flags, and flags that take no value, are left to absl
+  for argv in (
+    [f"--{name}", "-5"],
+    [f"--{name}", "./--save_descriptors"],
+    [f"--{name}", "--unknown"],
+    ["--save_descriptors", f"--{name}", "x"],
+    [f"--{name}", "x", "--", "--save_descriptors"],
+  ):
+    cli.check_flag_values(["prog"] + argv, fv)
+
+
+def test_a_flag_and_its_alias_together_are_refused():
+  from salad_jax import cli
+
+  with pytest.raises(errors.UserError, match="set the same flag \\(--datasets\\)") as e:
+    cli.check_flag_values(["p", "--val_datasets=MSLS", "--datasets=sped"], _flag_table())
+  assert e.value.message.startswith("--val_datasets=MSLS and --datasets=sped")
+  assert "--datasets followed by every value" in e.value.hint
+  cli.check_flag_values(["p", "--datasets=a", "--datasets=b"], _flag_table())  # absl: last wins
+
+
+def test_an_absolute_log_dir_is_used_as_it_is(tmp_path):
+  out, notes = argv_compat.rewrite(
+    ["x", "--log_dir", str(tmp_path / "abs")], LISTS, BOOLS, argv_compat.VPR_METHODS_EVALUATION
+  )
+  assert out[1].startswith(f"--output_dir={tmp_path / 'abs'}/20")  # their Path("logs") / "/abs"
+  assert "logs" not in out[1]
+  out, _ = argv_compat.rewrite(
+    ["x", "--log_dir", "rel"], LISTS, BOOLS, argv_compat.VPR_METHODS_EVALUATION
+  )
+  assert out[1].startswith("--output_dir=logs/rel/20")
+
+
+# Every entry point, run as `__main__` in one interpreter (one import of salad_jax, not 13):
+# (program, argv, words on stderr); each is refused before any work.
+ENTRY_POINTS = [
+  ("evaluate.py", "--checkpoint m --output_dir --save_descriptors", "--output_dir has no value: it is followed by the flag --save_descriptors"),
+  ("evaluate.py", "--checkpoint m --output_dir=--save_descriptors", "the value of --output_dir is the flag --save_descriptors"),
+  ("evaluate.py", "--checkpoint m --log_dir --output_dir o", "--log_dir has no value: it is followed by the flag --output_dir"),
+  ("evaluate.py", "--checkpoint m --recall_values --image_size 322", "--recall_values has no value: it is followed by the flag --image_size"),
+  ("evaluate.py", "--checkpoint m --val_datasets MSLS --datasets sped", "--val_datasets=MSLS and --datasets=sped set the same flag (--datasets)"),
+  ("evaluate.py", "--ckpt_path a --checkpoint b", "--ckpt_path a and --checkpoint b set the same flag"),
+  ("train.py", "--workdir --config configs/demo.py", "--workdir has no value: it is followed by the flag --config"),
+  ("train.py", "--config configs/demo.py --config.eval.sets --workdir w", "--config.eval.sets has no value: it is followed by the flag --workdir"),
+  ("train.py", "--config configs/demo.py --config.eval.at_start --workdir w --config.num_epochs=0", "config.num_epochs = 0"),  # a bool override takes no value
+  ("convert_weights.py", "--src --dst x.pth", "--src has no value: it is followed by the flag --dst"),
+  ("salad_jax.visualize", "--checkpoint m --images a.jpg --output_dir --pair", "--output_dir has no value: it is followed by the flag --pair"),
+  ("salad_jax.data.check", "--data_root --datasets sped", "--data_root has no value: it is followed by the flag --datasets"),
+  ("salad_jax.data.check", "--data_root /nonexistent", "hint: give the folder that holds"),
+  ("salad_jax.data.tfds_gsv", "--manual_dir --data_dir x", "--manual_dir has no value: it is followed by the flag --data_dir"),
+  ("salad_jax.export", "--checkpoint m --output --overwrite", "--output has no value: it is followed by the flag --overwrite"),
+]  # fmt: skip
+RUN_ENTRY_POINTS = r"""
+import contextlib, io, json, runpy, sys, warnings
+from absl import app, flags
+warnings.filterwarnings("ignore", message=".*found in sys.modules")  # runpy: run it again
+app.define_help_flags()
+ours = set(flags.FLAGS)
+for program, args in json.loads(sys.argv[1]):
+  for name in set(flags.FLAGS) - ours:  # the previous program's flags
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+  sys.argv, err, code = [program] + args, io.StringIO(), None
+  with contextlib.redirect_stderr(err):
+    try:
+      if program.endswith(".py"):
+        runpy.run_path(program, run_name="__main__")
+      else:
+        runpy.run_module(program, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+      code = e.code
+  print(json.dumps([code, err.getvalue()]), flush=True)
+"""
+
+
+def test_every_entry_point_refuses_a_flag_without_its_value(tmp_path):
+  cases = [
+    (
+      os.path.join(REPO, p) if p.endswith(".py") else p,
+      a.replace("configs/", f"{REPO}/configs/").split(),
+    )
+    for p, a, _ in ENTRY_POINTS
+  ]
+  r = subprocess.run(
+    [sys.executable, "-c", RUN_ENTRY_POINTS, json.dumps(cases)],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
+  assert len(results) == len(ENTRY_POINTS), r.stdout[-3000:]
+  for (program, args, words), (code, err) in zip(ENTRY_POINTS, results):
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, (program, err)
+    assert words in err, (program, args, err)
+  assert os.listdir(tmp_path) == []  # nothing written: no folder named --save_descriptors

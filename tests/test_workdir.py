@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from salad_jax.errors import UserError
-from salad_jax.train import lock as lock_lib
+from salad_jax.files import lock as lock_lib
 from salad_jax.train import workdir
 from salad_jax.train.config import base_config
 
@@ -142,7 +142,7 @@ def test_a_workdir_from_before_the_history_keeps_its_config(tmp_path):
 
 # ------------------------------------------------------------------------------ the lock
 HOLD = (
-  "import sys, time\nfrom salad_jax.train import lock as lock_lib\nlock = lock_lib.Lock(sys.argv[1])\n"
+  "import sys, time\nfrom salad_jax.files import lock as lock_lib\nlock = lock_lib.Lock(sys.argv[1])\n"
   "lock.acquire()\nprint('held', flush=True)\ntime.sleep(300)\n"
 )
 

@@ -15,8 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within
-from salad_jax.errors import UserError
+from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within, unique_names
+from salad_jax.errors import UserError, note
+from salad_jax.files import paths
 
 
 # ------------------------------------------------------------------------------ safe .npy
@@ -60,6 +61,80 @@ def load_npy(path: str) -> np.ndarray:
   if not isinstance(arr, np.ndarray) or arr.shape != shape:
     raise ValueError(f"{path}: not a valid object .npy array")
   return arr
+
+
+# ------------------------------------------------------------------------------ index checks
+INDEX_HINT = (
+  "the index files must be the reference's, of the same release as the image lists: copy "
+  "the datasets/ folder of serizba/salad again (or pass --index_root)"
+)
+
+
+def _as_indices(x, path: str, what: str) -> np.ndarray:
+  """`x` as int64 indices, or a UserError: booleans (a mask?), strings, objects and
+  non-integral numbers are not indices (np.asarray(x, np.int64) truncated 2.7 to 2)."""
+  try:
+    a = np.asarray(x)
+  except Exception:  # noqa: BLE001 (ragged or odd objects)
+    a = np.asarray([None])
+  if a.size == 0:
+    return np.zeros(0, np.int64)
+  if a.dtype == object:
+    try:  # an object array of Python ints
+      a = np.asarray(a.tolist())
+    except Exception:  # noqa: BLE001
+      pass
+  flat = np.ravel(a)
+  if a.dtype.kind in "iu":
+    return flat.astype(np.int64)
+  if a.dtype.kind == "f":
+    whole = np.isfinite(flat) & (flat == np.round(flat))
+    if whole.all():
+      return flat.astype(np.int64)
+    bad = flat[np.argmin(whole)]
+  else:
+    bad = flat[0]
+  bad = bad.item() if hasattr(bad, "item") else bad
+  raise UserError(f"{path}: {what} holds {bad!r} ({a.dtype}): expected integer indices", INDEX_HINT)
+
+
+def check_query_index(q_idx, num_listed: int, path: str) -> np.ndarray:
+  """MSLS-val's qIdx: one integer per query, each a position in qImages (0..num_listed-1).
+  A negative one silently took a query from the end of the list."""
+  idx = _as_indices(q_idx, path, "the query index")
+  out = np.flatnonzero((idx < 0) | (idx >= num_listed))
+  if out.size:
+    raise UserError(
+      f"{path}: entry {out[0]} is {idx[out[0]]}, outside the {num_listed} listed queries "
+      f"(0..{num_listed - 1})",
+      INDEX_HINT,
+    )
+  return idx
+
+
+def check_ground_truth(gt, num_database: int, num_queries: int, path: str) -> list[np.ndarray]:
+  """Ground truth (`*_gt.npy`, MSLS `pIdx`): one list of database indices per query, integers
+  in 0..num_database-1. An index outside the database never matches a prediction: R@1 0.00
+  without a word. Returns the lists as int64 arrays; a UserError names the first bad entry."""
+  if np.ndim(gt) == 0:
+    raise UserError(f"{path}: expected one list of database indices per query", INDEX_HINT)
+  if len(gt) != num_queries:
+    raise UserError(
+      f"{path}: {len(gt)} ground-truth lists for {num_queries} queries (one per query)",
+      INDEX_HINT,
+    )
+  out = []
+  for qi, x in enumerate(gt):
+    idx = _as_indices(x, path, f"the list of query {qi}")
+    bad = np.flatnonzero((idx < 0) | (idx >= num_database))
+    if bad.size:
+      raise UserError(
+        f"{path}: query {qi} lists database index {idx[bad[0]]}, outside the {num_database} "
+        f"database images (0..{num_database - 1})",
+        INDEX_HINT,
+      )
+    out.append(idx)
+  return out
 
 
 # ------------------------------------------------------------------------------ benchmarks
@@ -108,8 +183,9 @@ ALIASES = {"msls": "msls_val", "mslsval": "msls_val", "msls_challenge": "msls_te
 
 def _pitts_gt_from_mat(
   mat_path: str, db: Sequence[str], q: Sequence[str], radius: float | None
-) -> list[np.ndarray]:
-  """Ground truth from the NetVLAD `dbStruct` .mat: UTM radius search (posDistThr, 25 m)."""
+) -> tuple[list[np.ndarray], float]:
+  """Ground truth from the NetVLAD `dbStruct` .mat: UTM radius search (`radius`, else its
+  posDistThr, 25 m); returns (positives, the radius used)."""
   from scipy.io import loadmat
 
   s = loadmat(mat_path)["dbStruct"][0, 0]
@@ -132,7 +208,7 @@ def _pitts_gt_from_mat(
     return np.asarray(out)
 
   di, qi = index(db, db_pos), index(q, q_pos, "queries_real/")
-  return positives_within(utm_db[di], utm_q[qi], thr)
+  return positives_within(utm_db[di], utm_q[qi], thr), thr
 
 
 def benchmark_set(
@@ -160,22 +236,22 @@ def benchmark_set(
     )
   db = [str(x) for x in load_npy(os.path.join(index_root, db_file))]
   q = [str(x) for x in load_npy(os.path.join(index_root, q_file))]
-  positives = None
+  positives, radius = None, None
   protocol = ""
   if key == "msls_val":
-    q_idx = load_npy(os.path.join(index_root, "msls_val/msls_val_qIdx.npy"))
+    q_idx_path = os.path.join(index_root, "msls_val/msls_val_qIdx.npy")
+    q_idx = check_query_index(load_npy(q_idx_path), len(q), q_idx_path)
     q = [q[i] for i in q_idx]
     protocol = f"MSLS val, GSV-Cities index: {len(q)} queries (qIdx) / {len(db)} database images"
   if gt_file is not None:
     gt_path = os.path.join(index_root, gt_file)
     if os.path.isfile(gt_path):
-      gt = load_npy(gt_path)
-      positives = [np.asarray(x, np.int64).ravel() for x in gt]
+      positives = check_ground_truth(load_npy(gt_path), len(db), len(q), gt_path)
     elif key.startswith("pitts"):
       mat = os.path.join(index_root, "Pittsburgh", key + ".mat")
       if not os.path.isfile(mat):
         raise FileNotFoundError(f"{key}: neither {gt_path} nor the NetVLAD struct {mat} exists")
-      positives = _pitts_gt_from_mat(mat, db, q, positive_dist_threshold)
+      positives, radius = _pitts_gt_from_mat(mat, db, q, positive_dist_threshold)
       protocol = f"{key}: ground truth from {os.path.basename(mat)} UTM radius search"
     else:
       raise FileNotFoundError(f"{key}: ground-truth file {gt_path} not found")
@@ -190,6 +266,7 @@ def benchmark_set(
     positives,
     challenge=key == "msls_test",
     protocol=protocol or key,
+    positives_radius=radius,
   )
 
 
@@ -210,7 +287,7 @@ def parse_set(
     )
   if not data_root:
     raise ValueError(f"eval set {spec!r} needs --data_root (or config.eval.data_root)")
-  return benchmark_set(spec, data_root, index_root)
+  return benchmark_set(spec, data_root, index_root, positive_dist_threshold)
 
 
 def requested_sets(
@@ -226,11 +303,21 @@ def requested_sets(
   """evaluate.py's sets: the two folders (if given), then each benchmark under data_root.
   `output_dir` may not lie inside an image folder (a rerun would read its pictures as images)."""
   hint = "see --helpshort for the flags"
+  for flag, value in (
+    ("--database_folder", database_folder),
+    ("--queries_folder", queries_folder),
+    ("--data_root", data_root),
+  ):
+    if value and paths.is_url(value):
+      raise UserError(
+        f"{flag} {value}: evaluation images are read from local disk",
+        "copy them to this machine (gsutil -m cp -r ...) and give the local folder",
+      )
   sets = []
   if database_folder or queries_folder:
     if not (database_folder and queries_folder):
       raise UserError("--database_folder and --queries_folder go together", hint)
-    out = os.path.realpath(output_dir) if output_dir else None
+    out = paths.real(output_dir) if output_dir else None  # a URL is inside no local folder
     for flag, folder in (
       ("--database_folder", database_folder),
       ("--queries_folder", queries_folder),
@@ -245,12 +332,31 @@ def requested_sets(
     sets.append(
       folder_set(database_folder, queries_folder, positive_dist_threshold, use_labels=use_labels)
     )
-  for name in datasets:
+  keep = [False] * len(sets)
+  for name in unique_specs(datasets, "--datasets"):
     if not data_root:
       raise UserError("--datasets needs --data_root", hint)
     sets.append(benchmark_set(name, data_root, index_root or None, positive_dist_threshold))
+    keep.append(True)
   if not sets:
     raise UserError(
       "nothing to evaluate: give --database_folder/--queries_folder or --datasets", hint
     )
-  return sets
+  return unique_names(sets, keep)
+
+
+def unique_specs(names: Sequence[str], where: str) -> list[str]:
+  """`names` (benchmarks, or `folder:<dir>` specs) without repeats of one set (`sped SPED`,
+  `msls msls_val`, one folder twice): each is evaluated once, with a note."""
+  out, seen = [], {}
+  for n in names:
+    if n.startswith("folder:"):
+      key = "folder:" + os.path.realpath(n[len("folder:") :])
+    else:
+      key = ALIASES.get(n.lower(), n.lower())
+    if key in seen:
+      note(f"{where} names {key} twice ({seen[key]} and {n}): evaluated once")
+      continue
+    seen[key] = n
+    out.append(n)
+  return out

@@ -19,6 +19,7 @@ import os
 from typing import Mapping, Sequence
 
 from salad_jax.data import benchmarks, eval_sets, gsv_cities
+from salad_jax.errors import UserError
 
 # name -> (queries, database images) of the published protocol (shared/reference.md, section 7)
 EXPECTED = {
@@ -72,11 +73,12 @@ SEASONS = ("summer", "winter", "spring", "fall")
 @dataclasses.dataclass
 class Report:
   name: str
-  status: str = "missing"  # complete | partial | missing
+  status: str = "missing"  # complete | partial | missing | invalid (index files that disagree)
   queries: str = "-"
   database: str = "-"
   notes: list[str] = dataclasses.field(default_factory=list)
   todo: list[str] = dataclasses.field(default_factory=list)  # where to get / put what is missing
+  invalid: list[str] = dataclasses.field(default_factory=list)  # index files that disagree
   index_root: str = ""  # set when index files are missing
 
 
@@ -187,6 +189,7 @@ def check_benchmark(
       "missing index files: " + ", ".join(os.path.relpath(p, index_root) for p in missing_index)
     )
     r.index_root = index_root
+  _check_indices(name, index_root, r)
   have_images = os.path.isdir(images)
   if not have_images:
     elsewhere = _find_folder(data_root, folder, images)
@@ -207,7 +210,7 @@ def check_benchmark(
         f"checked against the protocol"
       )
     r.status = "partial" if (have_images or len(missing_index) < len(index_files)) else "missing"
-    return r
+    return _invalid(r)
   (q_found, q_listed), (db_found, db_listed) = counts
   r.queries, r.database = f"{q_found}/{want_q}", f"{db_found}/{want_db}"
   if (q_listed, db_listed) != (want_q, want_db):
@@ -221,7 +224,38 @@ def check_benchmark(
     and (q_listed, db_listed) == (want_q, want_db)
   )
   r.status = "complete" if complete else "partial"
+  return _invalid(r)
+
+
+def _invalid(r: Report) -> Report:
+  """Index files that name images outside their lists make the set `invalid`, whatever else."""
+  if r.invalid:
+    r.status = "invalid"
+    r.notes += [f"error: {m}" for m in r.invalid]
+    r.todo.append(benchmarks.INDEX_HINT)
   return r
+
+
+def _check_indices(name: str, index_root: str, r: Report) -> None:
+  """What evaluate.py refuses: a query index or ground truth that names images outside the
+  lists (R@1 0.00 without a word). Each problem goes to `r.invalid`."""
+  _, db_file, q_file, gt_file = benchmarks.BENCHMARKS[name]
+  paths = {k: os.path.join(index_root, f) for k, f in (("db", db_file), ("q", q_file)) if f}
+  if not all(os.path.isfile(p) for p in paths.values()):
+    return
+  try:
+    num_db = len(benchmarks.load_npy(paths["db"]))
+    num_q = len(benchmarks.load_npy(paths["q"]))
+    if name == "msls_val":
+      qidx = os.path.join(index_root, "msls_val/msls_val_qIdx.npy")
+      if not os.path.isfile(qidx):
+        return
+      num_q = len(benchmarks.check_query_index(benchmarks.load_npy(qidx), num_q, qidx))
+    gt = os.path.join(index_root, gt_file) if gt_file else ""
+    if gt and os.path.isfile(gt):
+      benchmarks.check_ground_truth(benchmarks.load_npy(gt), num_db, num_q, gt)
+  except (UserError, ValueError) as e:
+    r.invalid.append(e.message if isinstance(e, UserError) else str(e))
 
 
 def _listed_counts(name, index_root, images, missing_index, r: Report):
@@ -233,9 +267,10 @@ def _listed_counts(name, index_root, images, missing_index, r: Report):
   q = [str(x) for x in benchmarks.load_npy(os.path.join(index_root, q_file))]
   if name == "msls_val":
     qidx = os.path.join(index_root, "msls_val/msls_val_qIdx.npy")
-    if not os.path.isfile(qidx):
+    try:
+      q = [q[i] for i in benchmarks.check_query_index(benchmarks.load_npy(qidx), len(q), qidx)]
+    except (OSError, UserError):  # missing, or named by _check_indices
       return None
-    q = [q[i] for i in benchmarks.load_npy(qidx)]
   out = []
   for role, paths in (("query", q), ("database", db)):
     found, first_missing = _count_existing(images, paths)
@@ -339,8 +374,11 @@ def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not os.path.isdir(F.data_root):
-    raise (NotADirectoryError if os.path.exists(F.data_root) else FileNotFoundError)(
-      f"--data_root {F.data_root} is not a folder"
+    raise UserError(
+      f"--data_root {F.data_root} "
+      + ("is a file, not a folder" if os.path.exists(F.data_root) else "does not exist"),
+      "give the folder that holds (or will hold) the benchmarks: mapillary/, Pittsburgh/, "
+      "Nordland/, SPEDTEST/, GSVCities/ and datasets/ (the index files)",
     )
   reports = check_all(F.data_root, F.index_root or None, F.gsv_root or None, F.datasets or None)
   print(f"data_root {os.path.abspath(F.data_root)}  (counts: images found / the protocol's)")

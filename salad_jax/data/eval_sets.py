@@ -44,6 +44,7 @@ class EvalSet:
   positives: list[np.ndarray] | None  # per query: database indices; None = no labels
   challenge: bool = False  # MSLS test: no labels, predictions go to the challenge file
   protocol: str = ""
+  positives_radius: float | None = None  # metres of a UTM radius search; None: a ground-truth file
 
   @property
   def num_database(self) -> int:
@@ -263,7 +264,38 @@ def folder_set(
     if use_labels
     else "no labels (--no_labels): retrieval only, no recalls"
   )
-  return EvalSet(name, db, q, positives, protocol=protocol)
+  radius = positive_dist_threshold if use_labels else None
+  return EvalSet(name, db, q, positives, protocol=protocol, positives_radius=radius)
+
+
+# names a set may not take: evaluate.py's files beside the per-set folders (several sets)
+RESERVED_NAMES = ("recalls.json", ".salad_jax_outputs.json", "preds")
+
+
+def unique_names(sets: Sequence[EvalSet], keep: Sequence[bool] = ()) -> list[EvalSet]:
+  """The sets with names unique per run (case-insensitively: the output folders may live on a
+  case-insensitive disk): a set's name keys its row of the recall table, `recalls.json`, the
+  training metrics and its output folder, so two sets of one name overwrote each other's
+  results. A set whose name is taken gets `_2` (`_3`, ...) with a note; sets marked in `keep`
+  (benchmarks: their names are the protocol's) claim their names first."""
+  keep = list(keep) + [False] * (len(sets) - len(keep))
+  taken = {n.casefold() for n in RESERVED_NAMES}
+  out = list(sets)
+  for i in sorted(range(len(sets)), key=lambda i: not keep[i]):
+    s = sets[i]
+    base = s.name or "folder"
+    name, k = base, 2
+    while name.casefold() in taken:
+      name, k = f"{base}_{k}", k + 1
+    taken.add(name.casefold())
+    if name != s.name:
+      where = f" ({os.path.dirname(s.database_paths[0])}, ...)" if s.database_paths else ""
+      note(
+        f"two eval sets would both be named {s.name!r}: the set{where} is reported as "
+        f"{name!r} (in the recall table, recalls.json and its output folder)"
+      )
+      out[i] = dataclasses.replace(s, name=name)
+  return out
 
 
 def write_msls_challenge(path: str, eval_set: EvalSet, predictions: np.ndarray) -> None:

@@ -5,10 +5,17 @@ per core by default) each write whole shards into a staging directory next to th
 `<data_dir>/gsv_cities/<config>/2.0.0.partial/`: a shard is written under a temporary name, its
 record count checked, its summary (`.json`) written, and then renamed; that rename commits it.
 A killed pack leaves committed shards and temporary files; running the same command again skips
-the committed shards (checking each one's record count) and writes the rest. A staging directory
-from a different job (other source, cities, size or shard size) is ours and is removed first.
-Only when every shard is committed and the record count is right does TFDS write the dataset
-info and rename its directory to the final name: the final directory is complete or absent.
+the committed shards (checking each one's record count and source files) and writes the rest. A
+staging directory from a different job (other source, cities, size or shard size) is ours and is
+removed first. Only when every shard is committed and the record count is right does TFDS write
+the dataset info and rename its directory to the final name: the final directory is complete or
+absent.
+
+Each shard records the identity of its source files (`source_identity`: name, size, mtime,
+ctime and inode of each; any rewrite of a file changes its ctime, even one that restores its
+mtime). A resume writes again the committed shards whose source files changed since (a resume
+used to mix 280 old and 206 new images of one city); a finished pack whose source files changed
+is refused ("already packed" would have hidden the change). A stat per image, no read.
 
 An unreadable source image is stored as the reference's black image (as the file reader does),
 counted, named in a message and flagged in its record; a damaged JPEG is stored as the reference
@@ -18,6 +25,7 @@ decodes it (grey fill), counted and flagged too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -31,8 +39,9 @@ import numpy as np
 from PIL import Image
 
 from salad_jax.data import gsv_cities, images, pack_records
+from salad_jax.data.workers import die_with_parent
 from salad_jax.errors import UserError
-from salad_jax.files import atomic
+from salad_jax.files import atomic, paths
 from salad_jax.files.destinations import check_dir
 
 JOB_FILE = "job.json"
@@ -77,6 +86,20 @@ def encode_image(path: str, image_size) -> tuple[bytes, int, str]:
   return im.tobytes(), status, msg
 
 
+def source_identity(files) -> str:
+  """A digest of the source files of a shard: their names and what the file system says of
+  each (size, mtime, ctime, inode); a missing file counts as such. Any rewrite changes it."""
+  h = hashlib.sha256()
+  for path, name, _ in files:
+    try:
+      st = os.stat(path)
+      ident = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+    except OSError as e:
+      ident = f"unreadable {e.errno}"
+    h.update(f"{name}\t{ident}\n".encode())
+  return h.hexdigest()
+
+
 def _write_shard(task: dict) -> dict:
   """Writes one shard (runs in a worker process); returns its summary."""
   from array_record.python import array_record_module
@@ -102,7 +125,12 @@ def _write_shard(task: dict) -> dict:
   got = array_record_module.ArrayRecordReader(tmp).num_records()
   if got != n:
     raise RuntimeError(f"{tmp}: wrote {n} records, read back {got}")
-  summary = {"records": n, "damaged": damaged, "unreadable": unreadable}
+  summary = {
+    "records": n,
+    "damaged": damaged,
+    "unreadable": unreadable,
+    "source": task["source"],  # the files as they were when the shard was started
+  }
   with open(f"{final}.json.tmp-{os.getpid()}", "w") as f:
     json.dump(summary, f)
   os.replace(f"{final}.json.tmp-{os.getpid()}", f"{final}.json")
@@ -110,8 +138,9 @@ def _write_shard(task: dict) -> dict:
   return summary
 
 
-def _committed(path: str, n: int) -> dict | None:
-  """The summary of a committed shard of n records, or None."""
+def _committed(path: str, n: int, source: str) -> dict | None:
+  """The summary of a committed shard of n records written from the `source` files (their
+  `source_identity` now), or None."""
   from array_record.python import array_record_module
 
   if not (os.path.isfile(path) and os.path.isfile(f"{path}.json")):
@@ -119,7 +148,11 @@ def _committed(path: str, n: int) -> dict | None:
   try:
     with open(f"{path}.json") as f:
       summary = json.load(f)
-    if summary["records"] == n and array_record_module.ArrayRecordReader(path).num_records() == n:
+    if (
+      summary["records"] == n
+      and summary.get("source") == source
+      and array_record_module.ArrayRecordReader(path).num_records() == n
+    ):
       return summary
   except (OSError, ValueError, KeyError, RuntimeError):
     pass
@@ -173,6 +206,13 @@ def pack(
   """Writes the pack; returns its directory. See the module docstring."""
   import tensorflow_datasets as tfds
 
+  if paths.is_url(data_dir):  # gs://...: the ArrayRecord writer writes local files only
+    raise UserError(
+      f"--data_dir {data_dir}: a pack is written to local disk (the ArrayRecord writer cannot "
+      "write to object stores)",
+      "pack into a local --data_dir, then upload it (gsutil -m cp -r <data_dir>/gsv_cities "
+      "gs://...) and train with --config.data.tfds_data_dir=gs://...",
+    )
   image_size = images.as_size(image_size) if image_size is not None else None
   if compression not in ("none", "zstd"):
     raise UserError(f"compression {compression!r}: use none or zstd")
@@ -188,10 +228,20 @@ def pack(
     "place_city": [int(x) for x in ds.place_city],
     "num_images": [int(x) for x in counts],
   }
-  if os.path.isfile(os.path.join(final, "dataset_info.json")):
-    return _existing(final, metadata)
   order = ds.order  # records: images grouped by place, places in order, CSV order within
   n = len(order)
+  num_shards = max(1, -(-n // images_per_shard))
+  shard_files = [
+    [
+      (ds.image_path(int(i)), str(ds.paths[int(i)]), int(ds.image_place[int(i)]))
+      for i in order[s * images_per_shard : (s + 1) * images_per_shard]
+    ]
+    for s in range(num_shards)
+  ]
+  sources = [source_identity(files) for files in shard_files]
+  source = hashlib.sha256("".join(sources).encode()).hexdigest()  # not in the resume key
+  if os.path.isfile(os.path.join(final, "dataset_info.json")):
+    return _existing(final, {**metadata, "source": source})
   job = {
     "source": os.path.abspath(manual_dir),
     "images": n,
@@ -205,30 +255,27 @@ def pack(
   lock = _lock(staging)
   try:
     _reset_if_other_job(staging, job)
-    num_shards = max(1, -(-n // images_per_shard))
     names = tfds.core.ShardedFileTemplate(
       data_dir=staging,
       dataset_name=pack_records.NAME,
       split="train",
       filetype_suffix="array_record",
     ).sharded_filepaths(num_shards)
-    tasks, summaries = [], {}
+    tasks, summaries, changed = [], {}, 0
     for s in range(num_shards):
-      lo, hi = s * images_per_shard, min(n, (s + 1) * images_per_shard)
       path = os.fspath(names[s])
-      done = _committed(path, hi - lo)
+      done = _committed(path, len(shard_files[s]), sources[s])
       if done is not None:
         summaries[s] = done
         continue
-      files = [
-        (ds.image_path(int(i)), str(ds.paths[int(i)]), int(ds.image_place[int(i)]))
-        for i in order[lo:hi]
-      ]
+      was = _source_of(path)  # None: missing, or written before sources were recorded
+      changed += was is not None and _committed(path, len(shard_files[s]), was) is not None
       tasks.append(
         {
           "shard": s,
           "path": path,
-          "files": files,
+          "files": shard_files[s],
+          "source": sources[s],
           "image_size": image_size,
           "compression": compression,
         }
@@ -245,6 +292,11 @@ def pack(
     what = "resized to {}x{} (raw uint8)".format(*image_size) if image_size else "as JPEG bytes"
     if summaries:
       print(f"resuming: {len(summaries)} of {num_shards} shards already written in {staging}")
+    if changed:
+      print(
+        f"{changed} shard(s) already written are written again: their source images changed "
+        "since (a rewritten, replaced or deleted file)"
+      )
     print(f"packing {n} images of {len(counts)} places {what} into {final}")
     t0 = time.time()
     _run(tasks, summaries, num_workers, progress, n - sum(len(t["files"]) for t in tasks))
@@ -253,7 +305,7 @@ def pack(
       raise RuntimeError(f"{staging}: {sum(lengths)} records in the shards, expected {n}")
     damaged = [x for s in range(num_shards) for x in summaries[s]["damaged"]]
     unreadable = [x for s in range(num_shards) for x in summaries[s]["unreadable"]]
-    metadata.update(damaged=len(damaged), unreadable=len(unreadable))
+    metadata.update(damaged=len(damaged), unreadable=len(unreadable), source=source)
     builder = pack_records.GsvCities(
       data_dir=data_dir,
       image_size=image_size,
@@ -280,6 +332,15 @@ def pack(
   return final
 
 
+def _source_of(path: str) -> str | None:
+  """The source identity a committed shard's summary records, if any."""
+  try:
+    with open(f"{path}.json") as f:
+      return json.load(f).get("source")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def _existing(final: str, metadata: dict) -> str:
   with open(os.path.join(final, "metadata.json")) as f:
     have = json.load(f)
@@ -292,6 +353,13 @@ def _existing(final: str, metadata: dict) -> str:
     raise UserError(
       f"{final} already holds a different pack (differs in {', '.join(diff)})",
       "use another --data_dir, or delete that directory to replace it",
+    )
+  if have.get("source") not in (None, metadata["source"]):  # packs made before: not recorded
+    raise UserError(
+      f"{final} was packed from other source files: images under the GSV-Cities root were "
+      "rewritten, replaced or deleted since",
+      f"delete {final} and pack again (or use another --data_dir) to pack the files as they "
+      "are now",
     )
   print(f"already packed: {final}")
   return final
@@ -387,7 +455,10 @@ def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial
     # forkserver: workers fork from a clean server process that imported this module once
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["salad_jax.data.pack", "salad_jax.data.tfds_gsv"])
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    # each writer exits when this process is gone (kill -9 left them writing)
+    with ProcessPoolExecutor(
+      workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
       try:
         for t, summary in zip(tasks, pool.map(_write_shard, tasks)):
           summaries[t["shard"]] = summary

@@ -14,6 +14,7 @@ per process (plus one in each worker's output buffer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -26,7 +27,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from salad_jax.data import augment
+from salad_jax.data import augment, workers
 from salad_jax.data.gsv_cities import GSVCities, epoch_place_order, sample_place_images
 from salad_jax.data.images import (
   DAMAGED,
@@ -50,7 +51,13 @@ def normalize_images(images_u8):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-  """Static shape and schedule of the training stream (global and per process)."""
+  """Static shape and schedule of the training stream (global and per process).
+
+  Each process loads whole places: `local_places` = ceil(P / processes), process i the places
+  i * local_places ... of every step's P. Where P does not divide, the last process's extra
+  slots are padding places (valid False), so every process's local batch has the same shape
+  (`jax.make_array_from_process_local_data` needs that).
+  """
 
   num_places: int
   places_per_batch: int  # P (global)
@@ -58,27 +65,30 @@ class TrainSpec:
   process_index: int = 0
   process_count: int = 1
 
-  def __post_init__(self):
-    if self.places_per_batch % self.process_count:
-      raise ValueError(
-        f"{self.places_per_batch} places per batch cannot be split over "
-        f"{self.process_count} processes; use a multiple of {self.process_count}"
-      )
-
   @property
   def steps_per_epoch(self) -> int:  # the reference keeps the last, smaller batch (drop_last=False)
     return math.ceil(self.num_places / self.places_per_batch)
 
   @property
   def local_places(self) -> int:
-    return self.places_per_batch // self.process_count
+    return -(-self.places_per_batch // self.process_count)
 
-  def global_position(self, local_index: int) -> tuple[int, int]:
-    """(epoch, position in the epoch's place order) of a local record index."""
+  @property
+  def padding_places(self) -> int:
+    """Place slots per step that no process fills (all processes together)."""
+    return self.local_places * self.process_count - self.places_per_batch
+
+  def global_position(self, local_index: int) -> tuple[int, int, int]:
+    """(epoch, position in the epoch's place order, position in the step) of a local record
+    index; the positions are -1 for a padding slot (past P, or past the epoch's last place)."""
     per_epoch = self.steps_per_epoch * self.local_places
     epoch, rem = divmod(local_index, per_epoch)
     step, j = divmod(rem, self.local_places)
-    return epoch, step * self.places_per_batch + self.process_index * self.local_places + j
+    q = self.process_index * self.local_places + j
+    pos = step * self.places_per_batch + q
+    if q >= self.places_per_batch or pos >= self.num_places:
+      return epoch, -1, -1
+    return epoch, pos, q
 
 
 # ------------------------------------------------------------------------------ threads
@@ -141,7 +151,8 @@ def _iter(num_batches: int, batches: Batches, num_workers: int) -> grain.IterDat
 class PlaceRecords:
   """Record i -> K augmented images of one place (uint8), its labels, and a validity mask.
 
-  Positions past the end of an epoch pad the last batch to a static shape (valid=False).
+  Positions past the end of an epoch, and a process's slots past P (`TrainSpec`), are padding
+  places (valid=False) that keep every batch's shape static.
   """
 
   def __init__(
@@ -185,14 +196,17 @@ class PlaceRecords:
     return np.asarray(im, np.uint8), status
 
   def __call__(self, index: int, out: np.ndarray) -> dict[str, np.ndarray]:
-    """Fills out [K, H, W, 3] with the place's images; returns labels, valid, status, image."""
-    epoch, pos = self.spec.global_position(int(index))
+    """Fills out [K, H, W, 3] with the place's images; returns labels, valid, ids, status,
+    image. `ids`: the example's identity in its step (place position in the step x K + k, the
+    same on any number of processes and devices; -1 for padding), which keys its dropout."""
+    epoch, pos, q = self.spec.global_position(int(index))
     k = self.spec.img_per_place
-    if pos >= self.spec.num_places:
+    if pos < 0:
       out[:] = 0
       return {
         "labels": np.full((k,), -1, np.int32),
         "valid": np.zeros((k,), bool),
+        "ids": np.full((k,), -1, np.int32),
         "status": np.zeros((k,), np.int8),
         "image": np.full((k,), -1, np.int64),
       }
@@ -206,6 +220,7 @@ class PlaceRecords:
     return {
       "labels": np.full((k,), label, np.int32),
       "valid": np.ones((k,), bool),
+      "ids": np.arange(q * k, (q + 1) * k, dtype=np.int32),
       "status": status,
       "image": np.asarray(ids, np.int64),
     }
@@ -236,14 +251,17 @@ class ReportDamaged:
 
 
 def _with_workers(it: grain.IterDataset, num_workers: int, buffer: int = 1) -> grain.IterDataset:
-  """Worker processes via mp_prefetch. grain reads absl flags in the workers, so outside
-  `app.run` (notebooks, tests) the flags are marked parsed first."""
+  """Worker processes via mp_prefetch, each dying with this process (`workers.die_with_parent`:
+  `kill -9` left them running) and surviving a process group's SIGTERM, which is the trainer's
+  to act on (`workers.start_data_worker`). grain reads absl flags in the workers, so outside `app.run`
+  (notebooks, tests) the flags are marked parsed first."""
   if num_workers <= 0:
     return it
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return it.mp_prefetch(
-    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+    worker_init_fn=functools.partial(workers.start_data_worker, os.getpid()),
   )
 
 
@@ -262,7 +280,8 @@ def train_dataset(
   randaugment: bool = True,
   fast_augment: bool = True,
 ) -> tuple[grain.IterDataset, TrainSpec]:
-  """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, corrupt}.
+  """Per-process stream of local batches {images uint8 [p*K,H,W,3], labels, valid, ids,
+  corrupt}, p = ceil(P / processes) (`TrainSpec`).
 
   `fast_augment=False` runs RandAugment with the PIL reference ops: the same images, slower (for
   benchmarks).

@@ -7,11 +7,19 @@ import os
 
 from salad_jax.data import demo, gsv_cities, pipeline
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 
 
 def open_source(config) -> gsv_cities.GSVCities:
   """Opens (and for the demo, first generates) the training set; clear errors before compiling."""
   d = config.data
+  if d.source in ("folder", "demo") and paths.is_url(d.root):
+    raise UserError(
+      f"config.data.root={d.root}: GSV-Cities image folders (and the demo) are read from local "
+      "disk",
+      "pack them locally (python -m salad_jax.data.tfds_gsv), upload the pack and train with "
+      "--config.data.source=tfds --config.data.tfds_data_dir=gs://...",
+    )
   if d.source == "demo":
     demo.ensure(d.root, seed=d.demo_seed)
   if d.source in ("folder", "demo"):

@@ -27,6 +27,7 @@ from PIL import Image
 from salad_jax.data import gsv_cities, images, pack
 from salad_jax.data.pack_records import FORMAT, NAME, VERSION, pack_dir
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 
 
 # ------------------------------------------------------------------------------ reading
@@ -135,17 +136,17 @@ class TfdsGSVCities(gsv_cities.GSVCities):
 def find_pack(data_dir: str, image_size) -> str:
   """The pack for `image_size` under data_dir (or data_dir itself if it is one): the one resized
   to that size, else the JPEG one; a clear error when only other sizes exist."""
-  if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+  if paths.isfile(paths.join(data_dir, "dataset_info.json")):  # local or gs://
     return data_dir
   for size in (image_size, None):
     path = pack_dir(data_dir, size)
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    if paths.isfile(paths.join(path, "dataset_info.json")):
       return path
-  root = os.path.join(data_dir, NAME)
+  root = paths.join(data_dir, NAME)
   found = sorted(
     d
-    for d in (os.listdir(root) if os.path.isdir(root) else [])
-    if os.path.isfile(os.path.join(root, d, VERSION, "dataset_info.json"))
+    for d in (paths.listdir(root) if paths.isdir(root) else [])
+    if paths.isfile(paths.join(root, d, VERSION, "dataset_info.json"))
   )
   build = (
     "python -m salad_jax.data.tfds_gsv --manual_dir <GSVCities> --data_dir "
@@ -157,7 +158,7 @@ def find_pack(data_dir: str, image_size) -> str:
       f"config.data.image_size is {image_size[0]}x{image_size[1]}",
       f"set --config.data.image_size to a packed size, or pack it: {build}",
     )
-  if os.path.isfile(os.path.join(root, "1.0.0", "dataset_info.json")):
+  if paths.isfile(paths.join(root, "1.0.0", "dataset_info.json")):
     raise UserError(
       f"{root}/1.0.0 was built by an older salad_jax (one record per place)",
       f"build the current format: {build}",

@@ -16,6 +16,7 @@ from salad_jax import sharding
 from salad_jax.data import eval_sets, pipeline
 from salad_jax.errors import UserError
 from salad_jax.models.vpr import ModelConfig, VPRModel, as_variables
+from salad_jax.train import preemption
 
 
 def make_describe(model_cfg: ModelConfig, mesh):
@@ -69,6 +70,7 @@ def extract(
     leave=False,
     disable=jax.process_index() != 0 or not sys.stderr.isatty(),
   ):
+    preemption.check_evaluation()  # a trainer's SIGTERM stops here, between batches
     # each process loads its share of the global batch; descriptors and image indices come back
     # replicated, so every process fills the whole `out`. Batch i is dispatched before batch i-1
     # is read back, so loading batch i+1 overlaps the devices' work.

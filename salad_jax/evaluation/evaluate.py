@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -18,7 +18,7 @@ from salad_jax.evaluation import descriptor_cache
 from salad_jax.evaluation.descriptors import make_describe, set_descriptors
 from salad_jax.evaluation.recall import RECALL_VALUES, check_recall_values, format_table, recalls
 from salad_jax.evaluation.search import search
-from salad_jax.files import destinations, outputs
+from salad_jax.files import atomic, destinations, outputs, paths
 from salad_jax.inference import load
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.weights import checksum
@@ -71,20 +71,23 @@ def evaluate_set(
   if eval_set.positives is not None:
     result["recalls"] = recalls(predictions, eval_set.positives, recall_values, len(db))
   is_main = jax.process_index() == 0
-  if output_dir and is_main:
-    os.makedirs(output_dir, exist_ok=True)
+  if output_dir and is_main:  # each file under a fresh name, then renamed (atomic.write_with)
+    paths.makedirs(output_dir)
     if save_descriptors:
-      np.save(os.path.join(output_dir, "database_descriptors.npy"), db)
-      np.save(os.path.join(output_dir, "queries_descriptors.npy"), q)
+      for name, d in (("database", db), ("queries", q)):
+        atomic.write_with(
+          paths.join(output_dir, f"{name}_descriptors.npy"), lambda f, d=d: np.save(f, d)
+        )
     if eval_set.challenge:
-      path = os.path.join(output_dir, "msls_challenge_preds.txt")
-      eval_sets.write_msls_challenge(path, eval_set, predictions[:, :25])
+      path = paths.join(output_dir, "msls_challenge_preds.txt")
+      with atomic.new_file(path) as tmp:
+        eval_sets.write_msls_challenge(tmp, eval_set, predictions[:, :25])
       result["challenge_file"] = path
     if num_preds_to_save:
       visualize.save_predictions(
         eval_set,
         predictions[:, :num_preds_to_save],
-        os.path.join(output_dir, "preds"),
+        paths.join(output_dir, "preds"),
         save_only_wrong_preds,
       )
   return result
@@ -96,17 +99,48 @@ class EpochEvaluator:
   def __init__(self, config, mesh):
     e = config.eval
     specs = [s.strip() for s in e.sets.split(",") if s.strip()] if e.sets else []
-    self.sets = [
-      benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
-      for s in specs
-    ]
+    specs = benchmarks.unique_specs(specs, "config.eval.sets")  # each set once
+    self.sets = eval_sets.unique_names(  # names unique: they key the metrics
+      [
+        benchmarks.parse_set(s, e.data_root, e.index_root or None, e.positive_dist_threshold)
+        for s in specs
+      ],
+      [not s.startswith("folder:") for s in specs],
+    )
     for s in self.sets:
       s.check_files()
     self.enabled = bool(self.sets)
     self.cfg, self.mesh = e, mesh
-    self.select_metric = "R@1"  # ranks the checkpoints: always computed
+    self.select_metric = "R@1"  # ranks the checkpoints: always computed, on the first set
+    self.settings = self._settings(specs[0]) if specs else {}
     self.recall_values = tuple(sorted(set(check_recall_values(e.recall_values)) | {1}))
     self._describe = None
+
+  def _settings(self, spec: str) -> dict:
+    """What `select_metric` depends on: the first set (its files' place), the radius of its
+    positives (the threshold; none for a ground-truth file) and the image size. A checkpoint
+    records them (`run_checkpoints.SETTINGS`); R@1 under other settings is never compared with
+    it. Other sets, K values, batch size and search method do not change R@1 on the first set."""
+    e, first_set = self.cfg, self.sets[0]
+    first = (
+      {"folder": paths.real(spec[len("folder:") :])}
+      if spec.startswith("folder:")
+      else {
+        "benchmark": first_set.name,
+        "data_root": paths.real(e.data_root),
+        "index_root": paths.real(e.index_root or paths.join(e.data_root, "datasets")),
+      }
+    )
+    radius = first_set.positives_radius
+    settings = {
+      "set": first,
+      "positive_dist_threshold": None if radius is None else float(radius),
+      "image_size": [int(x) for x in e.image_size],
+    }
+    positives = "its ground truth" if radius is None else f"positives within {radius:g} m"
+    text = f"R@1 on {first_set.name}, {positives}, {e.image_size[0]}x{e.image_size[1]}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "text": text, **settings}
 
   def __call__(
     self, params, model_cfg: ModelConfig, step: int, writer=None, label: str = ""
@@ -150,23 +184,19 @@ def planned_outputs(
   """Every file `evaluate_checkpoint` may write, relative to its output_dir."""
   files = ["recalls.json"] if any(s.positives is not None for s in sets) else []
   for s in sets:
-    sub = "" if len(sets) == 1 else s.name
+    sub = (lambda *p: "/".join(p)) if len(sets) == 1 else (lambda *p: "/".join((s.name,) + p))
     if save_descriptors:
-      files += [
-        os.path.join(sub, "database_descriptors.npy"),
-        os.path.join(sub, "queries_descriptors.npy"),
-      ]
+      files += [sub("database_descriptors.npy"), sub("queries_descriptors.npy")]
     if s.challenge:
-      files.append(os.path.join(sub, "msls_challenge_preds.txt"))
+      files.append(sub("msls_challenge_preds.txt"))
     if num_preds_to_save:
-      files += [os.path.join(sub, "preds", f) for f in visualize.prediction_files(s.num_queries)]
+      files += [sub("preds", f) for f in visualize.prediction_files(s.num_queries)]
   return files
 
 
 def write_recalls(path: str, results: Mapping[str, Mapping[str, float]]) -> None:
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
+    atomic.write_text(path, json.dumps(results, indent=2))
 
 
 def evaluate_checkpoint(
@@ -210,7 +240,18 @@ def evaluate_checkpoint(
   planned = planned_outputs(
     sets, save_descriptors=save_descriptors, num_preds_to_save=num_preds_to_save
   )
-  claimed = outputs.claim(output_dir, planned, "evaluate.py", write=jax.process_index() == 0)
+  with outputs.claim(output_dir, planned, "evaluate.py", write=jax.process_index() == 0) as claimed:
+    return _evaluate(
+      checkpoint, sets, output_dir, claimed, image_size, batch_size, recall_values,
+      search_method, num_workers, save_descriptors, num_preds_to_save, save_only_wrong_preds,
+      dtype, cache_dir, model_overrides,
+    )  # fmt: skip
+
+
+def _evaluate(
+  checkpoint, sets, output_dir, claimed, image_size, batch_size, recall_values, search_method,
+  num_workers, save_descriptors, num_preds_to_save, save_only_wrong_preds, dtype, cache_dir, model_overrides,
+):  # fmt: skip
   overrides = {**(model_overrides or {}), **({"dtype": dtype} if dtype else {})}
   model = load(checkpoint, **overrides)
   model_cfg = model.config
@@ -227,7 +268,7 @@ def evaluate_checkpoint(
   describe = make_describe(model_cfg, mesh)
   table = {}
   for s in sets:
-    sub = output_dir if len(sets) == 1 else os.path.join(output_dir, s.name)
+    sub = output_dir if len(sets) == 1 else paths.join(output_dir, s.name)
     r = evaluate_set(
       s,
       params,
@@ -254,6 +295,6 @@ def evaluate_checkpoint(
   if table and jax.process_index() == 0:
     print(f"\nRecall@K at {image_size[0]}x{image_size[1]} ({checkpoint}):\n{format_table(table)}")
   if table:  # without labels there are no recalls: no empty recalls.json
-    write_recalls(os.path.join(output_dir, "recalls.json"), table)
+    write_recalls(paths.join(output_dir, "recalls.json"), table)
   claimed.finish()  # records what this run wrote; removes what an earlier run left, not rewritten
   return table

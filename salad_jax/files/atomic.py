@@ -9,6 +9,11 @@ a leftover of a killed run is mentioned (`remove_leftovers`), never deleted.
 
 Write failures (full disk, quota, read-only file system, no permission) are one `UserError`
 naming the destination and the reason (`write_error`).
+
+On an object store (`gs://...`, `salad_jax.files.paths.is_url`) there is no rename and no
+exclusive create of a name of one's own; a single upload is atomic instead: `new_file` yields a
+local temporary file and uploads it whole when the block succeeds (readers see the old object or
+the new one, never a part); a failed block uploads nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import re
 import secrets
 import shutil
 import socket
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 from salad_jax.errors import UserError, note
+from salad_jax.files import paths
 
 TAG = ".salad_tmp_"
 MARKER = ".salad_jax_tmp"  # inside a temporary directory: "<host> <pid>"
@@ -59,6 +65,10 @@ def os_errno(exc: BaseException) -> int | None:
 def write_error(path: str, exc: BaseException) -> UserError | None:
   """A one-line `UserError` for a failed write to `path`, or None if `exc` is no OS failure."""
   code = os_errno(exc)
+  if code is None and paths.is_url(path):  # gcsfs: 403 is a bare OSError("Forbidden: ...")
+    text = next((str(e) for e in exception_chain(exc) if isinstance(e, OSError)), "")
+    if text.startswith(("Forbidden", "Unauthorized")) or isinstance(exc, PermissionError):
+      code = errno.EACCES
   if code is None:
     return None
   reason = DISK_ERRNOS.get(code) or os.strerror(code).lower()
@@ -71,7 +81,10 @@ def write_error(path: str, exc: BaseException) -> UserError | None:
 
 
 def check_space(path: str, nbytes: int) -> None:
-  """Refuses early when the file system of `path`'s folder has not room for `nbytes` (+5 %)."""
+  """Refuses early when the file system of `path`'s folder has not room for `nbytes` (+5 %).
+  An object store has no such figure: nothing to check."""
+  if paths.is_url(path):
+    return
   parent = os.path.dirname(os.path.abspath(path))
   while not os.path.isdir(parent):
     parent = os.path.dirname(parent)
@@ -87,7 +100,11 @@ def check_space(path: str, nbytes: int) -> None:
 
 def probe(path: str) -> None:
   """Creates and removes a temporary file in `path`'s folder: a folder the OS will not let us
-  write to (read-only, /proc, permissions) is refused before any work."""
+  write to (read-only, /proc, permissions) is refused before any work. On an object store the
+  same with a small object (a missing bucket or no write permission is refused)."""
+  if paths.is_url(path):
+    probe_url(path)
+    return
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     return  # created later; destinations.check_dir checked its nearest existing ancestor
@@ -95,6 +112,21 @@ def probe(path: str) -> None:
     os.remove(_fresh(path, _make_file))
   except OSError as e:
     raise write_error(path, e) or UserError(f"cannot write {path}: {e}") from None
+
+
+def probe_url(path: str) -> None:
+  """Uploads and deletes `.<name>.salad_tmp_<random>` beside the URL `path`."""
+  tmp = paths.join(paths.parent(path), f".{paths.name(path)}{TAG}{secrets.token_hex(4)}")
+  try:
+    f, p = paths.fs(tmp)
+    f.pipe_file(p, b"", mode="create")
+    f.rm_file(p)
+  except Exception as e:  # noqa: BLE001  (fsspec raises OSError, FileNotFoundError, ...)
+    err = write_error(path, e)
+    raise err or UserError(
+      f"cannot write {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+      "check the bucket's name and your write permission on it",
+    ) from None
 
 
 def _fresh(path: str, make) -> str:
@@ -119,7 +151,12 @@ def _make_file(tmp: str) -> None:
 
 @contextlib.contextmanager
 def new_file(path: str) -> Iterator[str]:
-  """Yields a fresh temporary file beside `path`; renamed onto `path` when the block succeeds."""
+  """Yields a fresh temporary file beside `path`; renamed onto `path` when the block succeeds.
+  For a URL: a local temporary file, uploaded whole onto `path` when the block succeeds."""
+  if paths.is_url(path):
+    with _upload_on_success(path) as tmp:
+      yield tmp
+    return
   try:
     tmp = _fresh(path, _make_file)
   except OSError as e:
@@ -134,6 +171,42 @@ def new_file(path: str) -> Iterator[str]:
     if err is not None:
       raise err from e
     raise
+
+
+@contextlib.contextmanager
+def _upload_on_success(path: str) -> Iterator[str]:
+  import tempfile
+
+  fd, tmp = tempfile.mkstemp(prefix="salad_jax_upload_", suffix=os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    yield tmp
+    paths.upload(tmp, path)
+  except Exception as e:
+    err = write_error(path, e)
+    if err is not None:
+      raise err from e
+    raise
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
+def write_with(path: str, write: Callable[[IO[bytes]], None]) -> None:
+  """`write(f)` into a fresh temporary file opened for binary writing, then renamed onto `path`
+  (uploaded, for a URL): an existing file (and any hard link to it, a `cp -al` backup) is never
+  written into. Libraries that pick a format from the file name get the file object: say the
+  format (`np.save(f, a)`, `image.save(f, format="JPEG")`)."""
+  with new_file(path) as tmp, open(tmp, "wb") as f:
+    write(f)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  write_with(path, lambda f: f.write(data))
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode())
 
 
 @contextlib.contextmanager
@@ -167,16 +240,14 @@ def remove_leftovers(path: str) -> None:
   """Mentions temporaries of `path` left by killed runs, never deletes them: a marker naming a
   dead pid is not proof (it can be copied or forged, and a pid of another PID namespace sharing
   the disk looks dead here), so the user decides, once, per destination."""
-  parent = os.path.dirname(os.path.abspath(path))
-  prefix = f".{os.path.basename(path)}{TAG}"
+  parent = paths.parent(path)
+  prefix = f".{paths.name(path)}{TAG}"
   try:
-    names = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
+    names = sorted(n for n in paths.listdir(parent) if n.startswith(prefix))
   except OSError:
     return
   if names:
-    where = os.path.join(parent, names[0]) + (
-      f" and {len(names) - 1} more" if len(names) > 1 else ""
-    )
+    where = paths.join(parent, names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
     note(
       f"{where} look(s) like leftovers of an interrupted salad_jax save of {path}; delete them "
       "if no salad_jax run is writing there"

@@ -11,6 +11,8 @@ An existing file or directory is replaced only with `overwrite` and only if sala
 it (the caller's `ours` / `refusal` decides what proves it); a link is never written through; the
 destination's folder is probed (a temporary file created and removed) so a folder the OS will not
 let us write to is refused before any work. Writing itself goes through `salad_jax.files.atomic`.
+Every path may be a URL (`gs://bucket/...`, `salad_jax.files.paths`): the same rules, with an
+object in place of a file, and a probe object uploaded and deleted in place of a temporary file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from typing import Callable
 
 from salad_jax.errors import UserError
-from salad_jax.files import atomic
+from salad_jax.files import atomic, paths
 
 
 def check_dir(path: str, what: str = "output directory", create: bool = True) -> str:
@@ -27,8 +29,10 @@ def check_dir(path: str, what: str = "output directory", create: bool = True) ->
 
   Creates it if missing (unless `create=False`: then it only checks that the nearest existing
   ancestor is a writable directory); a file in its place, or a directory that cannot be
-  written, is a `UserError` naming the path. Returns the absolute path.
+  written, is a `UserError` naming the path. Returns the absolute path (a URL as given).
   """
+  if paths.is_url(path):
+    return _check_url_dir(paths.absolute(path), what)
   path = os.path.abspath(os.fspath(path))
   probe = path
   while not os.path.exists(probe):  # the nearest existing ancestor decides
@@ -62,6 +66,18 @@ def check_dir(path: str, what: str = "output directory", create: bool = True) ->
   return path
 
 
+def _check_url_dir(path: str, what: str) -> str:
+  """A folder on an object store: no object of that name (a file where the folder belongs),
+  and a bucket we can write to (a probe object, uploaded and deleted)."""
+  if paths.isfile(path):
+    raise UserError(
+      f"{what} {path} is a file (an object), not a folder",
+      "give a folder path (objects are written under it)",
+    )
+  atomic.probe(paths.join(path, ".probe"))
+  return path
+
+
 def check_file(
   path: str,
   overwrite: bool,
@@ -77,24 +93,25 @@ def check_file(
   `ours(path)` (salad_jax wrote it)."""
   if not path.strip():
     raise UserError(f"{flag} is an empty path", f"give the {kind} to write")
-  if os.path.islink(path):
+  if paths.islink(path):
     raise UserError(
       f"refusing to overwrite {path}: it is a symbolic link (to "
       f"{os.readlink(path)}); salad_jax replaces only regular files it wrote",
       "give the link's target itself as the destination, or remove the link",
     )
-  if os.path.isdir(path):
+  if paths.isdir(path):
     raise IsADirectoryError(f"{flag} {path} is a directory; {single} must be a file")
-  if os.path.lexists(path):
+  if paths.lexists(path):
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass {overwrite_flag} to replace it")
-    if not os.path.isfile(path) or not ours(path):
+    if not paths.isfile(path) or not ours(path):
       raise UserError(
         f"refusing to overwrite {path}: salad_jax did not write it (not a salad_jax {kind}); it "
         "only ever replaces files it wrote itself",
         f"remove the file yourself, or choose another {flag}",
       )
-  check_dir(os.path.dirname(os.path.abspath(path)), "destination folder", create=False)
+  if not paths.is_url(path):  # a URL's folder is probed below
+    check_dir(os.path.dirname(os.path.abspath(path)), "destination folder", create=False)
   atomic.probe(path)
 
 
@@ -109,9 +126,9 @@ def check_replace_dir(
       "the destination is an empty path",
       "give a directory (-> Orbax checkpoint) or a .pth/.ckpt/.safetensors file",
     )
-  directory = os.path.realpath(path)
+  directory = paths.real(path)
   check_dir(directory, "--dst", create=False)
-  if os.path.isdir(directory) and os.listdir(directory):
+  if paths.isdir(directory) and paths.listdir(directory):
     error = refusal(directory)
     if error is not None:
       raise error

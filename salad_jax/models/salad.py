@@ -19,6 +19,21 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.maximum(norm, 1e-12)
 
 
+def example_dropout(x: jax.Array, rate: float, key: jax.Array, ids: jax.Array) -> jax.Array:
+  """Inverted dropout (as nn.Dropout: keep with 1 - rate, scale by 1 / (1 - rate)) whose mask
+  for example b is drawn from fold_in(key, ids[b]) alone. nn.Dropout draws one mask for the
+  whole batch, so an example's mask would depend on its position in the global batch, which
+  changes with the padding of other device and process counts; with the example's identity as
+  the key, any layout trains the same numbers."""
+  keep = 1.0 - rate
+
+  def one(i, xb):
+    mask = jax.random.bernoulli(jax.random.fold_in(key, i), keep, xb.shape)
+    return jnp.where(mask, xb / jnp.asarray(keep, xb.dtype), jnp.zeros_like(xb))
+
+  return jax.vmap(one)(ids.astype(jnp.int32), x)
+
+
 class SALAD(nn.Module):
   """SALAD aggregator. Layer names mirror `aggregator.*` of the PyTorch checkpoint.
 
@@ -55,19 +70,23 @@ class SALAD(nn.Module):
   def _dense(self, features, name):
     return Dense(features, dtype=self.dtype, torch_init=True, name=name)
 
-  def _conv_mlp(self, x, out, prefix, train):
+  def _conv_mlp(self, x, out, prefix, train, example_ids):
     # Conv1x1 -> Dropout -> ReLU -> Conv1x1 (indices 0 and 3 of the torch nn.Sequential)
     h = self._dense(self.hidden_dim, f"{prefix}_0")(x)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    if train and self.dropout > 0:
+      ids = jnp.arange(h.shape[0], dtype=jnp.int32) if example_ids is None else example_ids
+      h = example_dropout(h, self.dropout, self.make_rng("dropout"), ids)
     return self._dense(out, f"{prefix}_3")(jax.nn.relu(h))
 
   @nn.compact
-  def __call__(self, feats, token=None, train: bool = False):
+  def __call__(self, feats, token=None, train: bool = False, example_ids=None):
+    """`example_ids` [B] int (training): each example's identity, which alone keys its dropout
+    mask (default: its position in the batch)."""
     check_assignment(self.assignment)
     b, c = feats.shape[0], feats.shape[-1]
     x = feats.reshape(b, -1, c)
-    f = self._conv_mlp(x, self.cluster_dim, "cluster_features", train)  # [B, n, l]
-    s = self._conv_mlp(x, self.num_clusters, "score", train)  # [B, n, m]
+    f = self._conv_mlp(x, self.cluster_dim, "cluster_features", train, example_ids)  # [B, n, l]
+    s = self._conv_mlp(x, self.num_clusters, "score", train, example_ids)  # [B, n, m]
     if self.global_token:
       t = self._dense(self.token_dim, "token_features_2")(
         jax.nn.relu(self._dense(self.hidden_dim, "token_features_0")(token))

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salad_jax.models import posembed
+from salad_jax.models import grads, posembed
 from salad_jax.models.attention import (
   attention_impl,
   chunked_attention,
@@ -110,7 +110,7 @@ class Dense(nn.Module):
       k_init, b_init = nn.initializers.truncated_normal(0.02), nn.initializers.zeros
     kernel = self.param("kernel", k_init, (fan_in, self.features))
     bias = self.param("bias", b_init, (self.features,))
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return grads.affine(x.astype(self.dtype), kernel, bias, self.dtype)  # fp32 weight grads
 
 
 def constrain_batch(x):
@@ -159,7 +159,7 @@ class LayerScale(nn.Module):
   @nn.compact
   def __call__(self, x):
     gamma = self.param("gamma", nn.initializers.ones, (x.shape[-1],))
-    return x * gamma.astype(x.dtype)
+    return grads.scale(x, gamma)
 
 
 REMAT = ("none", "blocks", "dots")
@@ -305,8 +305,7 @@ class PatchProj(nn.Module):
     gh, gw = h // PATCH, w // PATCH
     patches = images.reshape(b, gh, PATCH, gw, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, gh * gw, PATCH * PATCH * c).astype(self.dtype)
-    y = jnp.dot(patches, kernel.reshape(-1, self.width).astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    return grads.affine(patches, kernel.reshape(-1, self.width), bias, self.dtype)
 
 
 class PatchEmbed(nn.Module):

@@ -20,7 +20,18 @@ import jax
 import jax.numpy as jnp
 
 from salad_jax.errors import UserError, note
-from salad_jax.models import attention, convap, cosplace, gem, mixvpr, netvlad, resnet, salad, vit
+from salad_jax.models import (
+  attention,
+  convap,
+  cosplace,
+  gem,
+  grads,
+  mixvpr,
+  netvlad,
+  resnet,
+  salad,
+  vit,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DINOV2 = "dinov2"
@@ -106,6 +117,9 @@ class ModelConfig:
   out_rows: int = 4
   normalize_input: bool = True  # NetVLAD
   vladv2: bool = False
+  # weight gradients under bf16 compute: summed (over the batch and across devices) in float32,
+  # or in bfloat16 (the cheaper collective); no effect under float32 compute (models/grads.py)
+  grad_reduce_dtype: str = "float32"
 
   # The fields that fix the parameters and the function computed, for any backbone and head (a
   # saved model cannot change them; `model_fields()` gives this model's own); ...
@@ -149,6 +163,7 @@ class ModelConfig:
           "use layers_to_crop=()",
         )
     self._check_head()
+    grads.check_grad_reduce_dtype(self.grad_reduce_dtype)
 
   def _check_head(self) -> None:
     a = self.aggregator
@@ -391,10 +406,15 @@ class VPRModel(nn.Module):
     skip = 1 + (vit.NUM_REGISTERS if self.config.registers else 0)
     return tokens[:, skip:].reshape(images.shape[0], gh, gw, -1), tokens[:, 0]
 
-  def __call__(self, images, train: bool = False, valid=None):
+  def __call__(self, images, train: bool = False, valid=None, example_ids=None):
+    """`valid` [B] (training): padding entries, kept out of BatchNorm statistics; `example_ids`
+    [B] (training): each image's identity in the step, keying SALAD's dropout."""
     self.config.check_image_shape(images.shape)
-    feats, token = self.features(images, train=train, valid=valid)
-    return self.aggregator(feats, token, train=train)
+    with grads.reduce_dtype(self.config.grad_reduce_dtype):
+      feats, token = self.features(images, train=train, valid=valid)
+      if self.config.aggregator == "salad":
+        return self.aggregator(feats, token, train=train, example_ids=example_ids)
+      return self.aggregator(feats, token, train=train)
 
 
 # ------------------------------------------------------------------------------ variables

@@ -2,8 +2,10 @@
 
 Layout: `<workdir>/checkpoints/<step>/{params, train_state, data, meta}`, and `batch_stats` for
 a ResNet (its BatchNorm statistics). `params` (+ `batch_stats`) is what inference needs
-(`salad_jax.load(workdir)`), so each is its own item. Keeps the last N
-checkpoints and the best M by a validation metric; saves are atomic (Orbax writes to a tmp dir
+(`salad_jax.load(workdir)`), so each is its own item. Keeps the last N checkpoints and the best M
+by a validation metric under each eval settings (a checkpoint's metrics record the settings they
+were measured under; recalls under other settings are never compared:
+`salad_jax.weights.run_checkpoints.rank`); saves are atomic (Orbax writes to a tmp dir
 and renames), so an interrupted save never damages an earlier checkpoint.
 
 Each checkpoint's meta holds `params_checksum` (salad_jax.weights.checksum), verified on every restore.
@@ -14,9 +16,9 @@ Resuming takes the newest checkpoint that restores and verifies; newer damaged o
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -25,17 +27,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, LatestN
 
 from salad_jax.errors import UserError
+from salad_jax.files import atomic, paths
+from salad_jax.files.lock import utc_stamp
 from salad_jax.models.vpr import ModelConfig
-from salad_jax.train.lock import utc_stamp
 from salad_jax.train.workdir import DAMAGED
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
-from salad_jax.weights.run_checkpoints import (  # the workdir's layout
+from salad_jax.weights.run_checkpoints import (  # the workdir's layout, and what "best" means
   CHECKPOINTS,
   STATS,
+  Scored,
+  best_per_settings,
+  rank,
+  scored,
   verify_batch_stats,
 )
 
@@ -72,6 +79,55 @@ class _NoUntrackedMetricNotice:
 
 logging.get_absl_logger().addFilter(_NoUntrackedMetricNotice())
 
+_ORBAX_DIR = os.path.dirname(ocp.__file__) + os.sep
+
+
+def _write_failure(exc: BaseException | None, text: str = "") -> bool:
+  """A failed write of the file system (full disk, quota, read-only, permission), or what the
+  threads of a failed save raise after it (the interpreter shutting down under them)."""
+  return (exc is not None and atomic.os_errno(exc) is not None) or any(
+    s in text or (exc is not None and s in str(exc))
+    for s in ("os_error_code=", "cannot schedule new futures after interpreter shutdown")
+  )
+
+
+class _NoOrbaxWriteFailureTracebacks:
+  """A save that fails on the file system makes each of Orbax's threads log the same traceback
+  (~450 lines for one full disk); the main thread raises it once, as one line with a hint
+  (`TrainCheckpointer._save_error`). Other Orbax errors get through."""
+
+  def filter(self, record) -> bool:
+    if record.levelno < std_logging.ERROR or not record.pathname.startswith(_ORBAX_DIR):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not _write_failure(exc, str(record.getMessage()))
+
+
+class _NoUnretrievedWriteFailures:
+  """The same failure, once more per array, from the asyncio logger ("exception was never
+  retrieved") as Orbax's pending writes are collected."""
+
+  def filter(self, record) -> bool:
+    text = str(record.getMessage())
+    return not ("exception was never retrieved" in text and _write_failure(None, text))
+
+
+logging.get_absl_logger().addFilter(_NoOrbaxWriteFailureTracebacks())
+std_logging.getLogger("asyncio").addFilter(_NoUnretrievedWriteFailures())
+
+
+class BestNPerSettings:
+  """Orbax preservation policy: the `n` best checkpoints by `metric` under each eval settings
+  (Orbax's BestN ranked R@1 at 5000 m against R@1 at 25 m and deleted the best)."""
+
+  def __init__(self, metric: str, n: int):
+    self.metric, self.n = metric, n
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    found = [c for info in checkpoints if (c := scored(info.step, info.metrics, self.metric))]
+    keep = best_per_settings(found, self.n)
+    return [info.step in keep for info in checkpoints]
+
 
 class IteratorPosition:
   """A data iterator's state taken now, saved later (after the next batch was already taken).
@@ -99,18 +155,9 @@ class TrainCheckpointer:
     best_metric: str = "R@1",
     read_only: bool = False,
   ):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    self.directory = paths.join(paths.absolute(workdir), CHECKPOINTS)
     self.best_metric = best_metric
-    policy = AnyPreservationPolicy(
-      [
-        LatestN(keep_last),
-        BestN(
-          get_metric_fn=lambda m: m[best_metric],
-          n=keep_best,
-          keep_checkpoints_without_metrics=False,
-        ),
-      ]
-    )
+    policy = AnyPreservationPolicy([LatestN(keep_last), BestNPerSettings(best_metric, keep_best)])
     # best_fn makes Orbax write each save's metrics to disk: without it BestN only sees the
     # metrics of this process's saves, and a resumed run could delete the best checkpoint.
     options = ocp.CheckpointManagerOptions(
@@ -136,17 +183,24 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """The kept checkpoint with the highest `best_metric` (ties: the later), as
-    `salad_jax.load(workdir)` picks it; None when no checkpoint has the metric (Orbax's own
-    `best_step()` falls back to the latest step)."""
-    scored = [
-      (m[self.best_metric], s)
+  def scored(self) -> list[Scored]:
+    """Each kept checkpoint's `best_metric` and the eval settings it was measured under."""
+    return [
+      c
       for s in self.manager.all_steps()
-      for m in [self.manager.metrics(s) or {}]
-      if self.best_metric in m
+      if (c := scored(s, self.manager.metrics(s), self.best_metric))
     ]
-    return max(scored)[1] if scored else None
+
+  def best(self) -> tuple[Scored | None, list[Scored]]:
+    """(the best checkpoint, the best under each other eval settings), as
+    `salad_jax.load(workdir)` picks it (`run_checkpoints.rank`)."""
+    return rank(self.scored())
+
+  def best_step(self) -> int | None:
+    """The best kept checkpoint (`best`), as `salad_jax.load(workdir)` picks it; None when no
+    checkpoint has the metric (Orbax's own `best_step()` falls back to the latest step)."""
+    best, _ = self.best()
+    return best.step if best else None
 
   def metric_of(self, step: int) -> float | None:
     """The `best_metric` saved with `step` (also for checkpoints of an earlier run), or None."""
@@ -167,7 +221,25 @@ class TrainCheckpointer:
     items["meta"] = ocp.args.JsonSave(meta)
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    try:  # an earlier asynchronous save's failure surfaces here
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as e:
+      raise self._save_error(e) from e
+    self._saving = step
+
+  def _save_error(self, e: Exception) -> Exception:
+    """A save that failed on the file system: one line naming the step and the reason."""
+    if not _write_failure(e):
+      return e
+    code = atomic.os_errno(e)
+    reason = (atomic.DISK_ERRNOS.get(code) or os.strerror(code).lower()) if code else str(e)
+    step = getattr(self, "_saving", None)
+    return UserError(
+      f"cannot save the checkpoint{f' of step {step}' if step is not None else ''} in "
+      f"{self.directory}: {reason}; the checkpoints saved before it are intact",
+      "free some space there (or lower --config.checkpoint.keep_last), then rerun the same "
+      "command: it resumes from the last checkpoint",
+    )
 
   def restore(
     self, step: int, abstract_state: dict, data_iter=None, model: dict | None = None
@@ -241,11 +313,11 @@ class TrainCheckpointer:
       return
     if jax.process_index() == 0:
       stamp = utc_stamp(time.time())
-      aside = os.path.join(os.path.dirname(self.directory), DAMAGED)
-      os.makedirs(aside, exist_ok=True)
+      aside = paths.join(paths.parent(self.directory), DAMAGED)
+      paths.makedirs(aside)
       for step, e in failed:
-        dest = os.path.join(aside, f"{step}-{stamp}")
-        shutil.move(os.path.join(self.directory, str(step)), dest)
+        dest = paths.join(aside, f"{step}-{stamp}")
+        paths.move_tree(paths.join(self.directory, str(step)), dest)  # GCS: copy, then delete
         print(
           f"checkpoint step {step} cannot be restored ({short_reason(e)}); moved it to {dest}; "
           f"resuming from step {good}",
@@ -261,7 +333,7 @@ class TrainCheckpointer:
     """The input pipeline's position is saved per process (data/process_<i>-of-<n>.json): a
     checkpoint of another process count is a UserError (a launch change, not damage)."""
     try:
-      names = os.listdir(os.path.join(self.directory, str(step), "data"))
+      names = paths.listdir(paths.join(self.directory, str(step), "data"))
     except OSError:  # no data state: the restore says why
       return
     counts = {
@@ -273,7 +345,7 @@ class TrainCheckpointer:
         f"checkpoint step {step} in {self.directory} was saved by {n} process(es) and this run "
         f"has {jax.process_count()}: the input pipeline's position is saved per process",
         f"resume it with {n} processes (JAX_NUM_PROCESSES={n}), or start a new run from its "
-        f"params (--config.init={os.path.dirname(self.directory)} and another --workdir)",
+        f"params (--config.init={paths.parent(self.directory)} and another --workdir)",
       )
 
   def check_compatible(self, step: int, abstract_state: dict, model: dict | None = None) -> None:
@@ -310,11 +382,16 @@ class TrainCheckpointer:
     )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _train_state(state: dict) -> dict:

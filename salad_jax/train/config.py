@@ -22,6 +22,7 @@ from salad_jax.data.gsv_cities import city_names
 from salad_jax.errors import UserError, note
 from salad_jax.evaluation.recall import check_recall_values
 from salad_jax.models import vit
+from salad_jax.models.grads import GRAD_REDUCE_DTYPES
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.train import optim
 
@@ -37,8 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = ""
   c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
   # devices = data x fsdp: the batch is split over all of them; params and optimizer state are
-  # sharded over fsdp groups (1 = replicated, plain data parallelism)
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  # sharded over fsdp groups (1 = replicated, plain data parallelism). dcn_data: the part of
+  # `data` that spans TPU slices over the data-centre network (0 = auto: one per slice, 1 on
+  # devices without slices; on CPU/GPU N > 1 splits the devices into N groups); fsdp stays
+  # inside a slice (salad_jax.sharding.make_mesh)
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, dcn_data=0))
 
   c.data = ml_collections.ConfigDict()
   # folder: the GSV-Cities JPEG files | tfds: a pack (python -m salad_jax.data.tfds_gsv), the
@@ -109,7 +113,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_workers = 4
   c.eval.at_start = False  # also evaluate the untrained model
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=3, keep_best=1))
+  # every_secs > 0: also save when that much wall time passed since the last save (a step count
+  # is a different wall time on different hardware); 0 = off
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(every_steps=500, every_secs=0.0, keep_last=3, keep_best=1)
+  )
+  # JAX's persistent compilation cache: auto = <workdir>/compile_cache (restarts and every host
+  # of a pod skip the compiles), a path or gs:// URL (shared by runs), '' = off
+  c.compile_cache_dir = "auto"
   return c
 
 
@@ -238,6 +249,8 @@ def check(config) -> None:
   if config.get("stop_after_steps") is not None:
     _int(config, "stop_after_steps", 0, "must be an integer >= 0 (0: run every epoch)")
   _int(config, "mesh.fsdp", 1)
+  if config.mesh.get("dcn_data") is not None:
+    _int(config, "mesh.dcn_data", 0, "must be an integer >= 0 (0: one per TPU slice)")
   # data: the loss needs several places (negatives) and several images of each (positives)
   _int(
     config,
@@ -325,6 +338,34 @@ def check(config) -> None:
     "must be an integer >= 1 (the newest checkpoint is what a rerun resumes from)",
   )
   _int(config, "checkpoint.keep_best", 0)
+  if config.checkpoint.get("every_secs") is not None:
+    _real(
+      config,
+      "checkpoint.every_secs",
+      0.0,
+      strict=False,
+      must="must be a number of seconds >= 0 (0: no time-based saves)",
+    )
+  cache = config.get("compile_cache_dir", "")
+  if not isinstance(cache, str):
+    raise _fail("compile_cache_dir", cache, "must be 'auto', a directory or gs:// path, or ''")
+  reduce = _get(config, "model.grad_reduce_dtype") if "grad_reduce_dtype" in config.model else None
+  if reduce is not None and reduce not in GRAD_REDUCE_DTYPES:
+    raise _fail(
+      "model.grad_reduce_dtype",
+      reduce,
+      f"must be one of {', '.join(GRAD_REDUCE_DTYPES)} (the dtype weight gradients are summed "
+      "in under bf16 compute)",
+    )
+
+
+def check_mesh(config, devices=None) -> None:
+  """`config.mesh` against the devices (default: all) and their TPU slices: `mesh.dcn_data`
+  must be the number of slices (or 0), `mesh.fsdp` must divide the devices of one slice. Needs
+  the backend (after `jax.distributed.initialize`), so it is not part of `check`."""
+  from salad_jax import sharding
+
+  sharding.check_mesh(devices, config.mesh.fsdp, config.mesh.get("dcn_data", 0))
 
 
 def check_data(config, num_places: int) -> None:

@@ -5,7 +5,6 @@ the non-finite stop, and train.py's closing lines."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -14,6 +13,46 @@ import jax
 import numpy as np
 
 from salad_jax.errors import UserError
+from salad_jax.files import atomic, paths
+
+
+class JsonLines:
+  """metrics.jsonl, appended to. Locally an append-mode file, flushed per line. An object store
+  has no append (epath's `open('a')` silently starts the object anew), so there the lines of
+  earlier runs are read at start and the whole object is uploaded again, at most every
+  `every_s` seconds and at `close()` (each upload is atomic: a reader sees whole lines)."""
+
+  def __init__(self, path: str, every_s: float = 10.0):
+    self.path, self.every_s = path, every_s
+    self.remote = paths.is_url(path)
+    if self.remote:
+      self.text = paths.read_text(path) if paths.exists(path) else ""
+      if self.text and not self.text.endswith("\n"):
+        self.text += "\n"
+      self.last, self.dirty = time.time(), False
+    else:
+      self.f = open(path, "a")
+
+  def write(self, line: str) -> None:
+    if not self.remote:
+      self.f.write(line)
+      self.f.flush()
+      return
+    self.text += line
+    self.dirty = True
+    if time.time() - self.last >= self.every_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    with atomic.new_file(self.path) as tmp, open(tmp, "w") as f:
+      f.write(self.text)
+    self.last, self.dirty = time.time(), False
+
+  def close(self) -> None:
+    if not self.remote:
+      self.f.close()
+    elif self.dirty:
+      self._upload()
 
 
 class MetricsWriter:
@@ -32,8 +71,8 @@ class MetricsWriter:
 
     from tensorboardX import SummaryWriter
 
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))  # tensorboardX writes gs:// too
+    self.jsonl = JsonLines(paths.join(workdir, "metrics.jsonl"))
     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
     self._error: BaseException | None = None
 
@@ -48,12 +87,14 @@ class MetricsWriter:
       for k, v in scalars.items():
         self.tb.add_scalar(k, v, step)
       self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-      self.jsonl.flush()
     except BaseException as e:  # noqa: BLE001  (raised in the loop's thread, see _raise_failed)
       self._error = self._error or e
 
   def _raise_failed(self) -> None:
     if self._error is not None:
+      err = atomic.write_error(paths.parent(self.jsonl.path), self._error)
+      if err is not None:  # a full disk, ...: one line with a hint
+        raise err from self._error
       raise RuntimeError(f"writing metrics failed: {self._error}") from self._error
 
   def close(self) -> None:
@@ -195,7 +236,8 @@ def summary(results: Mapping[str, Any], evaluator) -> None:
 
 def done_line(results: Mapping[str, Any]) -> str:
   """train.py's last line: the step reached and what is actually on disk (and, with validation,
-  the best checkpoint by R@1, which `evaluate.py` and `salad_jax.load` pick from a workdir)."""
+  the best checkpoint by R@1, which `evaluate.py` and `salad_jax.load` pick from a workdir, with
+  the eval settings it was measured under, and the best kept under each earlier settings)."""
   saved, step, evals = results.get("saved_step"), results["step"], results.get("evals") or {}
   if saved is None:
     return f"done: step {step}; no checkpoint saved"
@@ -209,7 +251,13 @@ def done_line(results: Mapping[str, Any]) -> str:
   line = (
     f"done: step {step}; checkpoint of step {saved}{recall(saved)} in {results['checkpoint_dir']}"
   )
-  best = results.get("best_step")
-  if best is not None and best != saved:
-    line += f"; best by R@1: step {best}{recall(best)}"
+  best, others = results.get("best_step"), results.get("other_bests") or []
+  settings = results.get("best_settings") or ""
+  if best is not None and (best != saved or others):
+    under = f" ({settings})" if others and settings else ""
+    line += f"; best by R@1{under}: step {best}{recall(best)}"
+  for c in others:  # never compared with the best above: measured under other settings
+    line += (
+      f"; kept step {c.step} (R@1 {c.r1:.2f}), the best under earlier eval settings ({c.text})"
+    )
   return line

@@ -7,7 +7,8 @@
      holds checkpoints, a setting that changes what is trained (`MAY_CHANGE` lists the others)
      is an error naming each difference; allowed changes are printed,
   3. writes `config.json` (this run) and `config_history/<n>-<utc time>.json` (every run).
-The lock is released when `hold` exits, on errors too. In multi-process runs process 0 does
+The lock is released when `hold` exits, on errors too. The workdir may be a URL (gs://bucket/run:
+`salad_jax.files.paths`); the lock is then an object (`salad_jax.files.lock.UrlLock`). In multi-process runs process 0 does
 all of this and tells the others (`broadcast_one_to_all`), so every process stops together.
 """
 
@@ -24,9 +25,9 @@ from absl import logging
 from flax import traverse_util
 
 from salad_jax.errors import UserError
-from salad_jax.files import atomic, destinations
+from salad_jax.files import atomic, destinations, paths
+from salad_jax.files.lock import make_lock, utc_stamp
 from salad_jax.train.config import base_config
-from salad_jax.train.lock import Lock, utc_stamp
 from salad_jax.weights.run_checkpoints import CHECKPOINTS
 
 CONFIG = "config.json"
@@ -53,6 +54,7 @@ MAY_CHANGE = (
   "model.train_micro_batch",
   "model.remat",
   "mesh.*",
+  "compile_cache_dir",
 )
 # why a setting that looks harmless is fixed
 WHY_FIXED = {
@@ -67,6 +69,7 @@ LAYOUT = {
   HISTORY: "dir",
   "tensorboard": "dir",
   DAMAGED: "dir",
+  "compile_cache": "dir",  # config.compile_cache_dir=auto (train/compile_cache.py)
   CONFIG: "file",
   "metrics.jsonl": "file",
   LOCK: "file",
@@ -78,19 +81,17 @@ def check_layout(workdir: str) -> None:
   """Each name salad_jax writes in `workdir` is absent or of the kind it writes, and an existing
   config.json is one salad_jax wrote (it is replaced at every start)."""
   for name, kind in LAYOUT.items():
-    path = os.path.join(workdir, name)
-    if os.path.lexists(path) and (
-      os.path.isdir(path) if kind == "file" else not os.path.isdir(path)
-    ):
+    path = paths.join(workdir, name)
+    if paths.lexists(path) and (paths.isdir(path) if kind == "file" else not paths.isdir(path)):
       what = "a directory" if kind == "dir" else "a file"
       raise UserError(
         f"{path} is in the way: train.py writes {what} there", "move it, or use another --workdir"
       )
-  lock = os.path.join(workdir, LOCK)
-  if os.path.islink(lock) or (
-    os.path.isfile(lock)
-    and os.path.getsize(lock)
-    and not ({"host", "pid"} <= set(Lock.read_file(lock)))
+  lock = paths.join(workdir, LOCK)
+  if paths.islink(lock) or (
+    paths.isfile(lock)
+    and paths.getsize(lock)
+    and not ({"host", "pid"} <= set(make_lock(lock).read_file(lock)))
   ):
     raise UserError(
       f"{lock} is not a train.py lock (a link, or a file of yours); train.py takes "
@@ -99,7 +100,7 @@ def check_layout(workdir: str) -> None:
     )
   saved = read_saved_config(workdir)
   if saved is not None and not all(k in saved for k in CONFIG_KEYS):
-    path = os.path.join(workdir, CONFIG)
+    path = paths.join(workdir, CONFIG)
     raise UserError(
       f"{path} is not a salad_jax config (no {'/'.join(CONFIG_KEYS)} settings); "
       "train.py replaces the config.json of its own runs only",
@@ -149,22 +150,21 @@ def describe(diffs) -> str:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  d = os.path.join(workdir, CHECKPOINTS)
-  return os.path.isdir(d) and any(x.isdigit() for x in os.listdir(d))
+  d = paths.join(workdir, CHECKPOINTS)
+  return paths.isdir(d) and any(x.isdigit() for x in paths.listdir(d))
 
 
 def read_saved_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG)
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
     if not isinstance(saved, dict):
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (ValueError, UnicodeDecodeError) as e:
-    history = os.path.join(workdir, HISTORY)
-    copies = f" (earlier copies are in {history})" if os.path.isdir(history) else ""
+    history = paths.join(workdir, HISTORY)
+    copies = f" (earlier copies are in {history})" if paths.isdir(history) else ""
     raise UserError(
       f"{path} is corrupt ({e}); it records the settings of the run in {workdir}",
       f"restore it{copies}, or start a fresh run with another --workdir",
@@ -189,7 +189,7 @@ def record_config(config, workdir: str, defaults: Mapping | None = None) -> list
       raise UserError(
         f"{workdir} holds checkpoints of a run with other settings, which cannot change when "
         f"resuming: {describe(fixed)}",
-        f"resume with the settings in {os.path.join(workdir, CONFIG)} (logging, evaluation, "
+        f"resume with the settings in {paths.join(workdir, CONFIG)} (logging, evaluation, "
         "checkpointing and speed settings may change), or start a fresh run with another "
         "--workdir",
       )
@@ -197,16 +197,21 @@ def record_config(config, workdir: str, defaults: Mapping | None = None) -> list
       when = "resuming with" if has_checkpoints(workdir) else "no checkpoint yet; starting with"
       print(f"{workdir}: {when} changed settings: {describe(diffs)}", flush=True)
       logging.info("changed settings in %s: %s", workdir, describe(diffs))
-  history = os.path.join(workdir, HISTORY)
-  os.makedirs(history, exist_ok=True)
-  entries = sorted(x for x in os.listdir(history) if x[:3].isdigit() and x.endswith(".json"))
+  history = paths.join(workdir, HISTORY)
+  paths.makedirs(history)
+  entries = sorted(
+    x
+    for x in (paths.listdir(history) if paths.isdir(history) else [])
+    if x[:3].isdigit() and x.endswith(".json")
+  )
   if not entries and saved is not None:  # a workdir from before the history: keep its config
-    mtime = os.path.getmtime(os.path.join(workdir, CONFIG))
-    _write_json(os.path.join(history, f"000-{utc_stamp(mtime)}.json"), saved)
+    cfg = paths.join(workdir, CONFIG)
+    mtime = time.time() if paths.is_url(cfg) else os.path.getmtime(cfg)
+    _write_json(paths.join(history, f"000-{utc_stamp(mtime)}.json"), saved)
     entries = ["000"]
   n = int(entries[-1][:3]) + 1 if entries else 1
-  _write_json(os.path.join(history, f"{n:03d}-{utc_stamp(time.time())}.json"), new)
-  _write_json(os.path.join(workdir, CONFIG), new)
+  _write_json(paths.join(history, f"{n:03d}-{utc_stamp(time.time())}.json"), new)
+  _write_json(paths.join(workdir, CONFIG), new)
   return diffs
 
 
@@ -220,8 +225,8 @@ class Workdir:
   """What `hold` yields: `start(config)` locks the workdir and records the config."""
 
   def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    self.lock = Lock(os.path.join(self.workdir, LOCK))
+    self.workdir = paths.absolute(workdir)
+    self.lock = make_lock(paths.join(self.workdir, LOCK))
 
   def start(self, config) -> None:
     import jax
@@ -232,7 +237,7 @@ class Workdir:
       try:
         destinations.check_dir(self.workdir, "--workdir", create=False)
         check_layout(self.workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        paths.makedirs(self.workdir)
         self.lock.acquire()
         record_config(config, self.workdir)
       except BaseException as e:  # the other processes must hear of it, whatever it is

@@ -15,13 +15,13 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 from typing import Iterable, Mapping
 
 import jax
 import numpy as np
 
 from salad_jax.errors import note
+from salad_jax.files import paths
 from salad_jax.models import convap, cosplace, gem, mixvpr, netvlad, resnet, salad, vit
 from salad_jax.models.vpr import ModelConfig, VPRModel, fields_from_hyper_parameters
 from salad_jax.weights import torch_files
@@ -574,7 +574,7 @@ def read_checkpoint_variables(path: str, **overrides) -> tuple[dict, ModelConfig
   config, backbone_only = infer_config(sd, hparams, **overrides)
   variables = torch_to_variables(sd, config, backbone_only)
   kind = config.backbone_kind if backbone_only else config.aggregator
-  source = {"file": os.path.abspath(path), "sha256": torch_files.sha256(path), "kind": kind}
+  source = {"file": paths.absolute(path), "sha256": torch_files.sha256(path), "kind": kind}
   if hparams:
     source["hyper_parameters"] = True
   return variables, config, backbone_only, source

@@ -3,12 +3,19 @@
 A workdir, its checkpoints/ dir, or one step dir -> the params (numpy, on the host, checked
 against their recorded checksum) and the model config saved in the checkpoint's meta. From a
 workdir the checkpoint with the highest validation R@1 is taken, else the latest.
+
+"Best" has one meaning for `load`, train.py's last line and the checkpoint retention (`rank`):
+recalls measured under other eval settings (another set, threshold or image size) are not
+comparable, so each checkpoint records the settings its R@1 was measured under (a fingerprint,
+`eval_settings`), checkpoints are ranked only against those of the same settings, and the best
+is the best under the settings of the newest checkpoint that has an R@1.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -16,6 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 from salad_jax.models.vpr import ModelConfig
 from salad_jax.weights import torch_files
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
@@ -23,20 +31,74 @@ from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
 
 CHECKPOINTS = "checkpoints"  # a train.py workdir's folder of Orbax checkpoints
 STATS = "batch_stats"  # the checkpoint item of a ResNet's BatchNorm statistics
+SETTINGS = "eval_settings"  # the fingerprint of the eval settings, in a checkpoint's metrics
+SETTINGS_TEXT = "eval_settings_text"  # the same in words, e.g. "R@1 on eval, 25 m, 112x112"
+UNRECORDED = "eval settings not recorded (saved by an older salad_jax)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """A checkpoint's R@1 and the eval settings it was measured under."""
+
+  step: int
+  r1: float
+  settings: str | None  # fingerprint; None: saved before settings were recorded
+  text: str = ""
+
+
+def scored(step: int, metrics: dict | None, metric: str = "R@1") -> Scored | None:
+  """A Scored from a checkpoint's metrics (Orbax's) or meta["eval"] + meta["eval_settings"]."""
+  if not metrics or metrics.get(metric) is None:
+    return None
+  return Scored(
+    step,
+    float(metrics[metric]),
+    metrics.get(SETTINGS),
+    metrics.get(SETTINGS_TEXT) or ("" if metrics.get(SETTINGS) else UNRECORDED),
+  )
+
+
+def rank(checkpoints: Iterable[Scored]) -> tuple[Scored | None, list[Scored]]:
+  """(the best, the best under each other eval settings, oldest first).
+
+  The best is the highest R@1 (ties: the later step) among the checkpoints measured under the
+  settings of the newest checkpoint with an R@1; R@1 under other settings is never compared
+  with it (R@1 at 5000 m "beat" the best at 25 m and deleted it).
+  """
+  groups: dict[str | None, list[Scored]] = {}
+  for c in checkpoints:
+    groups.setdefault(c.settings, []).append(c)
+  if not groups:
+    return None, []
+  bests = {k: max(v, key=lambda c: (c.r1, c.step)) for k, v in groups.items()}
+  newest = max((c for v in groups.values() for c in v), key=lambda c: c.step).settings
+  others = sorted((b for k, b in bests.items() if k != newest), key=lambda c: c.step)
+  return bests[newest], others
+
+
+def best_per_settings(checkpoints: Iterable[Scored], n: int) -> set[int]:
+  """The steps of the n best checkpoints under each eval settings (the retention's BestN)."""
+  groups: dict[str | None, list[Scored]] = {}
+  for c in checkpoints:
+    groups.setdefault(c.settings, []).append(c)
+  keep: set[int] = set()
+  for v in groups.values():
+    keep.update(c.step for c in sorted(v, key=lambda c: (c.r1, c.step))[-n:] if n > 0)
+  return keep
 
 
 def _resolve(path: str) -> tuple[str, int]:
   """A workdir, its checkpoints/ dir, or one step dir -> (manager dir, step)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
-  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    path = os.path.join(path, CHECKPOINTS)
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  path = paths.absolute(path)
+  if paths.isdir(paths.join(path, "params")) and paths.name(path).isdigit():
+    return paths.parent(path), int(paths.name(path))
+  if paths.isdir(paths.join(path, CHECKPOINTS)):
+    path = paths.join(path, CHECKPOINTS)
+  steps = sorted(int(d) for d in paths.listdir(path) if d.isdigit()) if paths.isdir(path) else []
   if not steps:
-    if os.path.basename(path) == CHECKPOINTS:
+    if paths.name(path) == CHECKPOINTS:
       raise UserError(
-        f"{os.path.dirname(path)} is a train.py workdir without a checkpoint yet",
+        f"{paths.parent(path)} is a train.py workdir without a checkpoint yet",
         "train.py saves one every --config.checkpoint.every_steps steps, at every "
         "epoch end and at stop_after_steps",
       )
@@ -63,7 +125,8 @@ def load_for_inference(path: str, which: str = "best") -> tuple[dict, ModelConfi
   also gives a ResNet's BatchNorm statistics).
 
   `path`: a workdir, its checkpoints/ dir, or one step dir. For a workdir, `which="best"` takes
-  the checkpoint with the highest validation R@1 (recorded in its meta), else the latest.
+  the best by validation R@1 (recorded in its meta) under the newest eval settings (`rank`),
+  else the latest.
   """
   params, _, config, source = load_weights(path, which)
   return params, config, source
@@ -74,7 +137,7 @@ def load_weights(path: str, which: str = "best") -> tuple[dict, dict | None, Mod
   `load_for_inference` picks it; a ResNet's BatchNorm statistics are the checkpoint's
   `batch_stats` item."""
   directory, step = _resolve(path)
-  step_given = os.path.basename(os.path.normpath(path)).isdigit()
+  step_given = paths.name(paths.absolute(path)).isdigit()
   quiet_orphaned_reads()
   with _quiet():
     return _load(directory, step, step_given, which)
@@ -108,20 +171,30 @@ def _load(directory: str, step: int, step_given: bool, which: str):
         raise _damaged(directory, s, e, steps) from e
 
     if which == "best" and not step_given:
-      scored = []
+      found = []
       for s in steps:
         try:
-          r1 = meta_of(s).get("eval", {}).get("R@1")
+          m = meta_of(s)
         except UserError as e:
           logging.warning("skipping %s", e)
           continue
-        if r1 is not None:
-          scored.append((r1, s))
-      if scored:
-        step = max(scored)[1]
+        settings = m.get(SETTINGS) or {}
+        c = scored(
+          s,
+          {
+            **m.get("eval", {}),
+            SETTINGS: settings.get("fingerprint"),
+            SETTINGS_TEXT: settings.get("text"),
+          },
+        )
+        if c is not None:
+          found.append(c)
+      best, _ = rank(found)
+      if best is not None:
+        step = best.step
     meta = meta_of(step)
-    where = os.path.join(directory, str(step))
-    names = ["params"] + ([STATS] if os.path.isdir(os.path.join(where, STATS)) else [])
+    where = paths.join(directory, str(step))
+    names = ["params"] + ([STATS] if paths.isdir(paths.join(where, STATS)) else [])
     try:
       trees = mngr.item_metadata(step)
       targets = {
@@ -135,12 +208,12 @@ def _load(directory: str, step: int, step_given: bool, which: str):
     mngr.close()
   params = restored["params"]
   verify(params, meta, f"checkpoint {where}")
-  params = torch_files.check_params(params, os.path.join(where, "params"))
+  params = torch_files.check_params(params, paths.join(where, "params"))
   batch_stats = None
   if STATS in names:
     batch_stats = restored[STATS]
     verify_batch_stats(batch_stats, meta, f"checkpoint {where}")
-    batch_stats = torch_files.check_params(batch_stats, os.path.join(where, STATS))
+    batch_stats = torch_files.check_params(batch_stats, paths.join(where, STATS))
   try:
     config = ModelConfig.from_dict(meta["model"])
   except (KeyError, TypeError, ValueError) as e:
@@ -149,7 +222,12 @@ def _load(directory: str, step: int, step_given: bool, which: str):
     ) from e
   if config.has_batch_stats and batch_stats is None:
     raise UserError(f"checkpoint {where} has no {STATS}: the {config.backbone} needs them")
-  source = {"checkpoint": where, "step": step, "eval": meta.get("eval", {})}
+  source = {
+    "checkpoint": where,
+    "step": step,
+    "eval": meta.get("eval", {}),
+    SETTINGS: meta.get(SETTINGS, {}),
+  }
   return params, batch_stats, config, source
 
 

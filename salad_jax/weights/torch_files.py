@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from salad_jax.errors import UserError
-from salad_jax.files import atomic, destinations
+from salad_jax.files import atomic, destinations, paths
 
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 INTEGER_BUFFERS = ("num_batches_tracked",)  # the only integer tensors a weight file may hold
@@ -59,7 +59,7 @@ _ST_DTYPES = {
 
 def sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_read(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -153,19 +153,25 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def read_checkpoint_file(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
   """(`read_state_dict`, the Lightning file's `hyper_parameters` or None)."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   try:
-    with open(path, "rb"):
+    with paths.open_read(path, "rb"):
       pass
   except OSError as e:
-    raise PermissionError(f"cannot read {path}: {e.strerror}") from None
-  if file_kind(path) == "safetensors":
-    raw, hparams = _read_safetensors(path), None
-  else:
-    raw, hparams = _read_torch(path)
+    raise PermissionError(f"cannot read {path}: {e.strerror or e}") from None
+  with paths.local_copy(path) as local:  # a URL is read from a temporary download
+    try:
+      if file_kind(path) == "safetensors":
+        raw, hparams = _read_safetensors(local), None
+      else:
+        raw, hparams = _read_torch(local)
+    except UserError as e:  # name the user's path, not the download's
+      if local == path:
+        raise
+      raise UserError(e.message.replace(local, path), e.hint) from None
   return check_weights(raw, path), hparams
 
 
@@ -344,7 +350,7 @@ def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   disk or a folder that cannot be written is one `UserError`, and nothing partial is left.
   """
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  paths.makedirs(paths.parent(path))
   atomic.remove_leftovers(path)  # files of a killed run: only mentioned
   atomic.check_space(path, sum(np.asarray(v).nbytes for v in state_dict.values()))
   with atomic.new_file(path) as tmp:
@@ -364,6 +370,12 @@ def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
 
 def written_by_us(path: str) -> bool:
   """True iff `path` is a weight file salad_jax wrote (it carries the marker)."""
+  if paths.is_url(path):
+    try:
+      with paths.local_copy(path) as local:
+        return written_by_us(local)
+    except Exception:  # unreadable, not ours
+      return False
   try:
     if file_kind(path) == "safetensors":
       from safetensors import safe_open
