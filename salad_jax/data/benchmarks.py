@@ -226,14 +226,18 @@ def benchmark_set(
       f"--data_root {data_root} is {'a file, not a folder' if os.path.exists(data_root) else 'missing'}; "
       f"`python -m salad_jax.data.check --data_root <dir>` shows what goes where"
     )
-  index_root = index_root or os.path.join(data_root, "datasets")
+  given = index_root
+  index_root = index_root or default_index_root(data_root, db_file)
   if os.path.isfile(index_root):
     raise NotADirectoryError(f"--index_root {index_root} is a file, not a folder of index files")
   if not os.path.isdir(index_root):
+    where = index_root if given else f"{index_root} (nor ./datasets, SALAD's place)"
     raise FileNotFoundError(
-      f"{key}: index folder {index_root} not found; copy the `datasets/` folder of "
+      f"{key}: index folder {where} not found; copy the `datasets/` folder of "
       "serizba/salad (or amaralibey/gsv-cities) there, or pass --index_root"
     )
+  if not given and index_root != os.path.join(data_root, "datasets"):
+    note(f"{key}: index files from {index_root} (SALAD's place; --index_root chooses another)")
   db = [str(x) for x in load_npy(os.path.join(index_root, db_file))]
   q = [str(x) for x in load_npy(os.path.join(index_root, q_file))]
   positives, radius = None, None
@@ -267,7 +271,19 @@ def benchmark_set(
     challenge=key == "msls_test",
     protocol=protocol or key,
     positives_radius=radius,
+    data_root=data_root,
   )
+
+
+def default_index_root(data_root: str, index_file: str = "") -> str:
+  """Where the index files are when --index_root is not given: `<data_root>/datasets`, else
+  `./datasets` (where SALAD's eval.py reads them: its repository's own folder) when that one
+  holds `index_file` (any file, if none is named) and the first does not."""
+  first, salad = os.path.join(data_root, "datasets"), os.path.abspath("datasets")
+  has = lambda root: (  # noqa: E731
+    os.path.isfile(os.path.join(root, index_file)) if index_file else os.path.isdir(root)
+  )
+  return salad if not has(first) and has(salad) else first
 
 
 def parse_set(
