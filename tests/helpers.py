@@ -161,8 +161,8 @@ def place_batch(i, places=8, k=4, hw=56, padded_last=0):
 
 def run_program(path, args, cwd):
   """`python <path> <args>` run from `cwd` in this process (cheaper than a subprocess): returns
-  (exit status, stdout, stderr). The flags it defines are removed afterwards, so the next
-  program can define its own."""
+  (exit status, stdout, stderr). The flags the program itself defines are removed afterwards
+  (those of the libraries it imports stay, as their modules do), so it can run again."""
   import contextlib
   import io
   import os
@@ -172,7 +172,6 @@ def run_program(path, args, cwd):
   from absl import app, flags
 
   app.define_help_flags()
-  before = set(flags.FLAGS)
   out, err, code = io.StringIO(), io.StringIO(), 0
   argv, here = sys.argv, os.getcwd()
   try:
@@ -186,7 +185,8 @@ def run_program(path, args, cwd):
   finally:
     sys.argv = argv
     os.chdir(here)
-    for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
+    for flag in list(flags.FLAGS.flags_by_module_dict().get(str(path), [])):
+      if flag.name in flags.FLAGS:
+        delattr(flags.FLAGS, flag.name)
     flags.FLAGS.unparse_flags()
   return code, out.getvalue(), err.getvalue()
