@@ -64,7 +64,8 @@ class EvalSet:
         f"{self.num_queries} queries)"
       )
     missing = [
-      [p for p in paths if not os.path.isfile(p)] for paths in (self.database_paths, self.query_paths)
+      [p for p in paths if not os.path.isfile(p)]
+      for paths in (self.database_paths, self.query_paths)
     ]
     if not (missing[0] or missing[1]):
       return
