@@ -500,6 +500,6 @@ def test_salad_eval_line_runs_unchanged_from_a_salad_checkout(tiny_model_dir, tm
   assert code == 2 and "Traceback" not in err, err[-3000:]
   assert (
     "error: sped: 3 of 6 images missing (1 of 3 database, 2 of 3 queries); first image not "
-    f"found: ../data/SPEDTEST/ref/1.jpg\nhint: `python -m salad_jax.data.check --data_root "
+    "found: ../data/SPEDTEST/ref/1.jpg\nhint: `python -m salad_jax.data.check --data_root "
     "../data --datasets sped` lists what is missing and where to get it"
   ) in err, err
