@@ -123,7 +123,7 @@ def main(argv):
     data_root = SALAD_DATA_ROOT
     errors.note(
       f"--data_root not given: SALAD's {data_root} ({os.path.abspath(data_root)}), as its "
-      "eval.py; index files from ./datasets or <data_root>/datasets (or --index_root)"
+      "eval.py (--data_root chooses another)"
     )
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = benchmarks.requested_sets(

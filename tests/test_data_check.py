@@ -305,6 +305,7 @@ def test_downloader_trees_are_folder_sets_named_after_their_dataset(tmp_path):
     "st_lucia", "tokyo247", "sf_xl", "sf_xl_val", "msls_val_utm", "sped_utm"
   ]  # fmt: skip
   assert name("msls/images/test", "queries") == "msls_utm"  # the link, as the user gave it
+  assert benchmarks.parse_set(f"folder:{root}/st_lucia/images/test").name == "st_lucia"  # training
   sets = [eval_sets.folder_set(f"{root}/{d}/database", f"{root}/{d}/queries") for d in
           ("st_lucia/images/test", "st_lucia/images/test")]  # fmt: skip
   assert [s.name for s in eval_sets.unique_names(sets)] == ["st_lucia", "st_lucia_2"]

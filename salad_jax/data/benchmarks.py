@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from salad_jax.data import downloader_trees
 from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within, unique_names
 from salad_jax.errors import UserError, note
 from salad_jax.files import paths
@@ -295,12 +296,9 @@ def parse_set(
   """`folder:<dir>` (dir/database + dir/queries) or a benchmark name under data_root."""
   if spec.startswith("folder:"):
     root = spec[len("folder:") :]
-    return folder_set(
-      os.path.join(root, "database"),
-      os.path.join(root, "queries"),
-      positive_dist_threshold,
-      name=os.path.basename(os.path.normpath(root)),
-    )
+    db, q = os.path.join(root, "database"), os.path.join(root, "queries")
+    name = downloader_trees.set_name(db, q) or os.path.basename(os.path.normpath(root))
+    return folder_set(db, q, positive_dist_threshold, name=name)
   if not data_root:
     raise ValueError(f"eval set {spec!r} needs --data_root (or config.eval.data_root)")
   return benchmark_set(spec, data_root, index_root, positive_dist_threshold)
