@@ -12,11 +12,13 @@ Lists take spaces (VPR-methods-evaluation, SALAD's eval.py) or commas (--image_s
 """
 
 import math
+import os
 import sys
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+SALAD_DATA_ROOT = "../data"  # SALAD's eval.py: images under ../data, index files in ./datasets
 flags.DEFINE_string(
   "checkpoint", None, "Converted dir, train.py workdir/step dir, or torch .ckpt/.pth/.safetensors."
 )
@@ -42,10 +44,15 @@ flags.DEFINE_alias(
   "val_datasets", "datasets"
 )  # SALAD's eval.py (MSLS, MSLS_Test, Nordland, SPED...)
 flags.DEFINE_string(
-  "data_root", "", "Root of the benchmark images (mapillary/, Pittsburgh/, Nordland/, SPEDTEST/)."
+  "data_root",
+  "",
+  "Root of the benchmark images (mapillary/, Pittsburgh/, Nordland/, SPEDTEST/); with SALAD's "
+  "--val_datasets/--ckpt_path it defaults to SALAD's ../data.",
 )
 flags.DEFINE_string(
-  "index_root", "", "Folder of the reference .npy index files (default <data_root>/datasets)."
+  "index_root",
+  "",
+  "Folder of the reference .npy index files (default <data_root>/datasets, else ./datasets).",
 )
 flags.DEFINE_list("recall_values", ["1", "5", "10", "15", "20", "25"], "K values of Recall@K.")
 flags.DEFINE_list(
@@ -118,12 +125,20 @@ def main(argv):
   output_dir = destinations.check_dir(FLAGS.output_dir, "--output_dir")
   check_checkpoint_exists(FLAGS.checkpoint)
   model_overrides = parse_overrides(FLAGS.model)
+  data_root = FLAGS.data_root
+  salad_style = FLAGS["val_datasets"].present or FLAGS["ckpt_path"].present
+  if not data_root and FLAGS.datasets and salad_style:  # SALAD's eval.py, run from its checkout
+    data_root = SALAD_DATA_ROOT
+    errors.note(
+      f"--data_root not given: SALAD's {data_root} ({os.path.abspath(data_root)}), as its "
+      "eval.py (--data_root chooses another)"
+    )
   cli.start_jax(FLAGS.device)  # --device, then jax.distributed when configured
   sets = benchmarks.requested_sets(
     FLAGS.database_folder,
     FLAGS.queries_folder,
     FLAGS.datasets,
-    FLAGS.data_root,
+    data_root,
     FLAGS.index_root,
     FLAGS.positive_dist_threshold,
     use_labels=not FLAGS.no_labels,

@@ -157,3 +157,36 @@ def place_batch(i, places=8, k=4, hw=56, padded_last=0):
     "labels": np.repeat(np.arange(places) + 10 * i, k).astype(np.int32),
     "valid": valid,
   }
+
+
+def run_program(path, args, cwd):
+  """`python <path> <args>` run from `cwd` in this process (cheaper than a subprocess): returns
+  (exit status, stdout, stderr). The flags the program itself defines are removed afterwards
+  (those of the libraries it imports stay, as their modules do), so it can run again."""
+  import contextlib
+  import io
+  import os
+  import runpy
+  import sys
+
+  from absl import app, flags
+
+  app.define_help_flags()
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  argv, here = sys.argv, os.getcwd()
+  try:
+    os.chdir(cwd)
+    sys.argv = [str(path)] + [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        runpy.run_path(str(path), run_name="__main__")
+      except SystemExit as e:
+        code = e.code
+  finally:
+    sys.argv = argv
+    os.chdir(here)
+    for flag in list(flags.FLAGS.flags_by_module_dict().get(str(path), [])):
+      if flag.name in flags.FLAGS:
+        delattr(flags.FLAGS, flag.name)
+    flags.FLAGS.unparse_flags()
+  return code, out.getvalue(), err.getvalue()

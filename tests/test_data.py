@@ -50,8 +50,11 @@ def test_reader_errors(tmp_path):
   make_gsv(str(tmp_path), {"Tiny": [2, 3, 1]})
   with pytest.raises(ValueError, match="no place .* has >= 4 images"):
     gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny",))
-  with pytest.raises(FileNotFoundError, match="Missing.csv"):
+  with pytest.raises(FileNotFoundError, match="Missing.csv") as e:
     gsv_cities.read_gsv_cities(str(tmp_path), ("Tiny", "Missing"))
+  # issue 20: one line that says which cities there are and where to choose them
+  assert "(Dataframes/ has 1 cities: Tiny)" in e.value.message
+  assert "train.py --config.data.cities=Tiny,..." in e.value.hint
   (tmp_path / "Dataframes" / "Empty.csv").write_text(
     "place_id,year,month,northdeg,city_id,lat,lon,panoid\n"
   )

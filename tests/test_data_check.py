@@ -1,7 +1,9 @@
 """python -m salad_jax.data.check on generated benchmark trees: complete, partial, misplaced."""
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -10,9 +12,9 @@ import pytest
 from PIL import Image
 
 from salad_jax import errors
-from salad_jax.data import benchmarks, check
+from salad_jax.data import benchmarks, check, demo, eval_sets
 
-from helpers import make_gsv
+from helpers import make_gsv, run_program
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny protocol counts for the generated trees (the real table: check.EXPECTED)
@@ -153,7 +155,8 @@ def test_misplaced_folders_and_index_files_and_nordland_variants(tmp_path):
     f"images folder {root}/MSLS is misplaced: move or link it to {root}/mapillary" in n
     for n in msls.notes
   ), msls.notes
-  assert any(f"{root}/nordland is misplaced" in n for n in r["nordland"].notes)
+  # a downloader folder set is not SALAD's raw layout: no advice to move it (issue 20)
+  assert not any("misplaced" in n for n in r["nordland"].notes), r["nordland"].notes
   assert "VPR-datasets-downloader" in check.nordland_variant(str(root / "nordland"))
   os.makedirs(tmp_path / "seasons" / "nordland_summer_images")
   assert "4-season" in check.nordland_variant(str(tmp_path / "seasons"))
@@ -237,3 +240,86 @@ def test_index_files_naming_images_outside_their_lists_are_invalid(
   with pytest.raises(errors.UserError, match=re.escape(path)) as e:
     benchmarks.benchmark_set(key, root)
   assert words in e.value.message and "datasets/ folder of serizba/salad" in e.value.hint
+
+
+# ------------------------------------------------------------------------------ issue 20 items 1, 2
+# VPR-datasets-downloader's trees (its README's layouts; msls's test is a link to val)
+DOWNLOADER = {
+  "st_lucia/images/test": "queries",
+  "tokyo247/images/test": "queries",
+  "sf_xl/processed/test": "queries_v1",
+  "sf_xl/processed/val": "queries",
+  "msls/images/val": "queries",
+  "sped/images/test": "queries",
+}
+
+
+def make_downloader_tree(root, places=3):
+  """Demo scenes under every layout of DOWNLOADER: per place 2 database views and 1 query,
+  UTM names 200 m apart (positives within 25 m: the place's own views)."""
+  pics = {"database": [], "queries": []}
+  for p in range(places):
+    rng = np.random.default_rng([7, p])
+    base = demo.scene(rng)
+    for sub, n in (("database", 2), ("queries", 1)):
+      for k in range(n):
+        east = 500_000.0 + 200.0 * p + rng.uniform(-5, 5)
+        view = demo.view(base, rng).resize((80, 60))
+        pics[sub].append((f"@{east:.2f}@4000000.00@{p:03d}@{k}@.jpg", view))
+  for split, queries in DOWNLOADER.items():
+    for sub, folder in (("database", "database"), ("queries", queries)):
+      os.makedirs(os.path.join(root, split, folder))
+      for name, img in pics[sub]:
+        img.save(os.path.join(root, split, folder, name))
+  os.symlink("val", os.path.join(root, "msls", "images", "test"))
+
+
+def test_downloader_trees_are_folder_sets_named_after_their_dataset(tmp_path):
+  root = str(tmp_path / "datasets")
+  make_downloader_tree(root)
+  reports = check.check_all(root, expected=TINY)
+  r = _by_name(reports)
+  want = ["msls_val_utm", "sf_xl", "sf_xl_val", "sped_utm", "st_lucia", "tokyo247"]
+  assert sorted(n for n in r if r[n].status == "folders") == want
+  for name in want:
+    assert (r[name].queries, r[name].database) == ("3", "6"), r[name]
+  assert r["sf_xl"].notes[0] == (
+    f"python evaluate.py --checkpoint CHECKPOINT --database_folder {root}/sf_xl/processed/test/"
+    f"database --queries_folder {root}/sf_xl/processed/test/queries_v1"
+  )
+  msls = r["msls_val_utm"]  # one set for val and its link test, with the protocol warning
+  assert f"{root}/msls/images/val/database" in msls.notes[0]
+  assert any(f"also reached as {root}/msls/images/test" in n for n in msls.notes)
+  assert sum(n.startswith("warning: not SALAD's msls_val protocol (the 740") for n in msls.notes)
+  assert any("not SALAD's sped protocol (2 queries / 2 database" in n for n in r["sped_utm"].notes)
+  assert not any("misplaced" in n for x in reports for n in x.notes)  # issue 20: wrong advice
+  text = check.format_reports(reports)
+  assert "not here: msls_val, msls_test, pitts30k_val" in text and "\nmsls_val " not in text
+  assert all(x.status in ("complete", "folders") for x in check.shown(reports))  # exit 0
+  # asked for by name, the benchmarks say nothing about moving the downloader's folders
+  r = _by_name(check.check_all(root, names=["msls_val", "sped"], expected=TINY))
+  assert r["sped"].status == "missing" and not any("misplaced" in n for n in r["sped"].notes)
+  # the folder set's name, whatever path reaches it; unique per run (benchmarks keep theirs)
+  name = lambda d, q: eval_sets.folder_set(f"{root}/{d}/database", f"{root}/{d}/{q}").name  # noqa: E731
+  assert [name(d, q) for d, q in DOWNLOADER.items()] == [
+    "st_lucia", "tokyo247", "sf_xl", "sf_xl_val", "msls_val_utm", "sped_utm"
+  ]  # fmt: skip
+  assert name("msls/images/test", "queries") == "msls_utm"  # the link, as the user gave it
+  assert benchmarks.parse_set(f"folder:{root}/st_lucia/images/test").name == "st_lucia"  # training
+  sets = [eval_sets.folder_set(f"{root}/{d}/database", f"{root}/{d}/queries") for d in
+          ("st_lucia/images/test", "st_lucia/images/test")]  # fmt: skip
+  assert [s.name for s in eval_sets.unique_names(sets)] == ["st_lucia", "st_lucia_2"]
+
+
+def test_the_printed_line_evaluates_the_set_under_its_dataset_name(tmp_path, tiny_model_dir):
+  root = str(tmp_path / "datasets")
+  make_downloader_tree(root)
+  r = _by_name(check.check_all(root))
+  for name in ("st_lucia", "sf_xl"):
+    line = r[name].notes[0].replace("CHECKPOINT", tiny_model_dir)
+    args = shlex.split(line)[2:] + ["--image_size", "56", "56", "--num_workers", "0"]
+    code, out, err = run_program(os.path.join(REPO, "evaluate.py"), args, cwd=tmp_path)
+    assert code in (0, None), err[-3000:]
+    recalls = json.loads((tmp_path / "runs" / "eval" / "recalls.json").read_text())
+    assert list(recalls) == [name] and list(recalls[name])[0] == "R@1", (out, err)
+    assert any(ln.split()[:1] == [name] for ln in out.splitlines()), out

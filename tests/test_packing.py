@@ -287,3 +287,30 @@ def test_cli_errors_are_one_line(tmp_path):
   )
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: --image_size '224': expected H,W" in r.stderr
+
+
+def test_the_order_of_the_cities_does_not_make_another_pack(packs, capsys):
+  """issue 20: "differs in cities" without the lists; the same cities in another order are the
+  same pack (for packing again and for training from it)."""
+  from salad_jax.data import source
+  from salad_jax.train import config
+
+  root, raw, _ = packs
+  build = lambda cities: tfds_gsv.build(  # noqa: E731
+    root, raw, cities=cities, image_size=SIZE, num_workers=1, images_per_shard=16, progress=False
+  )
+  capsys.readouterr()
+  build(["Gamma", "Alpha", "Beta"])
+  assert "already packed" in capsys.readouterr().out
+  with pytest.raises(UserError) as e:
+    build(["Beta", "Alpha"])
+  assert (
+    "differs in cities: it holds Alpha,Beta,Gamma, you asked for Beta,Alpha)" in e.value.message
+  )
+  c = config.base_config()
+  c.data.source, c.data.tfds_data_dir, c.data.image_size = "tfds", raw, SIZE
+  c.data.cities, c.data.min_img_per_place = "Gamma,Beta,Alpha", 1
+  assert source.open_source(c).cities == ("Alpha", "Beta", "Gamma")  # the pack's order
+  c.data.cities = "Gamma,Beta"
+  with pytest.raises(UserError, match="holds the cities Alpha,Beta,Gamma, but config.data.cities"):
+    source.open_source(c)

@@ -464,3 +464,42 @@ def test_every_entry_point_refuses_a_flag_without_its_value(tmp_path):
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err, (program, err)
     assert words in err, (program, args, err)
   assert os.listdir(tmp_path) == []  # nothing written: no folder named --save_descriptors
+
+
+# ------------------------------------------------------------------------------ issue 20 item 3
+def test_salad_eval_line_runs_unchanged_from_a_salad_checkout(tiny_model_dir, tmp_path):
+  """SALAD's README line from its checkout: images in ../data, index files in ./datasets (where
+  SALAD keeps them), no --data_root; missing images are counted, with data.check's line."""
+  from helpers import run_program
+
+  checkout, data = tmp_path / "salad", tmp_path / "data"
+  for sub, names in (("SPED_dbImages", "ref"), ("SPED_qImages", "query")):
+    os.makedirs(checkout / "datasets" / "SPED", exist_ok=True)
+    np.save(
+      checkout / "datasets" / "SPED" / f"{sub}.npy",
+      np.array([f"{names}/{i}.jpg" for i in range(3)]),
+    )
+    for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+      os.makedirs(data / "SPEDTEST" / names, exist_ok=True)
+      Image.new("RGB", (40, 30), c).save(data / "SPEDTEST" / names / f"{i}.jpg")
+  np.save(checkout / "datasets" / "SPED" / "SPED_gt.npy", np.array([[0], [1], [2]]))
+  os.makedirs(checkout / "weights")
+  os.symlink(tiny_model_dir, checkout / "weights" / "dino_salad.ckpt")
+  line = SALAD_EVAL.replace("python3 eval.py", "python evaluate.py").replace(
+    "MSLS Nordland", "SPED"
+  )
+  code, out, err = run_program(EVALUATE, shlex.split(line)[2:], cwd=checkout)
+  assert code in (0, None), err[-3000:]
+  assert f"note: --data_root not given: SALAD's ../data ({data})" in err
+  recalls = json.loads((checkout / "runs" / "eval" / "recalls.json").read_text())
+  assert list(recalls) == ["sped"] and "R@1" in recalls["sped"]
+  os.remove(data / "SPEDTEST" / "ref" / "1.jpg")
+  os.remove(data / "SPEDTEST" / "query" / "0.jpg")
+  os.remove(data / "SPEDTEST" / "query" / "2.jpg")
+  code, out, err = run_program(EVALUATE, shlex.split(line)[2:], cwd=checkout)
+  assert code == 2 and "Traceback" not in err, err[-3000:]
+  assert (
+    "error: sped: 3 of 6 images missing (1 of 3 database, 2 of 3 queries); first image not "
+    "found: ../data/SPEDTEST/ref/1.jpg\nhint: `python -m salad_jax.data.check --data_root "
+    "../data --datasets sped` lists what is missing and where to get it"
+  ) in err, err

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from salad_jax.data import downloader_trees
 from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within, unique_names
 from salad_jax.errors import UserError, note
 from salad_jax.files import paths
@@ -226,14 +227,18 @@ def benchmark_set(
       f"--data_root {data_root} is {'a file, not a folder' if os.path.exists(data_root) else 'missing'}; "
       f"`python -m salad_jax.data.check --data_root <dir>` shows what goes where"
     )
-  index_root = index_root or os.path.join(data_root, "datasets")
+  given = index_root
+  index_root = index_root or default_index_root(data_root, db_file)
   if os.path.isfile(index_root):
     raise NotADirectoryError(f"--index_root {index_root} is a file, not a folder of index files")
   if not os.path.isdir(index_root):
+    where = index_root if given else f"{index_root} (nor ./datasets, SALAD's place)"
     raise FileNotFoundError(
-      f"{key}: index folder {index_root} not found; copy the `datasets/` folder of "
+      f"{key}: index folder {where} not found; copy the `datasets/` folder of "
       "serizba/salad (or amaralibey/gsv-cities) there, or pass --index_root"
     )
+  if not given and index_root != os.path.join(data_root, "datasets"):
+    note(f"{key}: index files from {index_root} (SALAD's place; --index_root chooses another)")
   db = [str(x) for x in load_npy(os.path.join(index_root, db_file))]
   q = [str(x) for x in load_npy(os.path.join(index_root, q_file))]
   positives, radius = None, None
@@ -267,7 +272,19 @@ def benchmark_set(
     challenge=key == "msls_test",
     protocol=protocol or key,
     positives_radius=radius,
+    data_root=data_root,
   )
+
+
+def default_index_root(data_root: str, index_file: str = "") -> str:
+  """Where the index files are when --index_root is not given: `<data_root>/datasets`, else
+  `./datasets` (where SALAD's eval.py reads them: its repository's own folder) when that one
+  holds `index_file` (any file, if none is named) and the first does not."""
+  first, salad = os.path.join(data_root, "datasets"), os.path.abspath("datasets")
+  has = lambda root: (  # noqa: E731
+    os.path.isfile(os.path.join(root, index_file)) if index_file else os.path.isdir(root)
+  )
+  return salad if not has(first) and has(salad) else first
 
 
 def parse_set(
@@ -279,12 +296,9 @@ def parse_set(
   """`folder:<dir>` (dir/database + dir/queries) or a benchmark name under data_root."""
   if spec.startswith("folder:"):
     root = spec[len("folder:") :]
-    return folder_set(
-      os.path.join(root, "database"),
-      os.path.join(root, "queries"),
-      positive_dist_threshold,
-      name=os.path.basename(os.path.normpath(root)),
-    )
+    db, q = os.path.join(root, "database"), os.path.join(root, "queries")
+    name = downloader_trees.set_name(db, q) or os.path.basename(os.path.normpath(root))
+    return folder_set(db, q, positive_dist_threshold, name=name)
   if not data_root:
     raise ValueError(f"eval set {spec!r} needs --data_root (or config.eval.data_root)")
   return benchmark_set(spec, data_root, index_root, positive_dist_threshold)

@@ -6,8 +6,10 @@ For msls_val, msls_test, pitts30k_val, pitts30k_test, pitts250k_test, nordland, 
 GSV-Cities: the index files (the reference's `datasets/*.npy`), the images they list that exist
 against the counts the protocol expects (e.g. MSLS-val 740 queries / 18,871 database images),
 which Nordland variant the files are, folders or index files found in the wrong place, and for
-anything missing where to get it and where to put it. Exit status 0 when everything checked is
-complete, 1 otherwise.
+anything missing where to get it and where to put it. The UTM-named folder sets of
+VPR-datasets-downloader under the root (`st_lucia/images/test/...`, `sf_xl/processed/test/...`)
+are listed with their counts and the evaluate.py line for each (`downloader_trees`). Exit
+status 0 when everything listed is complete (or an evaluable folder set), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,56 +20,15 @@ import glob
 import os
 from typing import Mapping, Sequence
 
-from salad_jax.data import benchmarks, eval_sets, gsv_cities
-from salad_jax.errors import UserError
-
-# name -> (queries, database images) of the published protocol (shared/reference.md, section 7)
-EXPECTED = {
-  "msls_val": (740, 18871),
-  "msls_test": (1135, 36565),
-  "pitts30k_val": (7608, 10000),
-  "pitts30k_test": (6816, 10000),
-  "pitts250k_test": (8280, 83952),
-  "nordland": (2760, 27592),
-  "sped": (607, 607),
-}
-INDEX_SOURCE = (
-  "the datasets/ folder of github.com/serizba/salad (the same files are in "
-  "github.com/amaralibey/gsv-cities)"
+from salad_jax.data import benchmarks, downloader_trees, eval_sets, gsv_cities
+from salad_jax.data.benchmark_sources import (  # noqa: F401 (check.EXPECTED, ...: their old place)
+  EXPECTED,
+  INDEX_SOURCE,
+  OTHER_NAMES,
+  SEASONS,
+  SOURCES,
 )
-SOURCES = {  # images folder -> where to get it, and the layout under <data_root>/<folder>
-  "mapillary": (
-    "MSLS from github.com/FrederikWarburg/mapillary_sls (mapillary.com/dataset/places)",
-    "train_val/<city>/{database,query}/images/*.jpg (val: cph, sf), test/<city>/...",
-  ),
-  "Pittsburgh": (
-    "Pittsburgh250k from data.ciirc.cvut.cz/public/projects/2015netVLAD/Pittsburgh250k/",
-    "000/..010/ (database) and queries_real/ (queries)",
-  ),
-  "Nordland": (
-    "the VPR-Bench Nordland linked in serizba/salad's README "
-    "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)",
-    "ref/*.jpg and query/*.jpg",
-  ),
-  "SPEDTEST": (
-    "the VPR-Bench SPED linked in serizba/salad's README "
-    "(surfdrive.surf.nl/files/index.php/s/sbZRXzYe3l0v67W)",
-    "ref/*.jpg and query/*.jpg",
-  ),
-}
-# other names a folder is often given (lower case) -> the name we expect
-OTHER_NAMES = {
-  "msls": "mapillary",
-  "mapillary_sls": "mapillary",
-  "pitts": "Pittsburgh",
-  "pitts250k": "Pittsburgh",
-  "pitts30k": "Pittsburgh",
-  "pittsburgh250k": "Pittsburgh",
-  "sped": "SPEDTEST",
-  "gsv-cities": "GSVCities",
-  "gsv_cities": "GSVCities",
-}
-SEASONS = ("summer", "winter", "spring", "fall")
+from salad_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -109,11 +70,13 @@ def _find_file(root: str, name: str, skip: str) -> str | None:
 
 
 def _find_folder(root: str, want: str, skip: str) -> str | None:
-  """A folder named like `want` (any case, or a usual other name) elsewhere under root."""
+  """A folder named like `want` (any case, or a usual other name) elsewhere under root; never a
+  VPR-datasets-downloader folder set (`msls/images/val/...` is not SALAD's raw layout)."""
   for dirpath, dirnames, _ in _walk(root, 2):
     for d in dirnames:
       path = os.path.join(dirpath, d)
-      if path != skip and (d.lower() == want.lower() or OTHER_NAMES.get(d.lower()) == want):
+      named = d.lower() == want.lower() or OTHER_NAMES.get(d.lower()) == want
+      if path != skip and named and not downloader_trees.is_tree(path):
         return path
   return None
 
@@ -334,10 +297,14 @@ def check_all(
   expected: Mapping[str, tuple[int, int]] = EXPECTED,
   gsv_cities_list: Sequence[str] = gsv_cities.TRAIN_CITIES,
 ) -> list[Report]:
-  index_root = index_root or os.path.join(data_root, "datasets")
+  index_root = index_root or benchmarks.default_index_root(data_root)
   _index_files.cache_clear()  # the tree may have changed since the last check
-  names = list(names) if names is not None else list(EXPECTED) + ["gsv_cities"]
   out = []
+  if names is None:  # everything: SALAD's benchmarks, GSV-Cities and the UTM folder sets
+    for fs in downloader_trees.find_sets(data_root):
+      status, queries, database, notes = downloader_trees.row(fs, expected)
+      out.append(Report(fs.name, status, queries, database, notes))
+  names = list(names) if names is not None else list(EXPECTED) + ["gsv_cities"]
   for n in names:
     if n.lower() in ("gsv_cities", "gsv-cities", "gsvcities"):
       out.append(
@@ -353,15 +320,34 @@ def check_all(
   return out
 
 
+def shown(reports: Sequence[Report]) -> list[Report]:
+  """The reports to list: where folder sets were found, not the benchmarks that are not there
+  at all (`format_reports` names them in one line)."""
+  if not any(r.status == "folders" for r in reports):
+    return list(reports)
+  return [r for r in reports if r.status != "missing"]
+
+
 def format_reports(reports: Sequence[Report]) -> str:
   lines = [f"{'benchmark':<15} {'status':<9} {'queries':>15} {'database':>15}"]
-  for r in reports:
+  absent = [r.name for r in reports if r not in shown(reports)]
+  for r in sorted(shown(reports), key=lambda r: r.status == "folders"):
     lines.append(f"{r.name:<15} {r.status:<9} {r.queries:>15} {r.database:>15}")
     lines += [f"    {n}" for n in r.notes]
     lines += [f"    get: {t}" for t in r.todo]
-  roots = sorted({r.index_root for r in reports if r.index_root})
+  roots = sorted({r.index_root for r in shown(reports) if r.index_root})
   for root in roots:
     lines.append(f"index files: copy {INDEX_SOURCE} to {root}/ (or pass --index_root)")
+  if absent:
+    lines.append(
+      f"not here: {', '.join(absent)} (SALAD's raw layout and index files; "
+      "`--datasets NAME` says where to get one)"
+    )
+  if any(r.status == "folders" for r in reports):
+    lines.append(
+      "folders: UTM-named folder sets (VPR-datasets-downloader); evaluate each with its line, "
+      "CHECKPOINT being your model (e.g. weights/dino_salad.ckpt)"
+    )
   return "\n".join(lines)
 
 
@@ -383,7 +369,7 @@ def _main(argv) -> None:
   reports = check_all(F.data_root, F.index_root or None, F.gsv_root or None, F.datasets or None)
   print(f"data_root {os.path.abspath(F.data_root)}  (counts: images found / the protocol's)")
   print(format_reports(reports))
-  sys.exit(0 if all(r.status == "complete" for r in reports) else 1)
+  sys.exit(0 if all(r.status in ("complete", "folders") for r in shown(reports)) else 1)
 
 
 if __name__ == "__main__":

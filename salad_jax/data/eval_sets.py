@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from salad_jax.data import downloader_trees
 from salad_jax.errors import UserError, note, warning
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # VPR-methods-evaluation's read_images_paths
@@ -45,6 +46,7 @@ class EvalSet:
   challenge: bool = False  # MSLS test: no labels, predictions go to the challenge file
   protocol: str = ""
   positives_radius: float | None = None  # metres of a UTM radius search; None: a ground-truth file
+  data_root: str = ""  # a benchmark's --data_root: `salad_jax.data.check` looks there
 
   @property
   def num_database(self) -> int:
@@ -55,18 +57,38 @@ class EvalSet:
     return len(self.query_paths)
 
   def check_files(self) -> None:
-    """A missing image is an error naming the file, raised before any compute."""
+    """Missing images are one error, raised before any compute: how many, and the first."""
     if not self.database_paths or not self.query_paths:
       raise ValueError(
         f"{self.name}: empty eval set ({self.num_database} database images, "
         f"{self.num_queries} queries)"
       )
-    for p in (*self.database_paths, *self.query_paths):
-      if not os.path.isfile(p):
-        raise FileNotFoundError(f"{self.name}: image not found: {p}")
+    missing = [
+      [p for p in paths if not os.path.isfile(p)]
+      for paths in (self.database_paths, self.query_paths)
+    ]
+    if not (missing[0] or missing[1]):
+      return
+    n = len(missing[0]) + len(missing[1])
+    hint = (
+      f"`python -m salad_jax.data.check --data_root {self.data_root} --datasets {self.name}` "
+      "lists what is missing and where to get it"
+      if self.data_root
+      else "check the folders (and any <folder>_images_paths.txt list)"
+    )
+    raise MissingImagesError(
+      f"{self.name}: {n} of {self.num_database + self.num_queries} images missing "
+      f"({len(missing[0])} of {self.num_database} database, {len(missing[1])} of "
+      f"{self.num_queries} queries); first image not found: {(missing[0] + missing[1])[0]}",
+      hint,
+    )
 
   def __repr__(self) -> str:
     return f"<{self.name}: {self.num_queries} queries, {self.num_database} database images>"
+
+
+class MissingImagesError(UserError, FileNotFoundError):
+  """Images of an eval set that are not on disk (a `UserError`: one line and a hint)."""
 
 
 # ------------------------------------------------------------------------------ folders
@@ -258,7 +280,12 @@ def folder_set(
         "query in those units"
       )
     positives = positives_within(db_utm, q_utm, positive_dist_threshold)
-  name = name or os.path.basename(os.path.dirname(os.path.abspath(database_folder))) or "folder"
+  name = (  # the dataset folder of VPR-datasets-downloader's <name>/images/test/database
+    name
+    or downloader_trees.set_name(database_folder, queries_folder)
+    or os.path.basename(os.path.dirname(os.path.abspath(database_folder)))
+    or "folder"
+  )
   protocol = (
     f"UTM folders, positives within {positive_dist_threshold:g} m"
     if use_labels

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from salad_jax.data import images
+from salad_jax.errors import UserError
 
 # The 23 training cities of the SALAD / GSV-Cities recipe, in the reference's order.
 TRAIN_CITIES = (
@@ -139,6 +140,10 @@ def _read_city(path: str, city_index: int):
   return ids, names
 
 
+class MissingCityError(UserError, FileNotFoundError):
+  """A city's dataframe that is not there (one line, and which cities are)."""
+
+
 def read_gsv_cities(root: str, cities=TRAIN_CITIES, min_img_per_place: int = 4) -> GSVCities:
   """Reads the dataframes of `cities` (in order) and keeps places with >= min_img_per_place images."""
   if not os.path.isdir(os.path.join(root, "Dataframes")):
@@ -152,7 +157,16 @@ def read_gsv_cities(root: str, cities=TRAIN_CITIES, min_img_per_place: int = 4) 
   for i, city in enumerate(cities):
     path = os.path.join(root, "Dataframes", f"{city}.csv")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found (city {city!r}). {HOW_TO_GET}")
+      have = sorted(
+        f[:-4] for f in os.listdir(os.path.join(root, "Dataframes")) if f.endswith(".csv")
+      )
+      raise MissingCityError(
+        f"city {city!r}: {path} not found (Dataframes/ has {len(have)} cities: "
+        f"{', '.join(have[:8])}{', ...' if len(have) > 8 else ''})",
+        "choose cities that are there: train.py --config.data.cities="
+        + ",".join(have[:2] or ["City"])
+        + ",... (the pack: --cities), or add the missing dataframe",
+      )
     ids, names = _read_city(path, i)
     if max(ids, default=0) - i * CITY_STRIDE >= CITY_STRIDE:
       raise ValueError(f"{path}: place_id >= {CITY_STRIDE}; ids would collide across cities")

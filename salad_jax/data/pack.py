@@ -216,9 +216,10 @@ def pack(
   image_size = images.as_size(image_size) if image_size is not None else None
   if compression not in ("none", "zstd"):
     raise UserError(f"compression {compression!r}: use none or zstd")
-  ds = gsv_cities.read_gsv_cities(manual_dir, cities_in(manual_dir, cities), min_img_per_place=1)
   check_dir(data_dir, "--data_dir")
   final = pack_records.pack_dir(data_dir, image_size)
+  cities = _packed_order(final, cities_in(manual_dir, cities))
+  ds = gsv_cities.read_gsv_cities(manual_dir, cities, min_img_per_place=1)
   counts = np.diff(ds.place_start)
   metadata = {
     "format": pack_records.FORMAT,
@@ -341,6 +342,17 @@ def _source_of(path: str) -> str | None:
     return None
 
 
+def _packed_order(final: str, cities: tuple[str, ...]) -> tuple[str, ...]:
+  """`cities` in the order of the pack already in `final` when it holds the same cities: the
+  order of a list of cities does not make another pack (it numbers the places)."""
+  try:
+    with open(os.path.join(final, "metadata.json")) as f:
+      have = tuple(json.load(f).get("cities") or ())
+  except (OSError, ValueError, AttributeError):
+    return cities
+  return have if sorted(have) == sorted(cities) else cities
+
+
 def _existing(final: str, metadata: dict) -> str:
   with open(os.path.join(final, "metadata.json")) as f:
     have = json.load(f)
@@ -349,9 +361,14 @@ def _existing(final: str, metadata: dict) -> str:
     for k in ("format", "image_size", "cities", "place_ids", "num_images")
     if have.get(k) != metadata[k]
   ]
+  if "cities" in diff:  # the lists themselves (their order does not count: `_packed_order`)
+    diff = [
+      f"cities: it holds {','.join(have.get('cities') or [])}, you asked for "
+      f"{','.join(metadata['cities'])}"
+    ]
   if diff:
     raise UserError(
-      f"{final} already holds a different pack (differs in {', '.join(diff)})",
+      f"{final} already holds a different pack (differs in {'; '.join(diff)})",
       "use another --data_dir, or delete that directory to replace it",
     )
   if have.get("source") not in (None, metadata["source"]):  # packs made before: not recorded

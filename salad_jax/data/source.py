@@ -38,7 +38,7 @@ def open_source(config) -> gsv_cities.GSVCities:
         "--config.data.tfds_data_dir=<dir>",
       )
     ds = tfds_gsv.open_gsv_cities(d.tfds_data_dir, d.min_img_per_place, tuple(d.image_size))
-    if ds.cities != gsv_cities.city_names(d.cities):
+    if sorted(ds.cities) != sorted(gsv_cities.city_names(d.cities)):  # the order: the pack's
       raise UserError(
         f"the pack {ds.root} holds the cities {','.join(ds.cities)}, but "
         f"config.data.cities lists {','.join(gsv_cities.city_names(d.cities))}",

@@ -49,6 +49,8 @@ def extract(
   model_cfg.check_image_shape((1, image_size[0], image_size[1], 3))
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
+  # no larger than the set needs: a set of 3 images is not padded to a batch of 256
+  batch_size = min(batch_size, max(n_dev, -(-len(paths) // n_dev) * n_dev))
   describe = describe or make_describe(model_cfg, mesh)
   out = np.zeros((len(paths), model_cfg.descriptor_dim), np.float32)
   data = pipeline.eval_dataset(
