@@ -1,4 +1,5 @@
-"""The public inference API: `load`, `SaladModel.describe/features/assignment`, `preprocess`."""
+"""The public inference API: `load`, `SaladModel.describe/describe_folder/features/assignment`,
+`preprocess`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
   """Image (path, PIL image or uint8 HWC array) -> float32 [H, W, 3], the reference eval transform.
 
   PIL bilinear resize to `size` (h, w) on the uint8 image, /255, ImageNet mean/std. A list of
-  images gives a batch [B, H, W, 3]. `size=None` keeps the image's size.
+  images gives a batch [N, H, W, 3] (of one size: give `size`). `SaladModel.describe` takes
+  either: one image [H, W, 3] gives one descriptor [D], a batch gives [N, D].
   """
   if isinstance(image_or_path, (list, tuple)):
     if not image_or_path:
@@ -85,12 +87,20 @@ class SaladModel:
   def descriptor_dim(self) -> int:
     return self.config.descriptor_dim
 
-  def _check(self, images, min_patches: int) -> jax.Array:
-    """Shape and dtype of a batch -> float32 array. Its values are checked by `_check_values`
-    on the min and max that the jitted call returns with its result."""
+  def _check(self, images, min_patches: int) -> tuple[jax.Array, bool]:
+    """Shape and dtype of one image [H, W, 3] or a batch [B, H, W, 3] -> (float32 batch, whether
+    it was one image). Its values are checked by `_check_values` on the min and max that the
+    jitted call returns with its result."""
     if isinstance(images, (list, tuple)):
       images = np.stack(images)
     shape = np.shape(images)
+    if len(shape) not in (3, 4):
+      raise ValueError(
+        f"images must be one image [H, W, 3] or a batch [B, H, W, 3] (NHWC), got shape {shape}"
+      )
+    single = len(shape) == 3
+    if single:
+      images, shape = images[None], (1,) + shape
     vit.check_image_shape(shape, min_patches=min_patches)
     if shape[0] == 0:
       raise ValueError("empty batch: images has batch size 0")
@@ -101,7 +111,7 @@ class SaladModel:
         "ImageNet mean and std",
         "salad_jax.preprocess(path, PIL image or uint8 array) makes them",
       )
-    return jnp.asarray(images, jnp.float32)
+    return jnp.asarray(images, jnp.float32), single
 
   @staticmethod
   def _check_values(min_max) -> None:
@@ -118,18 +128,30 @@ class SaladModel:
       )
 
   def describe(self, images) -> np.ndarray:
-    """float32 NHWC ImageNet-normalised images -> descriptors [B, D] (L2-normalised)."""
-    x = self._check(images, self.config.num_clusters)
+    """float32 ImageNet-normalised images (`preprocess`) -> L2-normalised descriptors: a batch
+    [B, H, W, 3] gives [B, D], one image [H, W, 3] gives one descriptor [D]."""
+    x, single = self._check(images, self.config.num_clusters)
     desc, min_max = self._describe(self.params, x)
     self._check_values(min_max)
-    return np.asarray(desc)
+    return np.asarray(desc[0] if single else desc)
+
+  def describe_folder(
+    self, folder: str, image_size=(322, 322), batch_size: int = 32, progress: bool = True
+  ) -> tuple[np.ndarray, list[str]]:
+    """(descriptors [N, D] float32, image paths) of every image under `folder` (recursive,
+    sorted, .jpg/.jpeg/.png), read and resized as evaluation does, with a progress bar on
+    stderr. For `salad_jax.Index(descriptors, paths)`; see `salad_jax.index.describe_folder`."""
+    from salad_jax.index import describe_folder
+
+    return describe_folder(self, folder, image_size, batch_size, progress)
 
   def features(self, images) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone outputs after the final norm: [B, H/14, W/14, C] and the cls token [B, C]."""
-    x = self._check(images, 0)
+    """Backbone outputs after the final norm: [B, H/14, W/14, C] and the cls token [B, C] (one
+    image [H, W, 3]: [H/14, W/14, C] and [C])."""
+    x, single = self._check(images, 0)
     (f, t), min_max = self._features(self.params, x)
     self._check_values(min_max)
-    return np.asarray(f), np.asarray(t)
+    return (np.asarray(f[0]), np.asarray(t[0])) if single else (np.asarray(f), np.asarray(t))
 
   def to_torch(self, path: str, overwrite: bool = False) -> None:
     """Writes the params as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors).
@@ -143,13 +165,14 @@ class SaladModel:
     converted.save_converted(directory, self.params, self.config, self.source, overwrite=overwrite)
 
   def assignment(self, images) -> np.ndarray:
-    """Sinkhorn assignment [B, m+1, H/14, W/14] of normalised images; row m is the dustbin."""
-    x = self._check(images, self.config.num_clusters)
+    """Sinkhorn assignment [B, m+1, H/14, W/14] of normalised images; row m is the dustbin (one
+    image [H, W, 3]: [m+1, H/14, W/14])."""
+    x, single = self._check(images, self.config.num_clusters)
     if not hasattr(self, "_assignment"):
       self._assignment = jax.jit(lambda p, x: (assignment(self.module, p, x), _min_max(x)))
     out, min_max = self._assignment(self.params, x)
     self._check_values(min_max)
-    return np.asarray(out)
+    return np.asarray(out[0] if single else out)
 
 
 @jax.jit
