@@ -80,23 +80,25 @@ def explain(
 
 # ------------------------------------------------------------------------------ the picture
 def _chart(ex: Explanation, colors: np.ndarray, size: tuple[int, int]) -> Image.Image:
-  """Bars of the parts: each coloured cluster, the other clusters together, the global token."""
+  """Bars of the parts: each coloured cluster, the other clusters (their mean), the global token.
+  A full bar is 1 / (m + 1), the most one part can give (the same image twice)."""
   w, h = size
-  rows_fit = max(3, h // 14)
-  shown = list(ex.top[: rows_fit - 2])
-  rest = [k for k in range(len(ex.clusters)) if k not in shown]
-  rows = [(f"cluster {k}", ex.clusters[k], tuple(int(v) for v in colors[k])) for k in shown]
-  rows += [(f"{len(rest)} other clusters", ex.clusters[rest].sum(), visualize.GREY)]
-  rows += [("global token", ex.token, (60, 60, 60))]
+  m = len(ex.clusters)
+  shown = list(ex.top[: max(1, h // 14 - 2)])
+  rest = [k for k in range(m) if k not in shown]
+  rows = [(f"cluster {k}", ex.clusters[k], 1, tuple(int(v) for v in colors[k])) for k in shown]
+  if rest:
+    rows.append((f"{len(rest)} other clusters", ex.clusters[rest].sum(), len(rest), visualize.GREY))
+  rows.append(("global token", ex.token, 1, (60, 60, 60)))
   im = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(im)
   row_h = min(28, h // len(rows))
-  biggest = max(abs(v) for _, v, _ in rows) or 1.0
-  for i, (label, value, color) in enumerate(rows):
+  for i, (label, value, n, color) in enumerate(rows):
     y = i * row_h
     pct = f" ({100 * value / ex.similarity:.0f}%)" if ex.similarity > 0 else ""
-    d.text((2, y), f"{label}: {value:.4f}{pct}", fill=(0, 0, 0))
-    bar = int((w - 4) * max(value, 0.0) / biggest)
+    mean = f", mean {value / n:.4f}" if n > 1 else ""
+    d.text((2, y), f"{label}: {value:.4f}{pct}{mean}", fill=(0, 0, 0))
+    bar = int((w - 4) * min(max(value / n * (m + 1), 0.0), 1.0))
     d.rectangle([2, y + 12, 2 + max(bar, 1), y + row_h - 3], fill=color)
   return im
 

@@ -324,6 +324,8 @@ def _main(argv) -> None:
       raise IsADirectoryError(f"--images {p} is a folder; give image files (e.g. {p}/*.jpg)")
     if not paths.isfile(p):
       raise FileNotFoundError(f"--images: image not found: {p}")
+  if F.top_clusters and not F.pair:
+    raise app.UsageError("--top_clusters chooses the clusters coloured in a --pair picture")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
   inference.check_checkpoint_exists(F.checkpoint)
