@@ -68,7 +68,10 @@ flags.DEFINE_bool(
   "save_only_wrong_preds", False, "With --num_preds_to_save: only queries whose top-1 is wrong."
 )
 flags.DEFINE_bool(
-  "save_descriptors", False, "Save database_descriptors.npy and queries_descriptors.npy."
+  "save_descriptors",
+  False,
+  "Save database_descriptors.npy, queries_descriptors.npy and the image paths of their rows"
+  " (database_paths.txt, queries_paths.txt).",
 )
 flags.DEFINE_bool(
   "no_labels", False, "Folders without UTM names: retrieve only (use --num_preds_to_save)."

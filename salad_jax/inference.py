@@ -1,4 +1,5 @@
-"""The public inference API: `load`, `SaladModel.describe/features/assignment`, `preprocess`."""
+"""The public inference API: `load`, `SaladModel.describe/describe_folder/features/assignment`,
+`preprocess`."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def preprocess(image_or_path, size=(322, 322)) -> np.ndarray:
   """Image (path, PIL image or uint8 HWC array) -> float32 [H, W, 3], the reference eval transform.
 
   PIL bilinear resize to `size` (h, w) on the uint8 image, /255, ImageNet mean/std. A list of
-  images gives a batch [B, H, W, 3]. `size=None` keeps the image's size.
+  images gives a batch [N, H, W, 3] (of one size: give `size`). `SaladModel.describe` takes
+  either: one image [H, W, 3] gives one descriptor [D], a batch gives [N, D].
   """
   if isinstance(image_or_path, (list, tuple)):
     if not image_or_path:
@@ -112,12 +114,20 @@ class SaladModel:
   def descriptor_dim(self) -> int:
     return self.config.descriptor_dim
 
-  def _check(self, images, for_features: bool = False) -> jax.Array:
-    """Shape and dtype of a batch -> float32 array. Its values are checked by `_check_values`
-    on the min and max that the jitted call returns with its result."""
+  def _check(self, images, for_features: bool = False) -> tuple[jax.Array, bool]:
+    """Shape and dtype of one image [H, W, 3] or a batch [B, H, W, 3] -> (float32 batch, whether
+    it was one image). Its values are checked by `_check_values` on the min and max that the
+    jitted call returns with its result."""
     if isinstance(images, (list, tuple)):
       images = np.stack(images)
     shape = np.shape(images)
+    if len(shape) not in (3, 4):
+      raise ValueError(
+        f"images must be one image [H, W, 3] or a batch [B, H, W, 3] (NHWC), got shape {shape}"
+      )
+    single = len(shape) == 3
+    if single:
+      images, shape = images[None], (1,) + shape
     # features need only what the backbone needs (small images too); describe, the head's too
     cfg = self.config.replace(aggregator="gem") if for_features else self.config
     cfg.check_image_shape(shape)
@@ -130,7 +140,7 @@ class SaladModel:
         "ImageNet mean and std",
         "salad_jax.preprocess(path, PIL image or uint8 array) makes them",
       )
-    return jnp.asarray(images, jnp.float32)
+    return jnp.asarray(images, jnp.float32), single
 
   @staticmethod
   def _check_values(min_max) -> None:
@@ -147,19 +157,34 @@ class SaladModel:
       )
 
   def describe(self, images) -> np.ndarray:
-    """float32 NHWC ImageNet-normalised images -> descriptors [B, D] (L2-normalised)."""
-    x = self._check(images)
+    """float32 ImageNet-normalised images (`preprocess`) -> L2-normalised descriptors: a batch
+    [B, H, W, 3] gives [B, D], one image [H, W, 3] gives one descriptor [D]."""
+    x, single = self._check(images)
     desc, min_max = self._describe(self.weights, x)
     self._check_values(min_max)
-    return np.asarray(desc)
+    return np.asarray(desc[0] if single else desc)
+
+  def describe_folder(
+    self, folder: str, image_size=(322, 322), batch_size: int = 32, progress: bool = True
+  ) -> tuple[np.ndarray, list[str]]:
+    """(descriptors [N, D] float32, image paths) of every image under `folder` (recursive,
+    sorted, .jpg/.jpeg/.png), read and resized as evaluation does, with a progress bar on
+    stderr. For `salad_jax.Index(descriptors, paths)`; see `salad_jax.index.describe_folder`."""
+    from salad_jax.index import describe_folder
+
+    return describe_folder(self, folder, image_size, batch_size, progress)
 
   def features(self, images) -> tuple[np.ndarray, np.ndarray | None]:
     """Backbone outputs: the feature map [B, h, w, C] and the cls token [B, C] (DINOv2: after
-    the final norm if the model applies it, `norm_layer`); a ResNet has no token (None)."""
-    x = self._check(images, for_features=True)
+    the final norm if the model applies it, `norm_layer`); a ResNet has no token (None). One
+    image [H, W, 3]: [h, w, C] and [C]."""
+    x, single = self._check(images, for_features=True)
     (f, t), min_max = self._features(self.weights, x)
     self._check_values(min_max)
-    return np.asarray(f), None if t is None else np.asarray(t)
+    f, t = np.asarray(f), None if t is None else np.asarray(t)
+    if single:
+      return f[0], None if t is None else t[0]
+    return f, t
 
   def to_torch(self, path: str, overwrite: bool = False) -> None:
     """Writes the weights as an official-layout PyTorch state_dict (.pth/.ckpt or .safetensors)
@@ -183,13 +208,14 @@ class SaladModel:
     )
 
   def assignment(self, images) -> np.ndarray:
-    """SALAD's assignment [B, m+1, h, w] of normalised images; row m is the dustbin."""
-    x = self._check(images)
+    """SALAD's assignment [B, m+1, h, w] of normalised images; row m is the dustbin (one image
+    [H, W, 3]: [m+1, h, w])."""
+    x, single = self._check(images)
     if not hasattr(self, "_assignment"):
       self._assignment = jax.jit(lambda w, x: (assignment(self.module, w, x), _min_max(x)))
     out, min_max = self._assignment(self.weights, x)
     self._check_values(min_max)
-    return np.asarray(out)
+    return np.asarray(out[0] if single else out)
 
 
 @jax.jit

@@ -10,9 +10,13 @@ Sinkhorn assignment (`SaladModel.assignment`; this module only draws):
   python -m salad_jax.visualize --checkpoint weights/dino_salad --images a.jpg b.jpg \
       --image_size 322 --output_dir runs/assignment [--pair]
 
-per image: the image, (a) the dustbin mass per patch, (b) the arg-max cluster per patch (one
-fixed colour per cluster, the same in every picture); with --pair, two images side by side with
-only the patches whose cluster appears in both coloured. `assignments.npz` holds the values:
+per image: the image, (a) the dustbin mass per patch with its colour bar, (b) the arg-max cluster
+per patch (one fixed colour per cluster, the same in every picture). With --pair, why the two
+match (`salad_jax.explain`): their descriptor similarity, each cluster's and the global token's
+part of it (they add up to it), the patches of the clusters that give most of it coloured in
+both images and the rest grey (`--top_clusters K`, or the fewest that give half of the clusters'
+part), the dustbin maps on one scale with its colour bar, and the file names; the numbers go to
+`pair_<a>_<b>.json`. `assignments.npz` holds the values:
 `names` (the image paths as given, [N] strings) and `assignments` [N, m+1, H/14, W/14] (row m =
 dustbin), in the same order: `z = np.load(...); dict(zip(z["names"], z["assignments"]))`.
 (Image names are never used as keys: np.savez takes them as its own keyword arguments.)
@@ -24,6 +28,7 @@ hard-linked backup of an earlier run's output is never written into; `--output_d
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -142,6 +147,22 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
   return np.round(HEAT[lo] * (1 - t) + HEAT[lo + 1] * t).astype(np.uint8)
 
 
+def colour_bar(lo: float, hi: float, size: tuple[int, int]) -> Image.Image:
+  """The heat scale as a vertical bar (light = `hi` at the top) with five values beside it."""
+  w, h = size
+  bar_w, top, bottom = max(12, w // 6), 8, h - 8
+  t = np.linspace(1.0, 0.0, bottom - top)[:, None]
+  strip = np.repeat(heat_colors(t), bar_w, axis=1)
+  im = Image.new("RGB", (w, h), "white")
+  im.paste(Image.fromarray(strip), (4, top))
+  d = ImageDraw.Draw(im)
+  for f in np.linspace(0.0, 1.0, 5):
+    y = int(round(bottom - 1 - f * (bottom - top - 1)))
+    d.line([4 + bar_w, y, 8 + bar_w, y], fill=(0, 0, 0))
+    d.text((12 + bar_w, y - 6), f"{lo + f * (hi - lo):.3f}", fill=(0, 0, 0))
+  return im
+
+
 def argmax_clusters(assign: np.ndarray) -> np.ndarray:
   """[m+1, gh, gw] -> [gh, gw] the cluster (0..m-1) that receives most of each patch's mass.
 
@@ -181,16 +202,18 @@ def _scale(image: Image.Image) -> int:
   return max(1, -(-256 // max(image.size)))
 
 
-def assignment_picture(image: Image.Image, assign: np.ndarray) -> Image.Image:
-  """Image | dustbin mass per patch | arg-max cluster per patch (`image` as the model saw it)."""
+def assignment_picture(image: Image.Image, assign: np.ndarray, name: str = "") -> Image.Image:
+  """Image | dustbin mass per patch | arg-max cluster per patch | the dustbin's colour bar
+  (`image` as the model saw it, `name` its file name)."""
   m = assign.shape[0] - 1
   dust = assign[m]
   lo, hi = float(dust.min()), float(dust.max())
   clusters = argmax_clusters(assign)
   used = len(np.unique(clusters))
+  scale = _scale(image)
   return _panels(
     [
-      ("image", image),
+      (f"image\n{name}", image),
       (
         f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
         _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8),
@@ -199,26 +222,9 @@ def assignment_picture(image: Image.Image, assign: np.ndarray) -> Image.Image:
         f"(b) arg-max cluster per patch\n{used} of {m} clusters",
         _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6),
       ),
+      ("dustbin mass (a)", colour_bar(lo, hi, (image.width * scale, image.height * scale))),
     ],
-    _scale(image),
-  )
-
-
-def pair_picture(
-  image_a: Image.Image, assign_a: np.ndarray, image_b: Image.Image, assign_b: np.ndarray
-) -> Image.Image:
-  """Two images; only patches whose arg-max cluster is the arg-max of some patch in both, coloured."""
-  m = assign_a.shape[0] - 1
-  ca, cb = argmax_clusters(assign_a), argmax_clusters(assign_b)
-  shared = set(np.unique(ca).tolist()) & set(np.unique(cb).tolist())
-  colors = cluster_colors(m)
-  label = f"{len(shared)} of {m} clusters in both\nother patches grey"
-  return _panels(
-    [
-      (label, _blend(image_a, _grid_rgb(ca, colors, shared), 0.6)),
-      ("", _blend(image_b, _grid_rgb(cb, colors, shared), 0.6)),
-    ],
-    _scale(image_a),
+    scale,
   )
 
 
@@ -236,7 +242,7 @@ def assignment_files(images, pair: bool = False) -> list[str]:
   names = _names(images)
   return (
     [f"{name}_assignment.png" for name in names]
-    + ([f"pair_{names[0]}_{names[1]}.png"] if pair else [])
+    + ([f"pair_{names[0]}_{names[1]}.{ext}" for ext in ("png", "json")] if pair else [])
     + ["assignments.npz"]
   )
 
@@ -245,21 +251,35 @@ def _save_png(path: str, picture: Image.Image) -> None:
   atomic.write_with(path, lambda f: picture.save(f, format="PNG"))
 
 
-def assignment_maps(model, files, image_size, output_dir: str, pair: bool = False) -> list[str]:
-  """Draws `model.assignment` for each image; returns the files written into `output_dir`."""
+def assignment_maps(
+  model, files, image_size, output_dir: str, pair: bool = False, top_clusters: int = 0
+) -> list[str]:
+  """Draws `model.assignment` for each image, and with `pair` the pair picture of the first two
+  and its numbers (`salad_jax.explain`: `top_clusters` coloured, or 0: the fewest that give half
+  of the clusters' part); returns the files written into `output_dir`."""
   if not files:
     raise ValueError("assignment_maps: no images given")
-  images, assigns = [], []
+  images, assigns, descs = [], [], []
   for path in files:
     with paths.local_copy(path) as local:  # an image on gs:// is read from a download
       im = resize(load_image(local), image_size)  # the pixels the model sees
     images.append(im)
-    assigns.append(model.assignment(normalize(im)[None])[0])
+    assigns.append(model.assignment(normalize(im)))
+    if pair:
+      descs.append(model.describe(normalize(im)))
   written = [paths.join(output_dir, f) for f in assignment_files(files, pair)]
-  for im, a, path in zip(images, assigns, written):
-    _save_png(path, assignment_picture(im, a))
+  shown = [paths.name(p) for p in files]
+  for im, a, name, path in zip(images, assigns, shown, written):
+    _save_png(path, assignment_picture(im, a, name))
   if pair:
-    _save_png(written[-2], pair_picture(images[0], assigns[0], images[1], assigns[1]))
+    from salad_jax import explain
+
+    c = model.config
+    ex = explain.explain(*descs[:2], c.num_clusters, c.token_dim, top_k=top_clusters or None)
+    picture = explain.pair_picture(images[0], assigns[0], images[1], assigns[1], ex, shown[:2])
+    _save_png(written[-3], picture)
+    data = dict(ex.to_json(), images=[os.fspath(p) for p in files[:2]])
+    atomic.write_text(written[-2], json.dumps(data, indent=1))
   names = np.asarray([os.fspath(p) for p in files], dtype=str)
   atomic.write_with(written[-1], lambda f: np.savez(f, names=names, assignments=np.stack(assigns)))
   return written
@@ -304,6 +324,8 @@ def _main(argv) -> None:
       raise IsADirectoryError(f"--images {p} is a folder; give image files (e.g. {p}/*.jpg)")
     if not paths.isfile(p):
       raise FileNotFoundError(f"--images: image not found: {p}")
+  if F.top_clusters and not F.pair:
+    raise app.UsageError("--top_clusters chooses the clusters coloured in a --pair picture")
   if F.pair and len(F.images) != 2:
     raise app.UsageError(f"--pair shows two images (a query and its match); got {len(F.images)}")
   inference.check_checkpoint_exists(F.checkpoint)
@@ -325,7 +347,7 @@ def _draw(F, size, out, claimed) -> None:
       "give a SALAD checkpoint (dino_salad.ckpt, a converted dir or a train.py workdir)",
     )
   model.config.check_image_shape((1, size[0], size[1], 3))
-  for path in assignment_maps(model, F.images, size, out, F.pair):
+  for path in assignment_maps(model, F.images, size, out, F.pair, F.top_clusters):
     print(f"wrote {path}")
   claimed.finish()
 
@@ -343,7 +365,12 @@ if __name__ == "__main__":
   flags.DEFINE_list("images", None, "Image files (space- or comma-separated).")
   flags.DEFINE_list("image_size", ["322", "322"], "H W (one value: square); multiples of 14.")
   flags.DEFINE_string("output_dir", "runs/assignment", "Where the pictures go.")
-  flags.DEFINE_bool("pair", False, "Two images side by side, coloured where they share clusters.")
+  flags.DEFINE_bool(
+    "pair", False, "Two images: their similarity, its parts, the top clusters coloured in both."
+  )
+  flags.DEFINE_integer(
+    "top_clusters", 0, "With --pair: clusters to colour (0: the fewest giving half their part).", 0
+  )
   flags.mark_flags_as_required(["checkpoint", "images"])
   try:
     sys.argv, _ = argv_compat.rewrite(sys.argv, *argv_compat.flag_kinds())

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import salad_jax
-from salad_jax import visualize
+from salad_jax import explain, visualize
 from salad_jax.models.sinkhorn import log_assignment
 
 from helpers import torch_model
@@ -90,8 +90,10 @@ def test_pictures_draw_the_values_with_one_colour_per_cluster():
   hi = np.unravel_index(a[m].argmax(), a[m].shape)
   np.testing.assert_array_equal(visualize.heat_colors(np.array([1.0]))[0], visualize.HEAT[-1])
   assert hi is not None
-  pair = np.asarray(visualize.pair_picture(image, a, image, b))
-  assert pair.shape == (56 * scale + top, 2 * 70 * scale + visualize.GAP, 3)
+  d = rng.standard_normal((2, 3 + 2 * m))
+  ex = explain.explain(d[0], d[1], m, 3)
+  pair = np.asarray(explain.pair_picture(image, a, image, b, ex))
+  assert pair.shape == (2 * (56 * scale + top), 3 * 70 * scale + 2 * visualize.GAP, 3)
 
 
 def _run(args):
@@ -127,6 +129,7 @@ def test_visualize_cli_writes_maps_and_refuses_what_it_cannot_show(
     ".salad_jax_outputs.json",
     "assignments.npz",
     "db_assignment.png",
+    "pair_q_db.json",
     "pair_q_db.png",
     "q_assignment.png",
   ]  # and the list of them

@@ -69,6 +69,45 @@ def test_describe_any_batch_size_unit_norm_and_matches_torch(s14):
   np.testing.assert_allclose(np.linalg.norm(d[:, :256], axis=1), 65**-0.5, atol=1e-6)
 
 
+def test_one_image_in_one_descriptor_out(tmp_path, s14):
+  """preprocess(path) -> [H, W, 3] -> describe -> [D]: what numpy users expect of one image; a
+  list of paths -> [N, H, W, 3] -> [N, D]; the same numbers as in a batch."""
+  _, model = s14
+  rng = np.random.default_rng(3)
+  files = []
+  for i, size in enumerate([(300, 200), (180, 240)]):
+    files.append(tmp_path / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(files[-1])
+  one = salad_jax.preprocess(files[0], size=(224, 224))
+  batch = salad_jax.preprocess(files, size=(224, 224))
+  assert one.shape == (224, 224, 3) and batch.shape == (2, 224, 224, 3)
+  d1, dn = model.describe(one), model.describe(batch)
+  assert d1.shape == (8448,) and dn.shape == (2, 8448)
+  np.testing.assert_allclose(d1, dn[0], atol=1e-6)
+  f, t = model.features(one)
+  assert f.shape == (16, 16, 384) and t.shape == (384,)
+
+
+def test_describe_folder_method_and_public_index(tmp_path, tiny_model_dir):
+  """model.describe_folder -> salad_jax.Index -> search finds every image by its own
+  descriptor; a query made with preprocess + describe of one image finds its file."""
+  rng = np.random.default_rng(1)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  model = salad_jax.load(tiny_model_dir)
+  desc, paths = model.describe_folder(tmp_path, image_size=(56, 56), batch_size=2, progress=False)
+  assert desc.shape == (3, model.descriptor_dim) and [p[-5:] for p in paths] == [
+    "0.png",
+    "1.png",
+    "2.png",
+  ]
+  index = salad_jax.Index(desc, paths)
+  q = model.describe(salad_jax.preprocess(paths[1], size=(56, 56)))
+  found, dist = index.search(q, k=2)
+  assert found[0] == paths[1] and dist.shape == (2,) and dist[0] < 1e-8
+  assert "Index" in salad_jax.__all__ and "fit_pca" in salad_jax.__all__
+
+
 def test_compiled_once_per_shape(s14):
   _, model = s14
   before = model._describe._cache_size()
@@ -91,7 +130,9 @@ def test_bf16_compute_close_to_fp32(s14):
   [
     ((1, 320, 320, 3), r"image 320x320: height and width must be multiples of 14 \(try 322x322\)"),
     ((1, 224, 230, 3), r"multiples of 14 \(try 224x224\)"),
-    ((224, 224, 3), r"batch \[B, H, W, 3\].*x\[None\]"),
+    ((224, 224), r"one image \[H, W, 3\] or a batch \[B, H, W, 3\]"),
+    ((1, 1, 224, 224, 3), r"one image \[H, W, 3\] or a batch"),
+    ((224, 230, 3), r"multiples of 14"),  # one image: checked as a batch of one
     ((1, 3, 224, 224), r"3 channels last"),
     ((1, 224, 224, 1), r"3 channels last"),
     ((1, 112, 112, 3), r"gives 64 patches.*64 clusters.*126x126"),

@@ -73,11 +73,13 @@ def evaluate_set(
   is_main = jax.process_index() == 0
   if output_dir and is_main:  # each file under a fresh name, then renamed (atomic.write_with)
     paths.makedirs(output_dir)
-    if save_descriptors:
-      for name, d in (("database", db), ("queries", q)):
+    if save_descriptors:  # the rows' image paths beside them, written the same way
+      rows = (("database", db, eval_set.database_paths), ("queries", q, eval_set.query_paths))
+      for name, d, files in rows:
         atomic.write_with(
           paths.join(output_dir, f"{name}_descriptors.npy"), lambda f, d=d: np.save(f, d)
         )
+        atomic.write_bytes(paths.join(output_dir, f"{name}_paths.txt"), paths_text(files))
     if eval_set.challenge:
       path = paths.join(output_dir, "msls_challenge_preds.txt")
       with atomic.new_file(path) as tmp:
@@ -178,6 +180,15 @@ class EpochEvaluator:
     return flat
 
 
+SAVED = ("descriptors.npy", "paths.txt")  # --save_descriptors: per database and queries
+
+
+def paths_text(files: Sequence[str]) -> bytes:
+  """The image paths that descriptor rows belong to, one per line in row order (UTF-8; bytes a
+  file name holds outside UTF-8 are written as they are: `surrogateescape`)."""
+  return "".join(f"{p}\n" for p in files).encode("utf-8", "surrogateescape")
+
+
 def planned_outputs(
   sets: Sequence[eval_sets.EvalSet], *, save_descriptors: bool, num_preds_to_save: int
 ) -> list[str]:
@@ -186,7 +197,7 @@ def planned_outputs(
   for s in sets:
     sub = (lambda *p: "/".join(p)) if len(sets) == 1 else (lambda *p: "/".join((s.name,) + p))
     if save_descriptors:
-      files += [sub("database_descriptors.npy"), sub("queries_descriptors.npy")]
+      files += [sub(f"{n}_{kind}") for n in ("database", "queries") for kind in SAVED]
     if s.challenge:
       files.append(sub("msls_challenge_preds.txt"))
     if num_preds_to_save:
