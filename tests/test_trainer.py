@@ -232,8 +232,9 @@ def test_loop_reads_the_devices_only_at_sync_points_and_saves_at_the_stop_step(g
     8,
   ]
   assert r["saved_step"] == 8 and r["metric_fetches"] == 5  # after steps 1, 3, 4, 6, 8
-  # compile_cache_dir=auto: the run's programs in <workdir>/compile_cache; jax's settings restored
-  assert len(os.listdir(tmp_path / "compile_cache")) > 3
+  # compile_cache_dir=auto: programs compiled by the run in <workdir>/compile_cache (those this
+  # test process compiled before are in jax's memory cache: not compiled again, not written)
+  assert os.listdir(tmp_path / "compile_cache")
   assert jax.config.jax_compilation_cache_dir is None
   assert metrics.done_line(r) == f"done: step 8; checkpoint of step 8 in {tmp_path}/checkpoints"
   logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
