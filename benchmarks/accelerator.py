@@ -85,7 +85,7 @@ def fit_batch(n: int, devices: int) -> int:
 
 
 def model_config(args, dtype, attention="auto"):
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   head = dict(num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32) if args.smoke else {}
   return ModelConfig(

@@ -128,7 +128,7 @@ def main(argv=None):
   args = parse_args(argv)
   devs = devices(args.target)
   from salad_jax import sharding
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   rows = []
   for fsdp in [int(x) for x in args.fsdp.split(",")]:

@@ -365,7 +365,7 @@ def main(argv=None):
   devices = setup_devices(args)
   import jax
 
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   print(
     f"target {args.target} {args.topology or TARGETS[args.target] or ''}"

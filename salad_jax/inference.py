@@ -22,8 +22,8 @@ from salad_jax.data.images import (
 )
 from salad_jax.errors import UserError
 from salad_jax.files import paths
+from salad_jax.models.config import ModelConfig
 from salad_jax.models.vpr import (
-  ModelConfig,
   VPRModel,
   as_variables,
   assignment,

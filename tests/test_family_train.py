@@ -17,7 +17,7 @@ from salad_jax import losses as jlosses
 from salad_jax import sharding
 from salad_jax.errors import UserError
 from salad_jax.models import resnet, vpr
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.train import config as config_lib
 from salad_jax.train import optim, trainer
 from salad_jax.weights import convert

@@ -32,7 +32,7 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, LatestN
 from salad_jax.errors import UserError
 from salad_jax.files import atomic, paths
 from salad_jax.files.lock import utc_stamp
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.train.workdir import DAMAGED
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason

@@ -22,8 +22,8 @@ from salad_jax.data.gsv_cities import city_names
 from salad_jax.errors import UserError, note
 from salad_jax.evaluation.recall import check_recall_values
 from salad_jax.models import vit
+from salad_jax.models.config import ModelConfig
 from salad_jax.models.grads import GRAD_REDUCE_DTYPES
-from salad_jax.models.vpr import ModelConfig
 from salad_jax.train import optim
 
 
