@@ -36,7 +36,7 @@ def main():
 
   from salad_jax import sharding
   from salad_jax.train import optim, trainer
-  from salad_jax.weights import convert
+  from salad_jax.weights import convert, infer
 
   import torch_reference as tr
 
@@ -45,7 +45,7 @@ def main():
   n = args.places * k
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0)
   sd = {key: v.numpy().copy() for key, v in tm.state_dict().items()}
-  model_cfg, _ = convert.infer_config(sd)
+  model_cfg, _ = infer.infer_config(sd)
   model_cfg = model_cfg.replace(dtype=args.dtype)
   params = convert.torch_to_params(sd, model_cfg)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from salad_jax.weights import convert
+from salad_jax.weights import convert, infer
 
 import torch_reference as tr
 
@@ -20,7 +20,7 @@ def twin(variant="S/14", seed=0, **kw):
   """(torch model, JAX params, ModelConfig) with identical weights."""
   tm = torch_model(variant, seed, **kw)
   sd = state_dict_np(tm)
-  config, _ = convert.infer_config(sd)
+  config, _ = infer.infer_config(sd)
   return tm, convert.torch_to_params(sd, config), config
 
 

@@ -16,7 +16,7 @@ import salad_jax
 from salad_jax.errors import UserError
 from salad_jax.models import official, vpr
 from salad_jax.models.config import ModelConfig, parse_overrides
-from salad_jax.weights import convert
+from salad_jax.weights import convert, infer
 
 # name: (backbone, head, image side, head arguments). ResNets at 64x64 (MixVPR on the 4x4 map
 # of layer3), DINOv2 S/14 at 56x56 (a 4x4 patch grid), so each case compiles in seconds.
@@ -125,7 +125,7 @@ def test_mixvpr_recipe_at_320_shapes_only():
   bb = om.trn.OfficialResNet("resnet50", pretrained=False, layers_to_crop=(4,))
   head = om.th.MixVPR(1024, 20, 20, 1024, 4, 1, 4)
   sd = om.state_dict_np(om.VPRModel(bb, head))
-  config, backbone_only = convert.infer_config(sd)
+  config, backbone_only = infer.infer_config(sd)
   expected = official.from_official(
     "resnet50",
     {"layers_to_crop": [4]},
@@ -244,15 +244,15 @@ def test_converted_dir_keeps_batch_stats_and_a_resnet_backbone_file_gets_a_fresh
 def test_hyper_parameters_and_keys_decide_or_the_error_names_the_flag(tmp_path, capsys):
   tm = om.build("resnet18", "convap", seed=2, s1=3, s2=1)
   sd = om.state_dict_np(tm)
-  config, _ = convert.infer_config(sd)  # s1, s2 are not in the keys: the class default + a note
+  config, _ = infer.infer_config(sd)  # s1, s2 are not in the keys: the class default + a note
   assert (config.s1, config.s2) == (2, 2) and "s1=2 (ConvAP's default" in capsys.readouterr().err
   hp = {"backbone_arch": "resnet18", "agg_arch": "ConvAP", "agg_config": {"s1": 3, "s2": 1}}
-  config, _ = convert.infer_config(sd, hp)
+  config, _ = infer.infer_config(sd, hp)
   assert (config.s1, config.s2, config.layers_to_freeze) == (3, 1, 2)
   with pytest.raises(convert.CheckpointMismatchError, match="agg_arch|aggregator='gem'"):
-    convert.infer_config(sd, {**hp, "agg_arch": "GeM", "agg_config": {"p": 3}})
+    infer.infer_config(sd, {**hp, "agg_arch": "GeM", "agg_config": {"p": 3}})
   with pytest.raises(convert.CheckpointMismatchError, match="in_channels=2048"):
-    convert.infer_config(sd, {**hp, "agg_config": {"in_channels": 2048}})
+    infer.infer_config(sd, {**hp, "agg_config": {"in_channels": 2048}})
   # MixVPR's own hyper_parameters (pretrained, layers_to_freeze, layers_to_crop at the top)
   fields, _ = official.fields_from_hyper_parameters(
     {

@@ -10,7 +10,7 @@ from pytorch_metric_learning import distances, losses, miners
 import salad_jax
 from salad_jax import sharding
 from salad_jax.train import optim, trainer
-from salad_jax.weights import convert
+from salad_jax.weights import convert, infer
 
 import torch_reference as tr
 from helpers import state_dict_np
@@ -110,7 +110,7 @@ def setup():
   torch.manual_seed(0)
   tm = tr.randomize_(tr.VPRModel("S/14", dropout=0.0), seed=21)
   sd = state_dict_np(tm)
-  config, _ = convert.infer_config(sd, dropout=0.0)
+  config, _ = infer.infer_config(sd, dropout=0.0)
   params = convert.torch_to_params(sd, config)
   return tm, sd, config, params, batches(3)
 
