@@ -104,10 +104,10 @@ def train_step_inputs(model_cfg, mesh, tx, freeze, n_images: int, size: int):
   import jax.numpy as jnp
 
   from salad_jax import sharding
-  from salad_jax.train import trainer
+  from salad_jax.train import state as train_state
 
-  shapes = trainer.abstract_state(model_cfg, tx, freeze)
-  shards = trainer.state_shardings(shapes, mesh)
+  shapes = train_state.abstract_state(model_cfg, tx, freeze)
+  shards = train_state.state_shardings(shapes, mesh)
   state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards
   )
