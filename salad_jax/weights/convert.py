@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import jax
 import numpy as np
 
-from salad_jax.models import convap, cosplace, gem, mixvpr, netvlad, resnet, salad, vit
+from salad_jax.models import convap, cosplace, gem, mixvpr, netvlad, resnet_layout, salad, vit
 from salad_jax.models.config import ModelConfig
 from salad_jax.models.vpr import VPRModel
 from salad_jax.weights import torch_files
@@ -92,7 +92,7 @@ def _head_layout(config: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
   return netvlad.torch_layout(config.vladv2)
 
 
-_RESNET_KINDS = {resnet.CONV: _CONV, resnet.RAW: _RAW, resnet.INT: _INT}
+_RESNET_KINDS = {resnet_layout.CONV: _CONV, resnet_layout.RAW: _RAW, resnet_layout.INT: _INT}
 
 
 def variable_layout(
@@ -103,7 +103,7 @@ def variable_layout(
   if config.is_resnet:
     rows = [
       (BACKBONE + t, coll, ("backbone",) + f, _RESNET_KINDS[k])
-      for t, coll, f, k in resnet.torch_layout(config.backbone, config.layers_to_crop)
+      for t, coll, f, k in resnet_layout.torch_layout(config.backbone, config.layers_to_crop)
     ]
   else:
     rows = [(BACKBONE + t, PARAMS, ("backbone",) + f, k) for t, f, k in _backbone_layout(config)]
@@ -230,7 +230,7 @@ def torch_to_variables(
   )
   if backbone_only and config.is_resnet:
     crop = {f"{BACKBONE}layer{s}." for s in config.layers_to_crop}
-    dropped = {BACKBONE + k for k in resnet.DROPPED}
+    dropped = {BACKBONE + k for k in resnet_layout.DROPPED}
     state_dict = {
       k: v for k, v in state_dict.items() if k not in dropped and not k.startswith(tuple(crop))
     }

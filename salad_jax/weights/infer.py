@@ -17,7 +17,7 @@ import numpy as np
 
 from salad_jax.errors import note
 from salad_jax.files import paths
-from salad_jax.models import resnet, vit
+from salad_jax.models import resnet_layout, vit
 from salad_jax.models.config import ModelConfig
 from salad_jax.models.official import fields_from_hyper_parameters
 from salad_jax.weights import torch_files
@@ -263,7 +263,7 @@ def infer_config(
   if prefix + "conv1.weight" in keys:
     shapes = {k[len(prefix) :]: np.shape(v) for k, v in state_dict.items() if k.startswith(prefix)}
     try:
-      arch, crop = resnet.infer_arch(shapes)
+      arch, crop = resnet_layout.infer_arch(shapes)
     except ValueError as e:
       raise CheckpointMismatchError(f"checkpoint does not match a ResNet: {e}") from None
     from_keys = dict(backbone=arch, layers_to_crop=crop)
