@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from salad_jax import losses
-from salad_jax.data import gsv_cities, images, pack, pack_records, pipeline, tfds_gsv
+from salad_jax.data import gsv_cities, images, pack, pack_records, pack_shards, pipeline, tfds_gsv
 from salad_jax.errors import UserError
 
 from helpers import make_gsv
@@ -229,12 +229,12 @@ def test_a_pack_resumed_after_its_source_changed_writes_those_shards_again(packs
   i = next(
     int(i)
     for i in ds.order[2 * shard : 2 * shard + 2]
-    if pack.encode_image(ds.image_path(int(i)), SIZE)[1] == images.OK
+    if pack_shards.encode_image(ds.image_path(int(i)), SIZE)[1] == images.OK
   )
   path, name = ds.image_path(i), str(ds.paths[i])
-  old = pack.encode_image(path, SIZE)[0]
+  old = pack_shards.encode_image(path, SIZE)[0]
   _rewrite_keeping_size_and_mtime(path)
-  new = pack.encode_image(path, SIZE)[0]
+  new = pack_shards.encode_image(path, SIZE)[0]
   assert new != old
   pack.pack(root, out, image_size=SIZE, num_workers=1, images_per_shard=2, progress=False)
   said = capsys.readouterr().out
