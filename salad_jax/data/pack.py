@@ -11,11 +11,11 @@ removed first. Only when every shard is committed and the record count is right 
 the dataset info and rename its directory to the final name: the final directory is complete or
 absent.
 
-Each shard records the identity of its source files (`pack_shards.source_identity`: name, size, mtime,
-ctime and inode of each; any rewrite of a file changes its ctime, even one that restores its
-mtime). A resume writes again the committed shards whose source files changed since (a resume
-used to mix 280 old and 206 new images of one city); a finished pack whose source files changed
-is refused ("already packed" would have hidden the change). A stat per image, no read.
+Each shard records the identity of its source files (`pack_shards.source_identity`: name, size,
+mtime, ctime and inode of each; any rewrite of a file changes its ctime, even one that restores
+its mtime). A resume writes again the committed shards whose source files changed since (a
+resume used to mix 280 old and 206 new images of one city); a finished pack whose source files
+changed is refused ("already packed" would have hidden the change). A stat per image, no read.
 
 Writing, checking and committing each shard, and the worker processes, are
 `salad_jax.data.pack_shards`'s (unreadable and damaged source images: stored as the reference
