@@ -136,6 +136,22 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def say_if_settings_changed(self, settings: dict) -> None:
+    """R@1 under other eval settings is not comparable: says that the best checkpoints measured
+    under earlier settings than `settings` (fingerprint, text) are kept and ranked apart."""
+    earlier = [c for c in self.scored() if c.settings != settings["fingerprint"]]
+    if not earlier:
+      return
+    best, others = rank(earlier)
+    kept = sorted([best, *others], key=lambda c: c.step)
+    print(
+      f"note: the eval settings changed ({settings['text']}): the checkpoints "
+      "measured under earlier settings are ranked apart and their best kept ("
+      + "; ".join(f"step {c.step}: {c.text}, R@1 {c.r1:.2f}" for c in kept)
+      + ")",
+      flush=True,
+    )
+
   def scored(self) -> list[Scored]:
     """Each kept checkpoint's `best_metric` and the eval settings it was measured under."""
     return [

@@ -211,26 +211,6 @@ def next_batch(data_iter, mesh, local_images: int = 0) -> tuple[dict[str, jax.Ar
   return sharding.global_batch(local, mesh), corrupt
 
 
-def _say_if_eval_settings_changed(checkpointer, evaluator) -> None:
-  """R@1 under other eval settings is not comparable: say that the best checkpoints measured
-  under the earlier settings are kept and ranked apart."""
-  if not evaluator.enabled or jax.process_index() != 0:
-    return
-  now = evaluator.settings["fingerprint"]
-  earlier = [c for c in checkpointer.scored() if c.settings != now]
-  if not earlier:
-    return
-  best, others = run_checkpoints.rank(earlier)
-  kept = sorted([best, *others], key=lambda c: c.step)
-  print(
-    f"note: the eval settings changed ({evaluator.settings['text']}): the checkpoints "
-    "measured under earlier settings are ranked apart and their best kept ("
-    + "; ".join(f"step {c.step}: {c.text}, R@1 {c.r1:.2f}" for c in kept)
-    + ")",
-    flush=True,
-  )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, evaluating at every epoch end; resumes from `workdir` if it can.
 
@@ -286,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_saved, state, _ = restored
       logging.info("resumed from %s at step %d", checkpointer.directory, last_saved)
       print(f"resumed from step {last_saved} ({checkpointer.directory})")
-      _say_if_eval_settings_changed(checkpointer, evaluator)
+      if evaluator.enabled and jax.process_index() == 0:
+        checkpointer.say_if_settings_changed(evaluator.settings)
     preemption.stop_if_terminated(poll)
     step_fn = make_train_step(model_cfg, tx, freeze, dict(config.loss), schedule, mesh)
     writer = metrics.MetricsWriter(workdir)
