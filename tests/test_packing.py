@@ -287,6 +287,16 @@ def test_cli_errors_are_one_line(tmp_path):
   )
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: --image_size '224': expected H,W" in r.stderr
+  # a size DINOv2 cannot take is refused before packing; a ResNet's pack (MixVPR: 320x320) is not
+  common = [sys.executable, "-m", "salad_jax.data.tfds_gsv", "--manual_dir", str(tmp_path)]
+  common += ["--data_dir", str(tmp_path / "o"), "--image_size", "320,320"]
+  r = subprocess.run(common, cwd=REPO, capture_output=True, text=True)
+  assert "error: --image_size 320,320: image 320x320: height and width must be multiples of 14" in (
+    r.stderr
+  )
+  assert "hint: the paper trains at 224,224; a ResNet takes any size" in r.stderr
+  r = subprocess.run(common + ["--backbone", "resnet50"], cwd=REPO, capture_output=True, text=True)
+  assert "image_size" not in r.stderr and "GSV-Cities not found" in r.stderr  # past the size
 
 
 def test_the_order_of_the_cities_does_not_make_another_pack(packs, capsys):
