@@ -47,7 +47,7 @@ def main(argv):
   import salad_jax
   from salad_jax import cli
   from salad_jax.files import paths
-  from salad_jax.models.vpr import parse_overrides
+  from salad_jax.models.config import parse_overrides
   from salad_jax.weights import converted, torch_files
 
   cli.quiet_logs()

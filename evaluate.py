@@ -114,7 +114,7 @@ def main(argv):
   from salad_jax.evaluation import evaluate, recall
   from salad_jax.files import destinations
   from salad_jax.inference import check_checkpoint_exists
-  from salad_jax.models.vpr import parse_overrides
+  from salad_jax.models.config import parse_overrides
 
   cli.quiet_logs()
   size = argv_compat.image_size(FLAGS.image_size)

@@ -85,7 +85,7 @@ def fit_batch(n: int, devices: int) -> int:
 
 
 def model_config(args, dtype, attention="auto"):
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   head = dict(num_clusters=8, cluster_dim=16, token_dim=16, hidden_dim=32) if args.smoke else {}
   return ModelConfig(
@@ -192,6 +192,7 @@ def bench_train(args, mesh, dtype, kind, memory=None, attention="auto"):
   from salad_jax import sharding
   from salad_jax.models import attention as attention_lib
   from salad_jax.train import flops, optim, trainer
+  from salad_jax.train import state as train_state
 
   model_cfg = model_config(args, dtype, attention)
   cfg = ml_collections.ConfigDict(
@@ -210,7 +211,9 @@ def bench_train(args, mesh, dtype, kind, memory=None, attention="auto"):
   )
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=1000)
   freeze = optim.default_freeze_regex(model_cfg)
-  state = trainer.create_state(random_params(model_cfg), tx, freeze, mesh, jax.random.PRNGKey(0))
+  state = train_state.create_state(
+    random_params(model_cfg), tx, freeze, mesh, jax.random.PRNGKey(0)
+  )
   step = trainer.make_train_step(
     model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
   )

@@ -29,14 +29,14 @@ def main():
   import torch
 
   import salad_jax
-  from salad_jax.weights import convert
+  from salad_jax.weights import convert, infer
 
   import torch_reference as tr
 
   torch.set_num_threads(args.threads)
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0).eval()
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-  config, _ = convert.infer_config(sd, dtype=args.dtype)
+  config, _ = infer.infer_config(sd, dtype=args.dtype)
   model = salad_jax.SaladModel(convert.torch_to_params(sd, config), config)
   model.params = jax.device_put(model.params)
 

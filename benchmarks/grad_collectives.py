@@ -69,6 +69,7 @@ def hlo_text(model_cfg, mesh, args) -> str:
 
   from salad_jax import sharding
   from salad_jax.train import optim, trainer
+  from salad_jax.train import state as train_state
 
   cfg = ml_collections.ConfigDict(
     dict(lr=6e-5, weight_decay=9.5e-9, b1=0.9, b2=0.999, eps=1e-8, lr_start_factor=1.0,
@@ -79,11 +80,11 @@ def hlo_text(model_cfg, mesh, args) -> str:
   step = trainer.make_train_step(
     model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
   )
-  shapes = trainer.abstract_state(model_cfg, tx, freeze)
+  shapes = train_state.abstract_state(model_cfg, tx, freeze)
   state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     shapes,
-    trainer.state_shardings(shapes, mesh),
+    train_state.state_shardings(shapes, mesh),
   )
   n, data = args.places * args.img_per_place, sharding.data_sharded(mesh)
   batch = {
@@ -128,7 +129,7 @@ def main(argv=None):
   args = parse_args(argv)
   devs = devices(args.target)
   from salad_jax import sharding
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   rows = []
   for fsdp in [int(x) for x in args.fsdp.split(",")]:

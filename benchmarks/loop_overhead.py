@@ -107,6 +107,7 @@ def worker(args) -> dict:
   from salad_jax import sharding
   from salad_jax.data import source as source_lib
   from salad_jax.train import metrics, optim, trainer
+  from salad_jax.train import state as train_state
 
   assert os.path.dirname(os.path.dirname(trainer.__file__)) == os.path.abspath(args.code or REPO)
 
@@ -127,12 +128,12 @@ def worker(args) -> dict:
   config = tiny_config(1, args.steps, places)
   config.num_epochs = 2 * args.repeats  # enough batches for the timings below
   mesh = sharding.make_mesh()
-  model_cfg = trainer.model_config(config)
+  model_cfg = train_state.model_config(config)
   it, spec = source_lib.make_iterator(config, source, 0, 1)
   tx, schedule = optim.make_optimizer(config.optim, spec.steps_per_epoch)
-  freeze = trainer.freeze_regex(config, model_cfg)
-  state = trainer.create_state(
-    trainer.initial_params(config, model_cfg, jax.random.PRNGKey(0)),
+  freeze = train_state.freeze_regex(config, model_cfg)
+  state = train_state.create_state(
+    train_state.initial_params(config, model_cfg, jax.random.PRNGKey(0)),
     tx,
     freeze,
     mesh,

@@ -104,10 +104,10 @@ def train_step_inputs(model_cfg, mesh, tx, freeze, n_images: int, size: int):
   import jax.numpy as jnp
 
   from salad_jax import sharding
-  from salad_jax.train import trainer
+  from salad_jax.train import state as train_state
 
-  shapes = trainer.abstract_state(model_cfg, tx, freeze)
-  shards = trainer.state_shardings(shapes, mesh)
+  shapes = train_state.abstract_state(model_cfg, tx, freeze)
+  shards = train_state.state_shardings(shapes, mesh)
   state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards
   )
@@ -365,7 +365,7 @@ def main(argv=None):
   devices = setup_devices(args)
   import jax
 
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
 
   print(
     f"target {args.target} {args.topology or TARGETS[args.target] or ''}"

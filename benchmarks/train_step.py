@@ -36,7 +36,8 @@ def main():
 
   from salad_jax import sharding
   from salad_jax.train import optim, trainer
-  from salad_jax.weights import convert
+  from salad_jax.train import state as train_state
+  from salad_jax.weights import convert, infer
 
   import torch_reference as tr
 
@@ -45,7 +46,7 @@ def main():
   n = args.places * k
   tm = tr.randomize_(tr.VPRModel(args.variant), seed=0)
   sd = {key: v.numpy().copy() for key, v in tm.state_dict().items()}
-  model_cfg, _ = convert.infer_config(sd)
+  model_cfg, _ = infer.infer_config(sd)
   model_cfg = model_cfg.replace(dtype=args.dtype)
   params = convert.torch_to_params(sd, model_cfg)
 
@@ -71,7 +72,7 @@ def main():
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=1000)
   freeze = optim.default_freeze_regex(model_cfg)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
+  state = train_state.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
   step = trainer.make_train_step(
     model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
   )

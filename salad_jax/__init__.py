@@ -12,7 +12,8 @@ checksums), `files/` (writing beside a user's files), `index/` (the retrieval in
 from salad_jax import losses
 from salad_jax.index import Index, fit_pca
 from salad_jax.inference import SaladModel, load, preprocess
-from salad_jax.models.vpr import ModelConfig, VPRModel, init_params
+from salad_jax.models.config import ModelConfig
+from salad_jax.models.vpr import VPRModel, init_params
 from salad_jax.weights.converted import save_converted
 
 __all__ = [

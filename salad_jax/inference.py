@@ -22,15 +22,15 @@ from salad_jax.data.images import (
 )
 from salad_jax.errors import UserError
 from salad_jax.files import paths
+from salad_jax.models.config import ModelConfig
 from salad_jax.models.vpr import (
-  ModelConfig,
   VPRModel,
   as_variables,
   assignment,
   init_variables,
   weights_of,
 )
-from salad_jax.weights import convert, converted, run_checkpoints
+from salad_jax.weights import convert, converted, infer, run_checkpoints
 
 # The values an ImageNet-normalised image can hold ([0, 1] -> [-2.118, 2.640]), with a margin for
 # resampling after normalisation (bilinear cannot overshoot; bicubic a little).
@@ -239,7 +239,7 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
 
   `path`: a converted directory (`convert_weights.py`), a training workdir or one of its
   checkpoints (`train.py`), or a PyTorch `.ckpt/.pth` / `.safetensors` file (converted on the
-  fly): an official VPRModel of any backbone x head (`convert.infer_config`), or a plain DINOv2
+  fly): an official VPRModel of any backbone x head (`infer.infer_config`), or a plain DINOv2
   hub / torchvision ResNet file, which gives the backbone with a freshly initialised head (from
   `rng`; the head named by `config_overrides`). `config_overrides` (e.g. dtype="bfloat16")
   replace fields of a saved model config that change neither its parameters nor its function;
@@ -267,7 +267,7 @@ def load(path: str, rng: jax.Array | None = None, **config_overrides: Any) -> Sa
     return SaladModel(params, config, source, batch_stats)
   if not paths.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
-  variables, config, backbone_only, source = convert.read_checkpoint_variables(
+  variables, config, backbone_only, source = infer.read_checkpoint_variables(
     path, **config_overrides
   )
   if backbone_only:  # the head starts fresh; a ResNet's own BatchNorm statistics are the file's

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from salad_jax.weights import convert
+from salad_jax.weights import convert, infer
 
 import torch_reference as tr
 
@@ -20,7 +20,7 @@ def twin(variant="S/14", seed=0, **kw):
   """(torch model, JAX params, ModelConfig) with identical weights."""
   tm = torch_model(variant, seed, **kw)
   sd = state_dict_np(tm)
-  config, _ = convert.infer_config(sd)
+  config, _ = infer.infer_config(sd)
   return tm, convert.torch_to_params(sd, config), config
 
 
@@ -119,6 +119,7 @@ def tiny_train_setup(model_cfg, params, mesh):
   import ml_collections
 
   from salad_jax.train import optim, trainer
+  from salad_jax.train import state as train_state
 
   cfg = ml_collections.ConfigDict(
     dict(
@@ -136,7 +137,7 @@ def tiny_train_setup(model_cfg, params, mesh):
   )
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=2)
   freeze = optim.default_freeze_regex(model_cfg)
-  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
+  state = train_state.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
   step = trainer.make_train_step(
     model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
   )

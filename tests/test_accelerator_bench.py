@@ -36,7 +36,7 @@ def test_accelerator_benchmark_smoke(tmp_path):
   t = sections["train bf16"]
   assert t["finite"] and t["img_s"] > 0 and t["devices"] == 2
   # model FLOPs (analytic) and the compiled program's count (cost_analysis) side by side
-  from salad_jax.models.vpr import ModelConfig
+  from salad_jax.models.config import ModelConfig
   from salad_jax.train import flops
 
   smoke = ModelConfig(

@@ -26,6 +26,7 @@ import salad_jax
 import salad_jax.data.pack
 import salad_jax.weights.convert
 import salad_jax.weights.converted
+import salad_jax.weights.infer
 import salad_jax.weights.torch_files
 
 from helpers import make_gsv, state_dict_np, twin
@@ -740,7 +741,7 @@ def test_one_wrong_shaped_tensor_is_named_not_its_neighbours(nano, key):
   keys = list(nano.sd)
   sd = changed(nano.sd, key, np.zeros(tuple(d + 1 for d in nano.sd[key].shape), np.float32))
   with pytest.raises(ValueError) as e:
-    salad_jax.weights.convert.torch_to_params(sd, salad_jax.weights.convert.infer_config(sd)[0])
+    salad_jax.weights.convert.torch_to_params(sd, salad_jax.weights.infer.infer_config(sd)[0])
   msg = str(e.value)
   assert key in msg
   i = keys.index(key)

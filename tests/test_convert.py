@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import salad_jax
-from salad_jax.weights import convert, torch_files
+from salad_jax.weights import convert, infer, torch_files
 
 import torch_reference as tr
 from helpers import images as random_images
@@ -43,7 +43,7 @@ def test_round_trip_torch_jax_torch_is_bit_exact(s14):
 def test_round_trip_registers_and_swiglu_layout():
   tm = torch_model("S/14", seed=2, registers=True)
   sd = state_dict_np(tm)
-  config, _ = convert.infer_config(sd)
+  config, _ = infer.infer_config(sd)
   back = convert.params_to_torch(convert.torch_to_params(sd, config), config)
   assert list(back) == list(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   g_rows = convert.layout(salad_jax.ModelConfig(variant="g/14"))

@@ -55,7 +55,8 @@ def losses_on(devices, steps=STEPS):
   """Losses on `devices` of `steps` train steps of the paper's 60 x 4, then of 59 x 4 (padded to
   240 entries: 4 padding entries) in a shuffled order (the padding anywhere, every example at
   another position: nothing may depend on positions). One program for both."""
-  from salad_jax.train import optim, trainer
+  from salad_jax.train import optim
+  from salad_jax.train import state as train_state
 
   model_cfg = demo_model_config()
   params = salad_jax.init_params(model_cfg, jax.random.key(0), image_size=HW)
@@ -66,7 +67,7 @@ def losses_on(devices, steps=STEPS):
   freeze = optim.default_freeze_regex(model_cfg)
   out = {}
   for places, shuffle in ((60, False), (59, True)):
-    state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
+    state = train_state.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
     out[places] = []
     for i, b in enumerate(batches(places, 4, steps)):
       b = sharding.pad_batch(b, 240)

@@ -14,9 +14,9 @@ import torch
 
 import salad_jax
 from salad_jax.errors import UserError
-from salad_jax.models import vpr
-from salad_jax.models.vpr import ModelConfig
-from salad_jax.weights import convert
+from salad_jax.models import official, vpr
+from salad_jax.models.config import ModelConfig, parse_overrides
+from salad_jax.weights import convert, infer
 
 # name: (backbone, head, image side, head arguments). ResNets at 64x64 (MixVPR on the 4x4 map
 # of layer3), DINOv2 S/14 at 56x56 (a 4x4 patch grid), so each case compiles in seconds.
@@ -125,8 +125,8 @@ def test_mixvpr_recipe_at_320_shapes_only():
   bb = om.trn.OfficialResNet("resnet50", pretrained=False, layers_to_crop=(4,))
   head = om.th.MixVPR(1024, 20, 20, 1024, 4, 1, 4)
   sd = om.state_dict_np(om.VPRModel(bb, head))
-  config, backbone_only = convert.infer_config(sd)
-  official = vpr.from_official(
+  config, backbone_only = infer.infer_config(sd)
+  expected = official.from_official(
     "resnet50",
     {"layers_to_crop": [4]},
     "MixVPR",
@@ -140,8 +140,8 @@ def test_mixvpr_recipe_at_320_shapes_only():
       "out_rows": 4,
     },
   )
-  assert not backbone_only and config.fields(config.model_fields()) == official.fields(
-    official.model_fields()
+  assert not backbone_only and config.fields(config.model_fields()) == expected.fields(
+    expected.model_fields()
   )
   assert config.descriptor_dim == 4096 and config.feature_grid(320, 320) == (20, 20)
   variables = convert.torch_to_variables(sd, config)  # every key and shape, both ways
@@ -244,17 +244,17 @@ def test_converted_dir_keeps_batch_stats_and_a_resnet_backbone_file_gets_a_fresh
 def test_hyper_parameters_and_keys_decide_or_the_error_names_the_flag(tmp_path, capsys):
   tm = om.build("resnet18", "convap", seed=2, s1=3, s2=1)
   sd = om.state_dict_np(tm)
-  config, _ = convert.infer_config(sd)  # s1, s2 are not in the keys: the class default + a note
+  config, _ = infer.infer_config(sd)  # s1, s2 are not in the keys: the class default + a note
   assert (config.s1, config.s2) == (2, 2) and "s1=2 (ConvAP's default" in capsys.readouterr().err
   hp = {"backbone_arch": "resnet18", "agg_arch": "ConvAP", "agg_config": {"s1": 3, "s2": 1}}
-  config, _ = convert.infer_config(sd, hp)
+  config, _ = infer.infer_config(sd, hp)
   assert (config.s1, config.s2, config.layers_to_freeze) == (3, 1, 2)
   with pytest.raises(convert.CheckpointMismatchError, match="agg_arch|aggregator='gem'"):
-    convert.infer_config(sd, {**hp, "agg_arch": "GeM", "agg_config": {"p": 3}})
+    infer.infer_config(sd, {**hp, "agg_arch": "GeM", "agg_config": {"p": 3}})
   with pytest.raises(convert.CheckpointMismatchError, match="in_channels=2048"):
-    convert.infer_config(sd, {**hp, "agg_config": {"in_channels": 2048}})
+    infer.infer_config(sd, {**hp, "agg_config": {"in_channels": 2048}})
   # MixVPR's own hyper_parameters (pretrained, layers_to_freeze, layers_to_crop at the top)
-  fields, _ = vpr.fields_from_hyper_parameters(
+  fields, _ = official.fields_from_hyper_parameters(
     {
       "backbone_arch": "resnet50",
       "pretrained": True,
@@ -267,7 +267,7 @@ def test_hyper_parameters_and_keys_decide_or_the_error_names_the_flag(tmp_path, 
   assert fields["layers_to_crop"] == (4,) and fields["layers_to_freeze"] == 1
   # the main.py arguments are today's default model; official quirks are reproduced
   assert (
-    vpr.from_official(
+    official.from_official(
       "dinov2_vitb14",
       {"num_trainable_blocks": 4, "return_token": True, "norm_layer": True},
       "SALAD",
@@ -275,9 +275,9 @@ def test_hyper_parameters_and_keys_decide_or_the_error_names_the_flag(tmp_path, 
     )
     == ModelConfig()
   )
-  assert vpr.from_official("wide_resnet50_2", {}, "GeM").backbone == "resnet50"
+  assert official.from_official("wide_resnet50_2", {}, "GeM").backbone == "resnet50"
   assert (
-    vpr.from_official("dinov2_vits14", {"num_trainable_blocks": 0}, "GeM").num_trainable_blocks
+    official.from_official("dinov2_vits14", {"num_trainable_blocks": 0}, "GeM").num_trainable_blocks
     == 12
   )
 
@@ -293,11 +293,11 @@ def test_model_config_checks_are_one_line():
     ModelConfig(backbone="resnet18", aggregator="gem", layers_to_crop=(3,))
   with pytest.raises(UserError, match="crops ResNet stages"):
     ModelConfig(aggregator="gem", layers_to_crop=(4,))
-  assert vpr.parse_overrides(["salad_assignment=softmax", "layers_to_crop=3,4", "s1=3"]) == dict(
+  assert parse_overrides(["salad_assignment=softmax", "layers_to_crop=3,4", "s1=3"]) == dict(
     salad_assignment="softmax", layers_to_crop=(3, 4), s1=3
   )
   with pytest.raises(UserError, match="expected FIELD=VALUE"):
-    vpr.parse_overrides(["nope=1"])
+    parse_overrides(["nope=1"])
   # a saved model keeps what fixes its parameters and function; the rest may change
   c = ModelConfig(aggregator="gem")
   assert set(c.model_fields()) == {"backbone", "aggregator", "variant", "registers", "norm_layer"}

@@ -17,9 +17,10 @@ from salad_jax import losses as jlosses
 from salad_jax import sharding
 from salad_jax.errors import UserError
 from salad_jax.models import resnet, vpr
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.train import config as config_lib
 from salad_jax.train import optim, trainer
+from salad_jax.train import state as train_state
 from salad_jax.weights import convert
 
 from helpers import place_batch
@@ -218,7 +219,7 @@ def test_resnet50_mixvpr_steps_with_mixvpr_recipe_match_torch():
   tx, schedule = optim.make_optimizer(cfg, 1)
   freeze = optim.default_freeze_regex(config)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = trainer.create_state(
+  state = train_state.create_state(
     variables["params"], tx, freeze, mesh, jax.random.PRNGKey(0), variables["batch_stats"]
   )
   loss_cfg = dict(name="MultiSimilarityLoss", miner="MultiSimilarityMiner", miner_margin=0.1)

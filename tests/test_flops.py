@@ -11,7 +11,8 @@ import pytest
 
 from salad_jax import sharding
 from salad_jax.models import vit
-from salad_jax.models.vpr import ModelConfig, VPRModel
+from salad_jax.models.config import ModelConfig
+from salad_jax.models.vpr import VPRModel
 from salad_jax.train import flops, optim, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

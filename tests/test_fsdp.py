@@ -12,7 +12,8 @@ import pytest
 
 import salad_jax
 from salad_jax import errors, sharding
-from salad_jax.train import checkpoint, optim, trainer
+from salad_jax.train import checkpoint, optim
+from salad_jax.train import state as train_state
 
 from helpers import place_batch, random_params, tiny_train_setup
 
@@ -125,11 +126,11 @@ def test_checkpoint_restores_under_another_layout(runs, saved):
 def test_checkpoint_of_another_model_size_is_a_clear_error(runs, saved):
   bigger = salad_jax.ModelConfig(**{**TINY, "cluster_dim": 32})
   tx, _ = _optimizer()
-  shapes = trainer.abstract_state(bigger, tx, optim.default_freeze_regex(bigger))
+  shapes = train_state.abstract_state(bigger, tx, optim.default_freeze_regex(bigger))
   target = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     shapes,
-    trainer.state_shardings(shapes, runs[8][2]),
+    train_state.state_shardings(shapes, runs[8][2]),
   )
   with pytest.raises(errors.UserError, match="cluster_dim=32") as e:
     saved.restore(1, target, model=bigger.to_dict())

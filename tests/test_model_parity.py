@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salad_jax.models.vpr import VPRModel
-from salad_jax.weights import convert
+from salad_jax.weights import convert, infer
 
 import torch_reference as tr
 from helpers import parity_diffs
@@ -18,7 +18,7 @@ SIZES = [(224, 224), (322, 322), (518, 518), (224, 322)]
 def pair(request):
   tm = tr.randomize_(tr.VPRModel(request.param), seed=11).eval()
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-  config, backbone_only = convert.infer_config(sd)
+  config, backbone_only = infer.infer_config(sd)
   assert not backbone_only and config.variant == request.param
   params = convert.torch_to_params(sd, config)
   model = VPRModel(config)
@@ -42,7 +42,7 @@ def test_descriptors_features_and_assignment_match_torch(pair, hw):
 def test_registers_variant_matches_torch():
   tm = tr.randomize_(tr.VPRModel("S/14", registers=True), seed=12).eval()
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-  config, _ = convert.infer_config(sd)
+  config, _ = infer.infer_config(sd)
   assert config.registers
   params = convert.torch_to_params(sd, config)
   model = VPRModel(config)
@@ -67,7 +67,7 @@ def test_head_variant_sizes_follow_config():
   """The paper's smaller SALAD (m=16, l=32, g=32 -> 544-d) converts and matches torch."""
   tm = tr.randomize_(tr.VPRModel("S/14", m=16, l=32, g=32), seed=13).eval()
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-  config, _ = convert.infer_config(sd)
+  config, _ = infer.infer_config(sd)
   assert (config.num_clusters, config.cluster_dim, config.token_dim) == (16, 32, 32)
   assert config.descriptor_dim == 544
   params = convert.torch_to_params(sd, config)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from salad_jax import losses
-from salad_jax.data import gsv_cities, images, pack, pack_records, pipeline, tfds_gsv
+from salad_jax.data import gsv_cities, images, pack, pack_records, pack_shards, pipeline, tfds_gsv
 from salad_jax.errors import UserError
 
 from helpers import make_gsv
@@ -229,12 +229,12 @@ def test_a_pack_resumed_after_its_source_changed_writes_those_shards_again(packs
   i = next(
     int(i)
     for i in ds.order[2 * shard : 2 * shard + 2]
-    if pack.encode_image(ds.image_path(int(i)), SIZE)[1] == images.OK
+    if pack_shards.encode_image(ds.image_path(int(i)), SIZE)[1] == images.OK
   )
   path, name = ds.image_path(i), str(ds.paths[i])
-  old = pack.encode_image(path, SIZE)[0]
+  old = pack_shards.encode_image(path, SIZE)[0]
   _rewrite_keeping_size_and_mtime(path)
-  new = pack.encode_image(path, SIZE)[0]
+  new = pack_shards.encode_image(path, SIZE)[0]
   assert new != old
   pack.pack(root, out, image_size=SIZE, num_workers=1, images_per_shard=2, progress=False)
   said = capsys.readouterr().out
@@ -287,6 +287,16 @@ def test_cli_errors_are_one_line(tmp_path):
   )
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: --image_size '224': expected H,W" in r.stderr
+  # a size DINOv2 cannot take is refused before packing; a ResNet's pack (MixVPR: 320x320) is not
+  common = [sys.executable, "-m", "salad_jax.data.tfds_gsv", "--manual_dir", str(tmp_path)]
+  common += ["--data_dir", str(tmp_path / "o"), "--image_size", "320,320"]
+  r = subprocess.run(common, cwd=REPO, capture_output=True, text=True)
+  assert "error: --image_size 320,320: image 320x320: height and width must be multiples of 14" in (
+    r.stderr
+  )
+  assert "hint: the paper trains at 224,224; a ResNet takes any size" in r.stderr
+  r = subprocess.run(common + ["--backbone", "resnet50"], cwd=REPO, capture_output=True, text=True)
+  assert "image_size" not in r.stderr and "GSV-Cities not found" in r.stderr  # past the size
 
 
 def test_the_order_of_the_cities_does_not_make_another_pack(packs, capsys):

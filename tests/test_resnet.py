@@ -17,7 +17,7 @@ import torch_resnet as tr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from salad_jax.errors import UserError
-from salad_jax.models import resnet
+from salad_jax.models import batchnorm, resnet, resnet_layout
 
 ARCHS = list(resnet.VARIANTS)
 INPUT = {"resnet101": (1, 32), "resnet152": (1, 32)}  # (batch, side): the deep ones small
@@ -78,8 +78,8 @@ def test_eval_features_match_torch(arch):
   x = images(n, side, seed=1)
   ref = torch_features(tm, x)
   sd = state_dict(tm)
-  assert resnet.infer_arch({k: v.shape for k, v in sd.items()}) == (arch, ())
-  out = resnet.ResNet(arch).apply(resnet.state_dict_to_variables(sd, arch), x)
+  assert resnet_layout.infer_arch({k: v.shape for k, v in sd.items()}) == (arch, ())
+  out = resnet.ResNet(arch).apply(resnet_layout.state_dict_to_variables(sd, arch), x)
   assert out.shape == ref.shape == (n, side // 32, side // 32, resnet.out_channels(arch))
   abs_err, rel = rel_err(out, ref)
   print(f"{arch} eval {n}x{side}x{side}: max abs {abs_err:.2e}, rel {rel:.2e}")
@@ -105,7 +105,7 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
   w = np.random.default_rng(4).standard_normal(ref.shape)
   with_grads = arch in ("resnet18", "resnet50")
 
-  variables = resnet.state_dict_to_variables(sd, arch)
+  variables = resnet_layout.state_dict_to_variables(sd, arch)
   net = resnet.ResNet(arch, layers_to_freeze=2)
 
   def loss(params):
@@ -124,7 +124,7 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
   else:
     _, (out, state) = loss(variables["params"])
   abs_err, rel = rel_err(out, ref)
-  got = resnet.variables_to_state_dict({"params": variables["params"], **state}, arch)
+  got = resnet_layout.variables_to_state_dict({"params": variables["params"], **state}, arch)
   worst = 0.0
   for k, v in after.items():
     if k.endswith("num_batches_tracked"):
@@ -144,7 +144,7 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
   (t64(torch_nchw(x).double()).permute(0, 2, 3, 1) * torch.from_numpy(w)).sum().backward()
   grads_t = {k: p.grad for k, p in t64.model.named_parameters()}
   frozen_t = {k for k, g in grads_t.items() if g is None}
-  rows = [r for r in resnet.torch_layout(arch) if r[1] == "params"]
+  rows = [r for r in resnet_layout.torch_layout(arch) if r[1] == "params"]
   assert [r[0] for r in rows] == list(grads_t)
   pattern = re.compile(resnet.freeze_regex(2))
   frozen_j = {t for t, _, path, _ in rows if pattern.search("backbone/" + "/".join(path))}
@@ -155,7 +155,7 @@ def test_train_mode_forward_bn_updates_and_gradients_match_torch(arch):
     if tkey in frozen_t:
       assert not g.any(), tkey  # the stop_gradient after layer2
       continue
-    ref = resnet._to_flax(grads_t[tkey].numpy(), kind)
+    ref = resnet_layout._to_flax(grads_t[tkey].numpy(), kind)
     worst = max(worst, (float(np.linalg.norm(g - ref) / np.linalg.norm(ref)), tkey))
   print(
     f"{arch} grads: {len(rows) - len(frozen_t)} trainable tensors, worst Frobenius rel "
@@ -180,10 +180,10 @@ def test_cropped_backbones_match_torch(arch, crop, channels):
   assert tm.out_channels == channels == resnet.out_channels(arch, crop)
   sd = state_dict(tm)
   assert not any(k.startswith("layer4") for k in sd)
-  assert resnet.infer_arch({k: v.shape for k, v in sd.items()}) == (arch, crop)
+  assert resnet_layout.infer_arch({k: v.shape for k, v in sd.items()}) == (arch, crop)
   x = images(2, 64, seed=1)
   ref = torch_features(tm, x)
-  out = resnet.ResNet(arch, crop).apply(resnet.state_dict_to_variables(sd, arch, crop), x)
+  out = resnet.ResNet(arch, crop).apply(resnet_layout.state_dict_to_variables(sd, arch, crop), x)
   side = 64 // (16 if crop == (4,) else 8)
   assert out.shape == ref.shape == (2, side, side, channels)
   abs_err, rel = rel_err(out, ref)
@@ -222,7 +222,7 @@ def test_sharded_batch_gives_global_batch_statistics():
   statistics; per-device ones would differ, as the one-image control shows)."""
   assert len(jax.devices()) == 8
   tm = model("resnet18")
-  variables = resnet.state_dict_to_variables(state_dict(tm), "resnet18")
+  variables = resnet_layout.state_dict_to_variables(state_dict(tm), "resnet18")
   x = images(8, 64, seed=6)
   step = jax.jit(
     lambda v, x: resnet.ResNet("resnet18").apply(v, x, train=True, mutable=["batch_stats"])
@@ -250,8 +250,10 @@ def test_sharded_batch_gives_global_batch_statistics():
 def test_round_trip_torch_flax_torch_is_bit_exact(arch):
   tm = model(arch)
   sd = state_dict(tm)
-  assert [r[0] for r in resnet.torch_layout(arch)] == list(sd)
-  back = resnet.variables_to_state_dict(resnet.state_dict_to_variables(sd, arch), arch)
+  assert [r[0] for r in resnet_layout.torch_layout(arch)] == list(sd)
+  back = resnet_layout.variables_to_state_dict(
+    resnet_layout.state_dict_to_variables(sd, arch), arch
+  )
   assert list(back) == list(sd)
   for k, v in sd.items():
     assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
@@ -264,9 +266,9 @@ def test_infer_arch_on_every_arch_and_crop(arch):
   for crop in CROPS:
     shapes = {k: s for k, s in full.items() if k.split(".")[0] not in {f"layer{c}" for c in crop}}
     want = "resnet50" if crop == (3, 4) and arch == "resnet101" else arch  # the same network
-    assert resnet.infer_arch(shapes) == (want, crop)
+    assert resnet_layout.infer_arch(shapes) == (want, crop)
   torchvision_file = dict(full, **{"fc.weight": (1000, full["bn1.weight"][0]), "fc.bias": (1000,)})
-  assert resnet.infer_arch(torchvision_file) == (arch, ())
+  assert resnet_layout.infer_arch(torchvision_file) == (arch, ())
 
 
 def test_infer_arch_and_conversion_errors_name_what_they_found():
@@ -276,34 +278,34 @@ def test_infer_arch_and_conversion_errors_name_what_they_found():
     for k, s in full.items()
   }
   with pytest.raises(UserError, match="groups 16"):
-    resnet.infer_arch(x8d)
+    resnet_layout.infer_arch(x8d)
   with pytest.raises(UserError, match="missing: layer2.1.bn1.running_var"):
-    resnet.infer_arch({k: s for k, s in full.items() if k != "layer2.1.bn1.running_var"})
+    resnet_layout.infer_arch({k: s for k, s in full.items() if k != "layer2.1.bn1.running_var"})
   with pytest.raises(UserError, match=r"wrong shapes: layer3.0.conv1.weight \(512, 256, 1, 1\)"):
-    resnet.infer_arch(dict(full, **{"layer3.0.conv1.weight": (512, 256, 1, 1)}))
+    resnet_layout.infer_arch(dict(full, **{"layer3.0.conv1.weight": (512, 256, 1, 1)}))
   with pytest.raises(UserError, match="unexpected: extra.weight"):
-    resnet.infer_arch(dict(full, **{"extra.weight": (3,)}))
+    resnet_layout.infer_arch(dict(full, **{"extra.weight": (3,)}))
   with pytest.raises(UserError, match="stages with blocks"):
-    resnet.infer_arch({k: s for k, s in full.items() if not k.startswith("layer3.")})
+    resnet_layout.infer_arch({k: s for k, s in full.items() if not k.startswith("layer3.")})
   with pytest.raises(UserError, match="not numbered"):
-    resnet.infer_arch({k: s for k, s in full.items() if not k.startswith("layer2.1.")})
+    resnet_layout.infer_arch({k: s for k, s in full.items() if not k.startswith("layer2.1.")})
   with pytest.raises(UserError, match="not a torchvision ResNet"):
-    resnet.infer_arch({"cls_token": (1, 1, 768)})
+    resnet_layout.infer_arch({"cls_token": (1, 1, 768)})
   # a full torchvision file converts for a cropped model: the wrapper drops layer4 and fc
   sd = dict(
     state_dict(model("resnet18")),
     **{"fc.weight": np.zeros((1000, 512), np.float32), "fc.bias": np.zeros(1000, np.float32)},
   )
-  v = resnet.state_dict_to_variables(sd, "resnet18", [4])
+  v = resnet_layout.state_dict_to_variables(sd, "resnet18", [4])
   assert "layer4_0" not in v["params"] and "layer3_1" in v["params"]
   with pytest.raises(UserError, match="unexpected: bogus"):
-    resnet.state_dict_to_variables(dict(sd, bogus=np.zeros(1)), "resnet18")
+    resnet_layout.state_dict_to_variables(dict(sd, bogus=np.zeros(1)), "resnet18")
   with pytest.raises(UserError, match="unknown ResNet arch"):
     resnet.ResNet("resnet200").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_freeze_regex_matches_the_official_requires_grad():
-  rows = [r for r in resnet.torch_layout("resnet18") if r[1] == "params"]
+  rows = [r for r in resnet_layout.torch_layout("resnet18") if r[1] == "params"]
   for level in range(-1, 5):
     tm = tr.OfficialResNet("resnet18", pretrained=True, layers_to_freeze=level)
     frozen_t = {k for k, p in tm.model.named_parameters() if not p.requires_grad}
@@ -327,15 +329,15 @@ def test_init_follows_torchvision_and_bn_edge_cases():
     jax.random.key(0),
     jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
   )
-  for _, coll, path, kind in resnet.torch_layout("resnext50_32x4d"):
+  for _, coll, path, kind in resnet_layout.torch_layout("resnext50_32x4d"):
     dtype = functools.reduce(lambda t, p: t[p], path, shapes[coll]).dtype
-    assert dtype == (np.int32 if kind == resnet.INT else np.float32)
+    assert dtype == (np.int32 if kind == resnet_layout.INT else np.float32)
   # kaiming_normal_(fan_out, relu): std sqrt(2 / (out * kh * kw)), grouped convs too; untruncated
   for shape in [(3, 3, 4, 256), (1, 1, 256, 1024)]:
     k = np.asarray(resnet._conv_init(jax.random.key(1), shape, jnp.float32))
     assert abs(k.std() / (2 / (shape[3] * shape[0] * shape[1])) ** 0.5 - 1) < 0.02, shape
     assert np.abs(k).max() / k.std() > 3 and abs(k.mean()) < 0.02 * k.std()
-  bn = resnet.BatchNorm()
+  bn = batchnorm.BatchNorm()
   v = bn.init(jax.random.key(0), jnp.ones((2, 4, 4, 8)), train=True)
   assert {k: float(a.sum()) for k, a in v["params"].items()} == {"scale": 8.0, "bias": 0.0}
   stats = v["batch_stats"]
@@ -364,7 +366,7 @@ def test_bfloat16_compute_keeps_float32_statistics():
   assert all(a.dtype in (jnp.float32, jnp.int32) for a in jax.tree.leaves(state))
   # the statistics of bf16 activations are float32 sums: those of the same values in float32
   h = jnp.asarray(images(2, 8, seed=8) * 3 + 1, jnp.bfloat16)
-  bn16, bn32 = resnet.BatchNorm(dtype=jnp.bfloat16), resnet.BatchNorm()
+  bn16, bn32 = batchnorm.BatchNorm(dtype=jnp.bfloat16), batchnorm.BatchNorm()
   v = bn32.init(jax.random.key(0), h.astype(jnp.float32))
   y16, s16 = bn16.apply(v, h, train=True, mutable=["batch_stats"])
   y32, s32 = bn32.apply(v, h.astype(jnp.float32), train=True, mutable=["batch_stats"])

@@ -10,7 +10,8 @@ from pytorch_metric_learning import distances, losses, miners
 import salad_jax
 from salad_jax import sharding
 from salad_jax.train import optim, trainer
-from salad_jax.weights import convert
+from salad_jax.train import state as train_state
+from salad_jax.weights import convert, infer
 
 import torch_reference as tr
 from helpers import state_dict_np
@@ -80,7 +81,7 @@ def torch_steps(tm, data, steps):
 def jax_steps(params, model_cfg, data, steps, mesh):
   tx, schedule = optim.make_optimizer(optim_cfg(), steps_per_epoch=1000)
   freeze = optim.default_freeze_regex(model_cfg)
-  state = trainer.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
+  state = train_state.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(0))
   step_fn = trainer.make_train_step(
     model_cfg, tx, freeze, dict(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1), schedule, mesh
   )
@@ -110,7 +111,7 @@ def setup():
   torch.manual_seed(0)
   tm = tr.randomize_(tr.VPRModel("S/14", dropout=0.0), seed=21)
   sd = state_dict_np(tm)
-  config, _ = convert.infer_config(sd, dropout=0.0)
+  config, _ = infer.infer_config(sd, dropout=0.0)
   params = convert.torch_to_params(sd, config)
   return tm, sd, config, params, batches(3)
 
@@ -254,7 +255,7 @@ def test_frozen_params_have_no_optimizer_state(setup):
   _, _, config, params, _ = setup
   tx, _ = optim.make_optimizer(optim_cfg(), 100)
   freeze = optim.default_freeze_regex(config)
-  state = trainer.create_state(
+  state = train_state.create_state(
     params, tx, freeze, sharding.make_mesh(jax.devices()[:1]), jax.random.PRNGKey(0)
   )
   mu = state["opt"][0].mu

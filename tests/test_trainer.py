@@ -15,6 +15,7 @@ import pytest
 import salad_jax
 from salad_jax import sharding
 from salad_jax.train import checkpoint, metrics, optim, preemption, trainer
+from salad_jax.train import state as train_state
 from salad_jax.weights import run_checkpoints
 
 from helpers import make_gsv, place_batch, tiny_train_setup
@@ -275,7 +276,7 @@ def test_init_from_files_and_dirs(tmp_path):
   tm = tr.randomize_(tr.VPRModel("Nano/14", m=64, l=128, g=256), seed=2)
   torch.save(tm.backbone.model.state_dict(), tmp_path / "dinov2.pth")
   cfg.init = str(tmp_path / "dinov2.pth")
-  params = trainer.initial_params(cfg, model_cfg, jax.random.key(0))
+  params = train_state.initial_params(cfg, model_cfg, jax.random.key(0))
   np.testing.assert_array_equal(
     params["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"],
     tm.backbone.model.blocks[1].attn.qkv.weight.detach().numpy().T,
@@ -285,13 +286,13 @@ def test_init_from_files_and_dirs(tmp_path):
   torch.save(tm.state_dict(), tmp_path / "salad.ckpt")
   cfg.init = str(tmp_path / "salad.ckpt")
   with pytest.raises(convert.CheckpointMismatchError, match="aggregator.score.3.weight"):
-    trainer.initial_params(cfg, model_cfg, jax.random.key(0))
+    train_state.initial_params(cfg, model_cfg, jax.random.key(0))
   # a converted dir of another head size
   salad_jax.load(str(tmp_path / "salad.ckpt")).save(str(tmp_path / "conv"))
   cfg.init = str(tmp_path / "conv")
   with pytest.raises(ValueError, match="num_clusters: checkpoint 64, config 8"):
-    trainer.initial_params(cfg, model_cfg, jax.random.key(0))
-  assert trainer.initial_params(
+    train_state.initial_params(cfg, model_cfg, jax.random.key(0))
+  assert train_state.initial_params(
     cfg,
     model_cfg.replace(num_clusters=64, cluster_dim=128, token_dim=256, hidden_dim=512),
     jax.random.key(0),

@@ -3,6 +3,8 @@ names its folder is often given (the tables of `salad_jax.data.check`)."""
 
 from __future__ import annotations
 
+# other names of a benchmark (SALAD's and VPR-methods-evaluation's) -> ours
+ALIASES = {"msls": "msls_val", "mslsval": "msls_val", "msls_challenge": "msls_test"}
 # name -> (queries, database images) of the published protocol (shared/reference.md, section 7)
 EXPECTED = {
   "msls_val": (740, 18871),

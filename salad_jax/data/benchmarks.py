@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from salad_jax.data import downloader_trees
+from salad_jax.data import benchmark_sources, downloader_trees
 from salad_jax.data.eval_sets import EvalSet, folder_set, positives_within, unique_names
 from salad_jax.errors import UserError, note
 from salad_jax.files import paths
@@ -179,7 +179,7 @@ BENCHMARKS = {
   ),
   "sped": ("SPEDTEST", "SPED/SPED_dbImages.npy", "SPED/SPED_qImages.npy", "SPED/SPED_gt.npy"),
 }
-ALIASES = {"msls": "msls_val", "mslsval": "msls_val", "msls_challenge": "msls_test"}
+ALIASES = benchmark_sources.ALIASES
 
 
 def _pitts_gt_from_mat(

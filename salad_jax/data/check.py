@@ -20,7 +20,7 @@ import glob
 import os
 from typing import Mapping, Sequence
 
-from salad_jax.data import benchmarks, downloader_trees, eval_sets, gsv_cities
+from salad_jax.data import benchmarks, downloader_trees, gsv_cities
 from salad_jax.data.benchmark_sources import (  # noqa: F401 (check.EXPECTED, ...: their old place)
   EXPECTED,
   INDEX_SOURCE,
@@ -28,6 +28,7 @@ from salad_jax.data.benchmark_sources import (  # noqa: F401 (check.EXPECTED, ..
   SEASONS,
   SOURCES,
 )
+from salad_jax.data.images import IMAGE_EXTENSIONS
 from salad_jax.errors import UserError
 
 
@@ -165,9 +166,7 @@ def check_benchmark(
   counts = _listed_counts(name, index_root, images, missing_index, r) if have_images else None
   if counts is None:
     if have_images:
-      n = sum(
-        f.lower().endswith(eval_sets.IMAGE_EXTENSIONS) for _, _, fs in os.walk(images) for f in fs
-      )
+      n = sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(images) for f in fs)
       r.notes.append(
         f"{n} image files under {images}; without the index files they cannot be "
         f"checked against the protocol"

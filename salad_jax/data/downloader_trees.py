@@ -15,6 +15,9 @@ import dataclasses
 import os
 import shlex
 
+from salad_jax.data import benchmark_sources
+from salad_jax.data.images import IMAGE_EXTENSIONS
+
 SPLITS = ("test", "val", "train")
 CONTAINERS = {"images": "", "processed": "", "small": "_small"}  # folder -> name suffix
 # (dataset folder, split) -> SALAD's benchmark of that data, compared with in `protocol_notes`
@@ -71,15 +74,13 @@ def set_name(database_folder: str, queries_folder: str) -> str | None:
   `_val`/`_train` for those splits, `_night` for `queries_night`; a name SALAD's benchmarks
   use (`sped`, `nordland`, `msls_val`) gets `_utm`, so that recall tables never mix the two
   protocols. None when the folders are not in that layout."""
-  from salad_jax.data import benchmarks
-
   layout = _layout(database_folder)
   if layout is None:
     return None
   dataset, split, suffix = layout
   name = dataset + suffix + ("" if split == "test" else f"_{split}")
   name += _queries_suffix(queries_folder)
-  if name.lower() in benchmarks.BENCHMARKS or name.lower() in benchmarks.ALIASES:
+  if name.lower() in benchmark_sources.EXPECTED or name.lower() in benchmark_sources.ALIASES:
     name += "_utm"
   return name
 
@@ -137,8 +138,6 @@ def find_sets(root: str, max_depth: int = 5) -> list[FolderSet]:
 def count_images(folder: str) -> int:
   """Image files under `folder` as evaluation reads them (its `_images_paths.txt`, else a
   recursive search of .jpg/.jpeg/.png)."""
-  from salad_jax.data.eval_sets import IMAGE_EXTENSIONS
-
   listing = folder.rstrip("/") + "_images_paths.txt"
   if os.path.isfile(listing):
     with open(listing) as f:

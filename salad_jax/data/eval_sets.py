@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from salad_jax.data import downloader_trees
+from salad_jax.data.images import IMAGE_EXTENSIONS
 from salad_jax.errors import UserError, note, warning
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # VPR-methods-evaluation's read_images_paths
 # image files it does not read: named in a warning, never used silently
 OTHER_IMAGE_EXTENSIONS = (
   ".webp",

@@ -21,6 +21,7 @@ from PIL import Image
 
 from salad_jax.errors import UserError
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # VPR-methods-evaluation's read_images_paths
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

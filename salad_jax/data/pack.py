@@ -11,15 +11,15 @@ removed first. Only when every shard is committed and the record count is right 
 the dataset info and rename its directory to the final name: the final directory is complete or
 absent.
 
-Each shard records the identity of its source files (`source_identity`: name, size, mtime,
-ctime and inode of each; any rewrite of a file changes its ctime, even one that restores its
-mtime). A resume writes again the committed shards whose source files changed since (a resume
-used to mix 280 old and 206 new images of one city); a finished pack whose source files changed
-is refused ("already packed" would have hidden the change). A stat per image, no read.
+Each shard records the identity of its source files (`pack_shards.source_identity`: name, size,
+mtime, ctime and inode of each; any rewrite of a file changes its ctime, even one that restores
+its mtime). A resume writes again the committed shards whose source files changed since (a
+resume used to mix 280 old and 206 new images of one city); a finished pack whose source files
+changed is refused ("already packed" would have hidden the change). A stat per image, no read.
 
-An unreadable source image is stored as the reference's black image (as the file reader does),
-counted, named in a message and flagged in its record; a damaged JPEG is stored as the reference
-decodes it (grey fill), counted and flagged too.
+Writing, checking and committing each shard, and the worker processes, are
+`salad_jax.data.pack_shards`'s (unreadable and damaged source images: stored as the reference
+reads them, flagged, counted and named in a message here).
 """
 
 from __future__ import annotations
@@ -27,19 +27,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import socket
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
-from PIL import Image
 
-from salad_jax.data import gsv_cities, images, pack_records
-from salad_jax.data.workers import die_with_parent
+from salad_jax.data import gsv_cities, images, pack_records, pack_shards
 from salad_jax.errors import UserError
 from salad_jax.files import atomic, paths
 from salad_jax.files.destinations import check_dir
@@ -67,96 +62,6 @@ def cities_in(root: str, cities=None) -> tuple[str, ...]:
   present = {os.path.splitext(f)[0] for f in os.listdir(frames) if f.endswith(".csv")}
   ordered = [c for c in gsv_cities.TRAIN_CITIES if c in present]
   return tuple(ordered + sorted(present - set(ordered)))
-
-
-def encode_image(path: str, image_size) -> tuple[bytes, int, str]:
-  """(record bytes, status, message) for one source file: resized raw uint8, or the file."""
-  if image_size is None:
-    try:
-      return images.read_file(path), images.OK, ""
-    except OSError as e:  # stored empty: training reads it as unreadable, like the file
-      return b"", images.UNREADABLE, str(e)
-  h, w = image_size
-  try:
-    im, status = images.decode(images.read_file(path), path, damaged="allow")
-    im = images.resize(im, (h, w))
-    msg = "" if status == images.OK else f"damaged JPEG {path}: decoded with grey fill"
-  except (OSError, images.UnreadableImage) as e:
-    im, status, msg = Image.new("RGB", (w, h)), images.UNREADABLE, str(e)
-  return im.tobytes(), status, msg
-
-
-def source_identity(files) -> str:
-  """A digest of the source files of a shard: their names and what the file system says of
-  each (size, mtime, ctime, inode); a missing file counts as such. Any rewrite changes it."""
-  h = hashlib.sha256()
-  for path, name, _ in files:
-    try:
-      st = os.stat(path)
-      ident = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
-    except OSError as e:
-      ident = f"unreadable {e.errno}"
-    h.update(f"{name}\t{ident}\n".encode())
-  return h.hexdigest()
-
-
-def _write_shard(task: dict) -> dict:
-  """Writes one shard (runs in a worker process); returns its summary."""
-  from array_record.python import array_record_module
-
-  feats = pack_records.features()
-  final, n = task["path"], len(task["files"])
-  tmp = f"{final}.tmp-{os.getpid()}"
-  options = "group_size:1" + (",uncompressed" if task["compression"] == "none" else "")
-  writer = array_record_module.ArrayRecordWriter(tmp, options)
-  damaged, unreadable = [], []
-  for path, name, place in task["files"]:
-    data, status, msg = encode_image(path, task["image_size"])
-    if status == images.DAMAGED:
-      damaged.append(name)
-    elif status == images.UNREADABLE:
-      unreadable.append(f"{name}: {msg}")
-    writer.write(
-      feats.serialize_example({"image": data, "status": status, "name": name, "place": place})
-    )
-  writer.close()
-  with open(tmp, "rb") as f:  # on disk before the rename commits it
-    os.fsync(f.fileno())
-  got = array_record_module.ArrayRecordReader(tmp).num_records()
-  if got != n:
-    raise RuntimeError(f"{tmp}: wrote {n} records, read back {got}")
-  summary = {
-    "records": n,
-    "damaged": damaged,
-    "unreadable": unreadable,
-    "source": task["source"],  # the files as they were when the shard was started
-  }
-  with open(f"{final}.json.tmp-{os.getpid()}", "w") as f:
-    json.dump(summary, f)
-  os.replace(f"{final}.json.tmp-{os.getpid()}", f"{final}.json")
-  os.replace(tmp, final)  # the commit
-  return summary
-
-
-def _committed(path: str, n: int, source: str) -> dict | None:
-  """The summary of a committed shard of n records written from the `source` files (their
-  `source_identity` now), or None."""
-  from array_record.python import array_record_module
-
-  if not (os.path.isfile(path) and os.path.isfile(f"{path}.json")):
-    return None
-  try:
-    with open(f"{path}.json") as f:
-      summary = json.load(f)
-    if (
-      summary["records"] == n
-      and summary.get("source") == source
-      and array_record_module.ArrayRecordReader(path).num_records() == n
-    ):
-      return summary
-  except (OSError, ValueError, KeyError, RuntimeError):
-    pass
-  return None
 
 
 def _lock(staging: str) -> str:
@@ -239,7 +144,7 @@ def pack(
     ]
     for s in range(num_shards)
   ]
-  sources = [source_identity(files) for files in shard_files]
+  sources = [pack_shards.source_identity(files) for files in shard_files]
   source = hashlib.sha256("".join(sources).encode()).hexdigest()  # not in the resume key
   if os.path.isfile(os.path.join(final, "dataset_info.json")):
     return _existing(final, {**metadata, "source": source})
@@ -265,12 +170,14 @@ def pack(
     tasks, summaries, changed = [], {}, 0
     for s in range(num_shards):
       path = os.fspath(names[s])
-      done = _committed(path, len(shard_files[s]), sources[s])
+      done = pack_shards.committed(path, len(shard_files[s]), sources[s])
       if done is not None:
         summaries[s] = done
         continue
-      was = _source_of(path)  # None: missing, or written before sources were recorded
-      changed += was is not None and _committed(path, len(shard_files[s]), was) is not None
+      was = pack_shards.source_of(path)  # None: missing, or written before sources were recorded
+      changed += (
+        was is not None and pack_shards.committed(path, len(shard_files[s]), was) is not None
+      )
       tasks.append(
         {
           "shard": s,
@@ -300,7 +207,9 @@ def pack(
       )
     print(f"packing {n} images of {len(counts)} places {what} into {final}")
     t0 = time.time()
-    _run(tasks, summaries, num_workers, progress, n - sum(len(t["files"]) for t in tasks))
+    pack_shards.run(
+      tasks, summaries, num_workers, progress, n - sum(len(t["files"]) for t in tasks)
+    )
     lengths = [summaries[s]["records"] for s in range(num_shards)]
     if sum(lengths) != n:
       raise RuntimeError(f"{staging}: {sum(lengths)} records in the shards, expected {n}")
@@ -331,15 +240,6 @@ def pack(
     if items:
       print(f"{len(items)} {label}: " + "; ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
   return final
-
-
-def _source_of(path: str) -> str | None:
-  """The source identity a committed shard's summary records, if any."""
-  try:
-    with open(f"{path}.json") as f:
-      return json.load(f).get("source")
-  except (OSError, ValueError, AttributeError):
-    return None
 
 
 def _packed_order(final: str, cities: tuple[str, ...]) -> tuple[str, ...]:
@@ -453,37 +353,3 @@ def _remove_staging(staging: str, shards) -> None:
     os.rmdir(staging)
   except OSError:  # something else is in there: not ours to delete
     print(f"left {staging}: it holds files the pack did not write")
-
-
-def _run(tasks: list, summaries: dict, num_workers: int, progress: bool, initial: int) -> None:
-  from tqdm import tqdm
-
-  total = initial + sum(len(t["files"]) for t in tasks)
-  bar = tqdm(
-    total=total, initial=initial, unit="img", desc="pack", disable=not progress, mininterval=2.0
-  )
-  workers = min(num_workers or os.cpu_count() or 1, max(1, len(tasks)))
-  try:
-    if workers <= 1:
-      for t in tasks:
-        summaries[t["shard"]] = _write_shard(t)
-        bar.update(len(t["files"]))
-      return
-    # forkserver: workers fork from a clean server process that imported this module once
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["salad_jax.data.pack", "salad_jax.data.tfds_gsv"])
-    # each writer exits when this process is gone (kill -9 left them writing)
-    with ProcessPoolExecutor(
-      workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
-    ) as pool:
-      try:
-        for t, summary in zip(tasks, pool.map(_write_shard, tasks)):
-          summaries[t["shard"]] = summary
-          bar.update(len(t["files"]))
-      except BrokenProcessPool:
-        raise RuntimeError(
-          "a pack worker process died (killed, or out of memory?); the shards "
-          "written so far are kept: run the same command again to resume"
-        ) from None
-  finally:
-    bar.close()

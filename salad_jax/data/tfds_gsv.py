@@ -238,12 +238,18 @@ def main(argv) -> None:
       assert len(size) == 2 and min(size) > 0
     except (ValueError, AssertionError):
       raise UserError(f"--image_size {f.image_size!r}: expected H,W (e.g. 224,224)") from None
-    from salad_jax.models import vit
+    from salad_jax.models import config as model_config
 
     try:  # train.py refuses other sizes: do not pack hours of images it cannot use
-      vit.check_image_shape((1,) + size + (3,))
+      model_config.ModelConfig(backbone=f.backbone, aggregator="gem").check_image_shape(
+        (1,) + size + (3,)
+      )
     except ValueError as e:
-      raise UserError(f"--image_size {f.image_size}: {e}", "the paper trains at 224,224") from None
+      raise UserError(
+        f"--image_size {f.image_size}: {e}",
+        "the paper trains at 224,224; a ResNet takes any size (e.g. --backbone=resnet50 for "
+        "MixVPR's 320,320)",
+      ) from None
   build(
     f.manual_dir,
     f.data_dir,
@@ -267,6 +273,12 @@ if __name__ == "__main__":
     "",
     "H,W: store images resized to this size (the training "
     "size, e.g. 224,224); empty: store the JPEG files as they are.",
+  )
+  flags.DEFINE_string(
+    "backbone",
+    "dinov2",
+    "The backbone the pack is for: dinov2 needs --image_size in multiples of 14, a ResNet "
+    "(e.g. resnet50) takes any size.",
   )
   flags.DEFINE_string("cities", "", "Comma-separated subset (default: all CSVs present).")
   flags.DEFINE_integer("num_workers", 0, "Worker processes (0: one per CPU core).")

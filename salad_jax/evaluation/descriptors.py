@@ -15,7 +15,8 @@ from tqdm import tqdm
 from salad_jax import sharding
 from salad_jax.data import eval_sets, pipeline
 from salad_jax.errors import UserError
-from salad_jax.models.vpr import ModelConfig, VPRModel, as_variables
+from salad_jax.models.config import ModelConfig
+from salad_jax.models.vpr import VPRModel, as_variables
 from salad_jax.train import preemption
 
 

@@ -20,7 +20,7 @@ from salad_jax.evaluation.recall import RECALL_VALUES, check_recall_values, form
 from salad_jax.evaluation.search import search
 from salad_jax.files import atomic, destinations, outputs, paths
 from salad_jax.inference import load
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.weights import checksum
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 
 from salad_jax.errors import UserError
+from salad_jax.files import paths
 
 
 def utc_stamp(t: float) -> str:
@@ -225,8 +226,6 @@ class UrlLock:
     self.fd = None  # for code that asks whether a lock is held
 
   def _fs(self):
-    from salad_jax.files import paths
-
     f, p = paths.fs(self.path)
     bucket, key, _ = f.split_path(p)
     return f, p, bucket, key
@@ -342,6 +341,4 @@ class UrlLock:
 
 def make_lock(path: str, **kw) -> Lock | UrlLock:
   """The lock for `path`: an object on an object store, a flocked file locally."""
-  from salad_jax.files import paths
-
   return UrlLock(path, **kw) if paths.is_url(path) else Lock(path, **kw)

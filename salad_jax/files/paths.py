@@ -20,6 +20,8 @@ import re
 import shutil
 from typing import IO, Iterator
 
+from salad_jax.errors import UserError
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
 
 
@@ -78,8 +80,6 @@ def _backend(scheme: str) -> None:
   try:
     importlib.import_module(module)
   except ImportError:
-    from salad_jax.errors import UserError
-
     install = f"pip install 'salad-jax[{extra}]'" if extra else f"pip install {module}"
     raise UserError(f"{scheme}:// paths need the {module} package", install) from None
 

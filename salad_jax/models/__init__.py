@@ -1,1 +1,3 @@
-"""Flax modules: DINOv2 ViT, the SALAD head, the Sinkhorn assignment, pos-embed resampling."""
+"""Flax modules: DINOv2 ViT, ResNets, the SALAD head and the other heads, the Sinkhorn
+assignment, pos-embed resampling; the model (`vpr`), its config (`config`) and the official
+arguments that build one (`official`)."""

@@ -16,7 +16,6 @@ Resuming takes the newest checkpoint that restores and verifies; newer damaged o
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import re
 import time
@@ -26,13 +25,13 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, LatestN
 
 from salad_jax.errors import UserError
 from salad_jax.files import atomic, paths
 from salad_jax.files.lock import utc_stamp
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
+from salad_jax.train.orbax_logs import write_failure  # importing it quiets Orbax's logs
 from salad_jax.train.workdir import DAMAGED
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
@@ -68,52 +67,6 @@ def _shape_diffs(saved, abstract) -> list[str]:
     if a.get(k) != b.get(k)
   ]
   return out
-
-
-class _NoUntrackedMetricNotice:
-  """Saves between validations carry no metrics; Orbax warns about each one (nothing to act on)."""
-
-  def filter(self, record) -> bool:
-    return "did not provide metrics" not in str(record.getMessage())
-
-
-logging.get_absl_logger().addFilter(_NoUntrackedMetricNotice())
-
-_ORBAX_DIR = os.path.dirname(ocp.__file__) + os.sep
-
-
-def _write_failure(exc: BaseException | None, text: str = "") -> bool:
-  """A failed write of the file system (full disk, quota, read-only, permission), or what the
-  threads of a failed save raise after it (the interpreter shutting down under them)."""
-  return (exc is not None and atomic.os_errno(exc) is not None) or any(
-    s in text or (exc is not None and s in str(exc))
-    for s in ("os_error_code=", "cannot schedule new futures after interpreter shutdown")
-  )
-
-
-class _NoOrbaxWriteFailureTracebacks:
-  """A save that fails on the file system makes each of Orbax's threads log the same traceback
-  (~450 lines for one full disk); the main thread raises it once, as one line with a hint
-  (`TrainCheckpointer._save_error`). Other Orbax errors get through."""
-
-  def filter(self, record) -> bool:
-    if record.levelno < std_logging.ERROR or not record.pathname.startswith(_ORBAX_DIR):
-      return True
-    exc = record.exc_info[1] if record.exc_info else None
-    return not _write_failure(exc, str(record.getMessage()))
-
-
-class _NoUnretrievedWriteFailures:
-  """The same failure, once more per array, from the asyncio logger ("exception was never
-  retrieved") as Orbax's pending writes are collected."""
-
-  def filter(self, record) -> bool:
-    text = str(record.getMessage())
-    return not ("exception was never retrieved" in text and _write_failure(None, text))
-
-
-logging.get_absl_logger().addFilter(_NoOrbaxWriteFailureTracebacks())
-std_logging.getLogger("asyncio").addFilter(_NoUnretrievedWriteFailures())
 
 
 class BestNPerSettings:
@@ -183,6 +136,22 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def say_if_settings_changed(self, settings: dict) -> None:
+    """R@1 under other eval settings is not comparable: says that the best checkpoints measured
+    under earlier settings than `settings` (fingerprint, text) are kept and ranked apart."""
+    earlier = [c for c in self.scored() if c.settings != settings["fingerprint"]]
+    if not earlier:
+      return
+    best, others = rank(earlier)
+    kept = sorted([best, *others], key=lambda c: c.step)
+    print(
+      f"note: the eval settings changed ({settings['text']}): the checkpoints "
+      "measured under earlier settings are ranked apart and their best kept ("
+      + "; ".join(f"step {c.step}: {c.text}, R@1 {c.r1:.2f}" for c in kept)
+      + ")",
+      flush=True,
+    )
+
   def scored(self) -> list[Scored]:
     """Each kept checkpoint's `best_metric` and the eval settings it was measured under."""
     return [
@@ -229,7 +198,7 @@ class TrainCheckpointer:
 
   def _save_error(self, e: Exception) -> Exception:
     """A save that failed on the file system: one line naming the step and the reason."""
-    if not _write_failure(e):
+    if not write_failure(e):
       return e
     code = atomic.os_errno(e)
     reason = (atomic.DISK_ERRNOS.get(code) or os.strerror(code).lower()) if code else str(e)

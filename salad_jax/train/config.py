@@ -17,13 +17,13 @@ from typing import Any
 
 import ml_collections
 
-from salad_jax import losses
+from salad_jax import losses, sharding
 from salad_jax.data.gsv_cities import city_names
 from salad_jax.errors import UserError, note
 from salad_jax.evaluation.recall import check_recall_values
 from salad_jax.models import vit
+from salad_jax.models.config import ModelConfig
 from salad_jax.models.grads import GRAD_REDUCE_DTYPES
-from salad_jax.models.vpr import ModelConfig
 from salad_jax.train import optim
 
 
@@ -363,8 +363,6 @@ def check_mesh(config, devices=None) -> None:
   """`config.mesh` against the devices (default: all) and their TPU slices: `mesh.dcn_data`
   must be the number of slices (or 0), `mesh.fsdp` must divide the devices of one slice. Needs
   the backend (after `jax.distributed.initialize`), so it is not part of `check`."""
-  from salad_jax import sharding
-
   sharding.check_mesh(devices, config.mesh.fsdp, config.mesh.get("dcn_data", 0))
 
 

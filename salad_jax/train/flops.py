@@ -31,7 +31,7 @@ import jax
 import jax.extend
 
 from salad_jax.models import vit
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 
 
 def matmul(m: int, k: int, n: int) -> int:

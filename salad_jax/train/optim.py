@@ -33,7 +33,7 @@ import optax
 from flax import traverse_util
 
 from salad_jax.models import resnet, vit
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 
 SEP = "/"
 OPTIMIZERS = ("sgd", "adam", "adamw")

@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from salad_jax.errors import UserError
 from salad_jax.files import atomic, destinations, paths
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.weights import checksum, convert, torch_files
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, restore_params
 

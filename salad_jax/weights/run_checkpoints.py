@@ -24,7 +24,7 @@ from absl import logging
 
 from salad_jax.errors import UserError
 from salad_jax.files import paths
-from salad_jax.models.vpr import ModelConfig
+from salad_jax.models.config import ModelConfig
 from salad_jax.weights import torch_files
 from salad_jax.weights.checksum import CorruptCheckpointError, params_checksum, verify
 from salad_jax.weights.orbax_reads import quiet_orphaned_reads, short_reason
