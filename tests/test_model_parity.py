@@ -30,8 +30,8 @@ def pair(request):
 @pytest.mark.parametrize("hw", SIZES)
 def test_descriptors_features_and_assignment_match_torch(pair, hw):
   tm, params, fwd, feats = pair
-  x = np.random.default_rng(hash(hw) % 2**32).standard_normal((3,) + hw + (3,)).astype(np.float32)
-  for batch in (x, x[:1]):
+  x = np.random.default_rng(hash(hw) % 2**32).standard_normal((2,) + hw + (3,)).astype(np.float32)
+  for batch in (x, x[:1]) if hw == SIZES[0] else (x,):  # batch 1 once: it compiles another program
     d = parity_diffs(tm, params, fwd, feats, batch)
     assert d["shape"] == (len(batch), 8448)
     assert d["descriptor"] <= 1e-6
