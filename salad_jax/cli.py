@@ -132,6 +132,13 @@ def check_flag_values(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
         else f"--{name} has no value: it is followed by the flag {value.split('=')[0]}",
         f"give --{name} its value; a path that really starts with '-' can be written ./{value}",
       )
+    if not eq and re.fullmatch(r"--[A-Za-z_][\w.-]*(=.*)?", value):  # a misspelled flag, swallowed
+      raise errors.UserError(
+        f"--{name} has no value: it is followed by {value}, which looks like a flag (the "
+        f"program has no --{value[2:].split('=')[0]})",
+        f"give --{name} its value; a value that really starts with '--' can be written "
+        f"--{name}={value}",
+      )
 
 
 def _check_flag_values(argv: list[str]) -> None:

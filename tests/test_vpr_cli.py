@@ -366,11 +366,14 @@ def test_a_flag_without_its_value_never_takes_the_next_flag(name):
       with pytest.raises(errors.UserError, match=re.escape(words)) as e:
         cli.check_flag_values(["prog"] + argv, fv)
       assert other.split("=")[0] in e.value.message and f"./{other}" in e.value.hint
+  # a misspelled flag is not taken as the value either (it made a folder '--save_descriptor')
+  with pytest.raises(errors.UserError, match="looks like a flag \\(the program has no --unknown"):
+    cli.check_flag_values(["prog", f"--{name}", "--unknown", "x"], fv)
   # values that only look like flags, and flags that take no value, are left to absl
   for argv in (
     [f"--{name}", "-5"],
     [f"--{name}", "./--save_descriptors"],
-    [f"--{name}", "--unknown"],
+    [f"--{name}=--unknown"],
     ["--save_descriptors", f"--{name}", "x"],
     [f"--{name}", "x", "--", "--save_descriptors"],
   ):

@@ -267,6 +267,9 @@ def _evaluate(
   model = load(checkpoint, **overrides)
   model_cfg = model.config
   model_cfg.check_image_shape((1, image_size[0], image_size[1], 3))
+  if save_descriptors and jax.process_index() == 0:  # a full disk now, not after the extraction
+    rows = sum(len(s.database_paths) + len(s.query_paths) for s in sets)
+    atomic.check_space(paths.join(output_dir, "descriptors"), rows * model_cfg.descriptor_dim * 4)
   cache = None
   if cache_dir:
     cache = descriptor_cache.DescriptorCache(
