@@ -33,7 +33,12 @@ RUNS = {
 
 def losses(tmp: str, name: str, overrides: dict, steps: int, devices: int) -> list[float]:
   workdir = os.path.join(tmp, name.replace(" ", "_").replace(",", ""))
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", "configs/demo.py"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs/demo.py"),
+  ]
   cmd += ["--workdir", workdir, f"--config.stop_after_steps={steps}", "--config.log_every_steps=1"]
   cmd += ["--config.eval.sets=", "--config.compile_cache_dir="]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
