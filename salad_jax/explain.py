@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw
 
-from salad_jax import visualize
+from salad_jax import drawing
 
 SHARE = 0.5  # default: colour the fewest clusters that give half of the clusters' positive part
 
@@ -88,7 +88,7 @@ def _chart(ex: Explanation, colors: np.ndarray, size: tuple[int, int]) -> Image.
   rest = [k for k in range(m) if k not in shown]
   rows = [(f"cluster {k}", ex.clusters[k], 1, tuple(int(v) for v in colors[k])) for k in shown]
   if rest:
-    rows.append((f"{len(rest)} other clusters", ex.clusters[rest].sum(), len(rest), visualize.GREY))
+    rows.append((f"{len(rest)} other clusters", ex.clusters[rest].sum(), len(rest), drawing.GREY))
   rows.append(("global token", ex.token, 1, (60, 60, 60)))
   im = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(im)
@@ -115,39 +115,37 @@ def pair_panels(
   clusters (arg-max cluster per patch) in their colours and the rest grey, and the parts of the
   similarity; row 2: the dustbin mass per patch of both images on one scale, and its colour bar."""
   m = assign_a.shape[0] - 1
-  colors = visualize.cluster_colors(m)
+  colors = drawing.cluster_colors(m)
   top = set(ex.top)
-  grids = [
-    visualize._grid_rgb(visualize.argmax_clusters(a), colors, top) for a in (assign_a, assign_b)
-  ]
+  grids = [drawing.grid_rgb(drawing.argmax_clusters(a), colors, top) for a in (assign_a, assign_b)]
   dust = np.stack([assign_a[m], assign_b[m]])
   lo, hi = float(dust.min()), float(dust.max())
-  heat = [visualize.heat_colors((x - lo) / max(hi - lo, 1e-6)) for x in dust]
-  scale = visualize._scale(image_a)
+  heat = [drawing.heat_colors((x - lo) / max(hi - lo, 1e-6)) for x in dust]
+  scale = drawing.scale(image_a)
   size = (image_a.size[0] * scale, image_a.size[1] * scale)
   pct = f", {100 * ex.top_part / ex.similarity:.0f}% of it" if ex.similarity > 0 else ""
   return [
     [
       (
         f"A: {names[0]}\ntop {len(top)} of {m} clusters{pct}",
-        visualize._blend(image_a, grids[0], 0.6),
+        drawing.blend(image_a, grids[0], 0.6),
       ),
-      (f"B: {names[1]}\nother clusters grey", visualize._blend(image_b, grids[1], 0.6)),
+      (f"B: {names[1]}\nother clusters grey", drawing.blend(image_b, grids[1], 0.6)),
       (f"similarity {ex.similarity:.4f}\nits parts", _chart(ex, colors, size)),
     ],
     [
-      (f"A: {names[0]}\ndustbin mass per patch", visualize._blend(image_a, heat[0], 0.8)),
-      (f"B: {names[1]}\ndustbin mass per patch", visualize._blend(image_b, heat[1], 0.8)),
-      ("dustbin mass\n(both, one scale)", visualize.colour_bar(lo, hi, size)),
+      (f"A: {names[0]}\ndustbin mass per patch", drawing.blend(image_a, heat[0], 0.8)),
+      (f"B: {names[1]}\ndustbin mass per patch", drawing.blend(image_b, heat[1], 0.8)),
+      ("dustbin mass\n(both, one scale)", drawing.colour_bar(lo, hi, size)),
     ],
   ]
 
 
 def pair_picture(image_a, assign_a, image_b, assign_b, ex, names=("A", "B")) -> Image.Image:
   """`pair_panels` drawn: two rows of three panels, titles above each."""
-  scale = visualize._scale(image_a)
+  scale = drawing.scale(image_a)
   rows = pair_panels(image_a, assign_a, image_b, assign_b, ex, names)
-  pictures = [visualize._panels(row, scale) for row in rows]
+  pictures = [drawing.panels(row, scale) for row in rows]
   canvas = Image.new("RGB", (pictures[0].width, sum(p.height for p in pictures)), "white")
   for i, p in enumerate(pictures):
     canvas.paste(p, (0, i * pictures[0].height))

@@ -34,14 +34,14 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from salad_jax import drawing, explain
 from salad_jax.data.images import load_image, normalize, resize
 from salad_jax.files import atomic, paths
 from salad_jax.weights import torch_files
 
 TILE = 256
 BORDER = 10
-GAP = 16
-LABEL_H = 24
+GAP, LABEL_H = drawing.GAP, drawing.LABEL_H
 
 
 def _tile(path: str | None, color) -> Image.Image:
@@ -123,106 +123,27 @@ def save_predictions(
 
 
 # ------------------------------------------------------------------------------ assignment maps
-HEAT = np.array(
-  [[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], np.float32
-)  # dark -> light
-GREY = (128, 128, 128)
-
-
-def cluster_colors(num_clusters: int) -> np.ndarray:
-  """[m, 3] uint8: cluster k always gets the same colour (golden-ratio hues, two brightnesses)."""
-  hues = (np.arange(num_clusters) * 0.6180339887) % 1.0
-  out = []
-  for k, h in enumerate(hues):
-    im = Image.new("HSV", (1, 1), (int(h * 255), 220, 255 if k % 2 == 0 else 185))
-    out.append(im.convert("RGB").getpixel((0, 0)))
-  return np.asarray(out, np.uint8)
-
-
-def heat_colors(values: np.ndarray) -> np.ndarray:
-  """Values in [0, 1] -> uint8 RGB on a dark-to-light scale."""
-  x = np.clip(np.asarray(values, np.float32), 0.0, 1.0) * (len(HEAT) - 1)
-  lo = np.minimum(np.floor(x).astype(int), len(HEAT) - 2)
-  t = (x - lo)[..., None]
-  return np.round(HEAT[lo] * (1 - t) + HEAT[lo + 1] * t).astype(np.uint8)
-
-
-def colour_bar(lo: float, hi: float, size: tuple[int, int]) -> Image.Image:
-  """The heat scale as a vertical bar (light = `hi` at the top) with five values beside it."""
-  w, h = size
-  bar_w, top, bottom = max(12, w // 6), 8, h - 8
-  t = np.linspace(1.0, 0.0, bottom - top)[:, None]
-  strip = np.repeat(heat_colors(t), bar_w, axis=1)
-  im = Image.new("RGB", (w, h), "white")
-  im.paste(Image.fromarray(strip), (4, top))
-  d = ImageDraw.Draw(im)
-  for f in np.linspace(0.0, 1.0, 5):
-    y = int(round(bottom - 1 - f * (bottom - top - 1)))
-    d.line([4 + bar_w, y, 8 + bar_w, y], fill=(0, 0, 0))
-    d.text((12 + bar_w, y - 6), f"{lo + f * (hi - lo):.3f}", fill=(0, 0, 0))
-  return im
-
-
-def argmax_clusters(assign: np.ndarray) -> np.ndarray:
-  """[m+1, gh, gw] -> [gh, gw] the cluster (0..m-1) that receives most of each patch's mass.
-
-  The dustbin row is left out: by SALAD's marginals it holds (n-m)/n of all mass on average,
-  so it outweighs every cluster on most patches; panel (a) shows it.
-  """
-  return assign[:-1].argmax(axis=0)
-
-
-def _grid_rgb(clusters: np.ndarray, colors: np.ndarray, keep=None) -> np.ndarray:
-  rgb = np.empty(clusters.shape + (3,), np.uint8)
-  rgb[...] = GREY
-  on = np.ones(clusters.shape, bool) if keep is None else np.isin(clusters, list(keep))
-  rgb[on] = colors[clusters[on]]
-  return rgb
-
-
-def _blend(image: Image.Image, grid: np.ndarray, alpha: float) -> Image.Image:
-  layer = Image.fromarray(grid).resize(image.size, Image.NEAREST)
-  return Image.blend(image, layer, alpha)
-
-
-def _panels(panels: list[tuple[str, Image.Image]], scale: int) -> Image.Image:
-  w, h = panels[0][1].size
-  w, h = w * scale, h * scale
-  canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * GAP, h + 2 * LABEL_H), "white")
-  d = ImageDraw.Draw(canvas)
-  for i, (label, im) in enumerate(panels):
-    x = i * (w + GAP)
-    for j, line in enumerate(label.split("\n")[:2]):
-      d.text((x + 2, 2 + 12 * j), line, fill=(0, 0, 0))
-    canvas.paste(im.resize((w, h), Image.NEAREST), (x, 2 * LABEL_H))
-  return canvas
-
-
-def _scale(image: Image.Image) -> int:
-  return max(1, -(-256 // max(image.size)))
-
-
 def assignment_picture(image: Image.Image, assign: np.ndarray, name: str = "") -> Image.Image:
   """Image | dustbin mass per patch | arg-max cluster per patch | the dustbin's colour bar
   (`image` as the model saw it, `name` its file name)."""
   m = assign.shape[0] - 1
   dust = assign[m]
   lo, hi = float(dust.min()), float(dust.max())
-  clusters = argmax_clusters(assign)
+  clusters = drawing.argmax_clusters(assign)
   used = len(np.unique(clusters))
-  scale = _scale(image)
-  return _panels(
+  scale = drawing.scale(image)
+  return drawing.panels(
     [
       (f"image\n{name}", image),
       (
         f"(a) dustbin mass per patch\ndark {lo:.2f} .. light {hi:.2f}",
-        _blend(image, heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8),
+        drawing.blend(image, drawing.heat_colors((dust - lo) / max(hi - lo, 1e-6)), 0.8),
       ),
       (
         f"(b) arg-max cluster per patch\n{used} of {m} clusters",
-        _blend(image, _grid_rgb(clusters, cluster_colors(m)), 0.6),
+        drawing.blend(image, drawing.grid_rgb(clusters, drawing.cluster_colors(m)), 0.6),
       ),
-      ("dustbin mass (a)", colour_bar(lo, hi, (image.width * scale, image.height * scale))),
+      ("dustbin mass (a)", drawing.colour_bar(lo, hi, (image.width * scale, image.height * scale))),
     ],
     scale,
   )
@@ -272,8 +193,6 @@ def assignment_maps(
   for im, a, name, path in zip(images, assigns, shown, written):
     _save_png(path, assignment_picture(im, a, name))
   if pair:
-    from salad_jax import explain
-
     c = model.config
     ex = explain.explain(*descs[:2], c.num_clusters, c.token_dim, top_k=top_clusters or None)
     picture = explain.pair_picture(images[0], assigns[0], images[1], assigns[1], ex, shown[:2])

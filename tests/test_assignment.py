@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import salad_jax
-from salad_jax import explain, visualize
+from salad_jax import drawing, explain, visualize
 from salad_jax.models.sinkhorn import log_assignment
 
 from helpers import torch_model
@@ -73,12 +73,12 @@ def test_pictures_draw_the_values_with_one_colour_per_cluster():
   a = rng.dirichlet(np.ones(m + 1), size=(gh, gw)).transpose(2, 0, 1).astype(np.float32)
   b = a[:, ::-1, ::-1].copy()  # the same patches, mirrored
   image = Image.fromarray(rng.integers(0, 255, (56, 70, 3), dtype=np.uint8))
-  colors = visualize.cluster_colors(m)
-  assert len({tuple(c) for c in colors}) == m and (colors == visualize.cluster_colors(m)).all()
-  clusters = visualize.argmax_clusters(a)
+  colors = drawing.cluster_colors(m)
+  assert len({tuple(c) for c in colors}) == m and (colors == drawing.cluster_colors(m)).all()
+  clusters = drawing.argmax_clusters(a)
   np.testing.assert_array_equal(clusters, a[:m].argmax(axis=0))
   pic = np.asarray(visualize.assignment_picture(image, a))
-  scale = visualize._scale(image)
+  scale = drawing.scale(image)
   panel_w, top = 70 * scale + visualize.GAP, 2 * visualize.LABEL_H
   for i, j in ((0, 0), (3, 4)):  # patch (i, j) of panel (b): image blended with its cluster colour
     y, x = top + (14 * i + 7) * scale, 2 * panel_w + (14 * j + 7) * scale
@@ -88,7 +88,7 @@ def test_pictures_draw_the_values_with_one_colour_per_cluster():
     np.testing.assert_allclose(pic[y, x], want, atol=2)
   # (a): the patch with the most dustbin mass is the lightest on the heat scale
   hi = np.unravel_index(a[m].argmax(), a[m].shape)
-  np.testing.assert_array_equal(visualize.heat_colors(np.array([1.0]))[0], visualize.HEAT[-1])
+  np.testing.assert_array_equal(drawing.heat_colors(np.array([1.0]))[0], drawing.HEAT[-1])
   assert hi is not None
   d = rng.standard_normal((2, 3 + 2 * m))
   ex = explain.explain(d[0], d[1], m, 3)

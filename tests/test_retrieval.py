@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import salad_jax
-from salad_jax import explain, visualize
+from salad_jax import drawing, explain, visualize
 from salad_jax.data import eval_sets
 from salad_jax.errors import UserError
 from salad_jax.evaluation.evaluate import evaluate_checkpoint
@@ -108,9 +108,9 @@ def test_pair_picture_file_names_greyed_patches_and_written_files(model, pair, t
   assert f"similarity {ex.similarity:.4f}" in titles[2]
   assert "dustbin" in titles[5]
   # patches of other clusters grey, those of the top clusters in their colours
-  grid = visualize._grid_rgb(visualize.argmax_clusters(aa), visualize.cluster_colors(8), ex.top)
-  is_top = np.isin(visualize.argmax_clusters(aa), ex.top)
-  assert (grid[~is_top] == visualize.GREY).all() and not (grid[is_top] == visualize.GREY).all()
+  grid = drawing.grid_rgb(drawing.argmax_clusters(aa), drawing.cluster_colors(8), ex.top)
+  is_top = np.isin(drawing.argmax_clusters(aa), ex.top)
+  assert (grid[~is_top] == drawing.GREY).all() and not (grid[is_top] == drawing.GREY).all()
   # the files the CLI writes: the picture and its numbers, under the images' names
   out = tmp_path / "out"
   out.mkdir()
