@@ -125,7 +125,8 @@ def main(argv):
     )
   recall_values = recall.check_recall_values(FLAGS.recall_values)
   images.check_batch_memory(size, FLAGS.batch_size)  # before reading folders or weights
-  output_dir = destinations.check_dir(FLAGS.output_dir, "--output_dir")
+  # checked, not made: the folder appears when the run claims it (a failed start leaves none)
+  output_dir = destinations.check_dir(FLAGS.output_dir, "--output_dir", create=False)
   check_checkpoint_exists(FLAGS.checkpoint)
   model_overrides = parse_overrides(FLAGS.model)
   data_root = FLAGS.data_root

@@ -506,3 +506,16 @@ def test_salad_eval_line_runs_unchanged_from_a_salad_checkout(tiny_model_dir, tm
     "found: ../data/SPEDTEST/ref/1.jpg\nhint: `python -m salad_jax.data.check --data_root "
     "../data --datasets sped` lists what is missing and where to get it"
   ) in err, err
+
+
+def test_a_start_that_fails_leaves_no_output_folder(tmp_path):
+  """evaluate.py made --output_dir before it found --checkpoint missing: an empty folder was left."""
+  r = subprocess.run(
+    [sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint", str(tmp_path / "nope")]
+    + ["--database_folder", str(tmp_path), "--queries_folder", str(tmp_path)]
+    + ["--output_dir", str(tmp_path / "out" / "eval")],
+    capture_output=True,
+    text=True,
+  )
+  assert r.returncode == 2 and "--checkpoint" in r.stderr and "does not exist" in r.stderr
+  assert not (tmp_path / "out").exists()
