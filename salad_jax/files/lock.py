@@ -80,14 +80,10 @@ def _me() -> dict:
   }
 
 
-class Lock:
-  """`<workdir>/.lock`: O_CREAT + flock, holding {host, pid, start, time, argv} as JSON.
-
-  flock (released by the kernel when the holder dies) decides on this host and on file systems
-  that share locks; the recorded pid and start time make messages and detect pid reuse. A lock
-  recorded by another host is taken over only if its heartbeat (the holder touches the file every
-  `heartbeat_s`) stops for 2.5 heartbeats.
-  """
+class _Heartbeat:
+  """What both locks share: the path, the tool and flag their refusals name, and a daemon
+  thread that calls the lock's `_beat_once` every `heartbeat_s` while it is held (until it
+  returns False)."""
 
   def __init__(
     self,
@@ -97,9 +93,40 @@ class Lock:
     flag: str = "--workdir",
   ):
     self.path, self.heartbeat_s, self.tool, self.flag = path, heartbeat_s, tool, flag
-    self.fd: int | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+
+  def _start_heartbeat(self) -> None:
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="salad_jax-lock", daemon=True)
+    self._thread.start()
+
+  def _stop_heartbeat(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      if self._beat_once() is False:
+        return
+
+  def _beat_once(self) -> bool | None:
+    raise NotImplementedError
+
+
+class Lock(_Heartbeat):
+  """`<workdir>/.lock`: O_CREAT + flock, holding {host, pid, start, time, argv} as JSON.
+
+  flock (released by the kernel when the holder dies) decides on this host and on file systems
+  that share locks; the recorded pid and start time make messages and detect pid reuse. A lock
+  recorded by another host is taken over only if its heartbeat (the holder touches the file every
+  `heartbeat_s`) stops for 2.5 heartbeats.
+  """
+
+  def __init__(self, path: str, **kw):
+    super().__init__(path, **kw)
+    self.fd: int | None = None
 
   def acquire(self) -> None:
     import fcntl
@@ -137,9 +164,7 @@ class Lock:
       os.close(fd)
       raise
     self.fd = fd
-    self._stop.clear()
-    self._thread = threading.Thread(target=self._beat, name="salad_jax-lock", daemon=True)
-    self._thread.start()
+    self._start_heartbeat()
 
   def _check_stale(self, holder: dict, flocked: bool) -> None:
     host, pid = holder.get("host"), holder.get("pid")
@@ -190,17 +215,14 @@ class Lock:
     except (OSError, ValueError):
       return {}
 
-  def _beat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      with contextlib.suppress(OSError):
-        os.utime(self.path)
+  def _beat_once(self) -> None:
+    with contextlib.suppress(OSError):
+      os.utime(self.path)
 
   def release(self) -> None:
     if self.fd is None:
       return
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
+    self._stop_heartbeat()
     with contextlib.suppress(OSError):
       if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
         os.unlink(self.path)
@@ -208,21 +230,13 @@ class Lock:
     self.fd = None
 
 
-class UrlLock:
+class UrlLock(_Heartbeat):
   """The lock as an object on GCS (see the module docstring): create-if-absent, a heartbeat that
   rewrites it by compare-and-swap on its generation, takeover by a conditional delete."""
 
-  def __init__(
-    self,
-    path: str,
-    heartbeat_s: float = 10.0,
-    tool: str = "train.py",
-    flag: str = "--workdir",
-  ):
-    self.path, self.heartbeat_s, self.tool, self.flag = path, heartbeat_s, tool, flag
+  def __init__(self, path: str, **kw):
+    super().__init__(path, **kw)
     self.generation: str | None = None
-    self._stop = threading.Event()
-    self._thread: threading.Thread | None = None
     self.fd = None  # for code that asks whether a lock is held
 
   def _fs(self):
@@ -287,9 +301,7 @@ class UrlLock:
         self.generation = self._upload(me, "0")
       except FileExistsError:  # another run took it first
         raise refusal(self.path, self._read()[0], self.tool, self.flag) from None
-    self._stop.clear()
-    self._thread = threading.Thread(target=self._beat, name="salad_jax-lock", daemon=True)
-    self._thread.start()
+    self._start_heartbeat()
 
   def _check_stale(self, holder: dict, generation: str) -> None:
     host, pid = holder.get("host"), holder.get("pid")
@@ -314,22 +326,20 @@ class UrlLock:
       flush=True,
     )
 
-  def _beat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      try:
-        self.generation = self._upload(json.dumps(_me()).encode(), self.generation)
-      except FileExistsError:
-        print(f"warning: {self.path} was taken over by another run", file=sys.stderr, flush=True)
-        return
-      except Exception:  # noqa: BLE001  (a network hiccup: the next beat tries again)
-        continue
+  def _beat_once(self) -> bool | None:
+    try:
+      self.generation = self._upload(json.dumps(_me()).encode(), self.generation)
+    except FileExistsError:
+      print(f"warning: {self.path} was taken over by another run", file=sys.stderr, flush=True)
+      return False  # stop beating
+    except Exception:  # noqa: BLE001  (a network hiccup: the next beat tries again)
+      pass
+    return None
 
   def release(self) -> None:
     if self.generation is None:
       return
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
+    self._stop_heartbeat()
     with contextlib.suppress(Exception):
       self._delete(self.generation)
     self.generation = None
