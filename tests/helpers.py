@@ -112,16 +112,12 @@ def random_params(model_cfg, seed=0):
   return optim.unflatten(flat)
 
 
-def tiny_train_setup(model_cfg, params, mesh):
-  """(state, jitted step) of the paper's optimizer and loss on `mesh` (a 10-step schedule,
-  2 steps per epoch, so the Lightning epoch step shows within a few steps)."""
-  import jax
+def tiny_optim_config():
+  """The paper's AdamW and LinearLR over a 10-step schedule (with 2 steps per epoch the
+  Lightning epoch step shows within a few steps)."""
   import ml_collections
 
-  from salad_jax.train import optim, trainer
-  from salad_jax.train import state as train_state
-
-  cfg = ml_collections.ConfigDict(
+  return ml_collections.ConfigDict(
     dict(
       lr=6e-5,
       weight_decay=9.5e-9,
@@ -135,7 +131,17 @@ def tiny_train_setup(model_cfg, params, mesh):
       freeze="auto",
     )
   )
-  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=2)
+
+
+def tiny_train_setup(model_cfg, params, mesh):
+  """(state, jitted step) of the paper's optimizer and loss on `mesh` (a 10-step schedule,
+  2 steps per epoch, so the Lightning epoch step shows within a few steps)."""
+  import jax
+
+  from salad_jax.train import optim, trainer
+  from salad_jax.train import state as train_state
+
+  tx, schedule = optim.make_optimizer(tiny_optim_config(), steps_per_epoch=2)
   freeze = optim.default_freeze_regex(model_cfg)
   state = train_state.create_state(params, tx, freeze, mesh, jax.random.PRNGKey(1))
   step = trainer.make_train_step(

@@ -15,7 +15,7 @@ import salad_jax
 from salad_jax import sharding
 from salad_jax.train import config as config_lib
 
-from helpers import tiny_train_setup
+from helpers import tiny_optim_config, tiny_train_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HW = 70  # 5 x 5 patches > the demo head's 16 clusters
@@ -63,7 +63,7 @@ def losses_on(devices, steps=STEPS):
   mesh = sharding.make_mesh(devices)
   layout = sharding.batch_layout(60, 4, mesh)
   _, step = tiny_train_setup(model_cfg, params, mesh)
-  tx, _ = optim.make_optimizer(optim_cfg(), steps_per_epoch=2)
+  tx, _ = optim.make_optimizer(tiny_optim_config(), steps_per_epoch=2)
   freeze = optim.default_freeze_regex(model_cfg)
   out = {}
   for places, shuffle in ((60, False), (59, True)):
@@ -78,25 +78,6 @@ def losses_on(devices, steps=STEPS):
       out[places].append(float(m["loss"]))
   assert step._cache_size() == 1
   return out, layout
-
-
-def optim_cfg():
-  import ml_collections
-
-  return ml_collections.ConfigDict(
-    dict(
-      lr=6e-5,
-      weight_decay=9.5e-9,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      lr_start_factor=1.0,
-      lr_end_factor=0.2,
-      lr_total_iters=10,
-      lightning_epoch_step=True,
-      freeze="auto",
-    )
-  )
 
 
 def _in_subprocess(n):
